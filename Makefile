@@ -1,0 +1,32 @@
+# clipaudit: `make demo` and `make test` do their own set-up on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-all bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/clipaudit run --config configs/demo.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) bench/embed.py
+	$(PY) bench/knn.py --quick
+
+lint: setup
+	$(PY) -m ruff check src tests bench jobs
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,48 @@
+"""The ``clipaudit`` command: ``clipaudit run``, one stage (``clipaudit ingest`` ...), all over one config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from clipaudit.config import ConfigError, load_config
+from clipaudit.pipeline import STAGES, StageError, parse_stages, run_pipeline
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="the run's YAML config (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, dotted for nested keys (models.clip=tiny-clip); repeatable")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (kept separate so ``--help`` imports nothing heavy)."""
+    parser = argparse.ArgumentParser(prog="clipaudit", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run stages in order (all by default)")
+    _add_config_args(run)
+    run.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
+    for stage in STAGES:
+        _add_config_args(commands.add_parser(stage, help=f"run the {stage} stage only"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``clipaudit`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        config = load_config(args.config, args.overrides)
+        stages = parse_stages(args.stages) if args.command == "run" else [args.command]
+    except (ConfigError, StageError) as exc:
+        print(f"clipaudit: error: {exc}", file=sys.stderr)
+        return 2
+    run_pipeline(config, stages)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

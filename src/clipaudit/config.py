@@ -1,0 +1,309 @@
+"""Typed run configuration: YAML plus ``--set key=value`` overrides, validated when loaded.
+
+Every section is a frozen dataclass. :func:`load_config` reads YAML, applies dotted overrides,
+builds the dataclasses field by field (an unknown key, a wrong type or a missing file is a
+:class:`ConfigError` that names it) and resolves relative paths against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any work starts; the message names the key or file."""
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Where the captioned corpus comes from and how it is read."""
+
+    format: Literal["flickr8k", "manifest", "imagefolder", "webdataset", "synthetic"] = "synthetic"
+    captions: str | None = None
+    """flickr8k: ``Flickr8k.token.txt`` or the CSV ``image,caption`` file. manifest: the CSV/JSONL/Parquet file."""
+    images: str | None = None
+    """flickr8k: the image folder. imagefolder: the root with one folder per class. webdataset: a folder of .tar shards or one .tar."""
+    caption_choice: Literal["longest", "first"] = "longest"
+    image_column: str = "image"
+    """manifest: column holding an image path (relative to the manifest's folder) or URL."""
+    caption_columns: list[str] = field(default_factory=lambda: ["caption"])
+    """manifest: one or more caption columns; a column may hold a string or a list of strings."""
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {label}."])
+    """imagefolder: caption templates filled with the class name."""
+    class_names: str | None = None
+    """imagefolder: optional file mapping folder names (e.g. synset ids) to readable names."""
+    limit: int | None = None
+    """Keep only the first N samples (by image_id order); None keeps all."""
+    num_images: int = 64
+    """synthetic: how many scenes to generate."""
+    seed: int = 0
+    """synthetic: the generator seed."""
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """Which models fill the CLIP role and the reference (DINOv2) role; specs resolved by the model registry."""
+
+    clip: str = "open_clip:ViT-B-32/openai"
+    reference: str = "hf:facebook/dinov2-base"
+    fallback: Literal["none", "tiny"] = "none"
+    """``tiny``: when a model's weights cannot be had, use tiny-clip / tiny-dino (random: findings meaningless)."""
+    cache_dir: str | None = None
+    """Where model weights are looked up (open_clip / Hugging Face cache); None: their defaults."""
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """How the embed stage sizes its work."""
+
+    batch_size: int = 32
+    """Images per model forward."""
+    text_batch_size: int = 256
+    """Captions per text-tower forward."""
+    actors_per_model: int = 1
+    """Actor pool size per model role (per GPU on a GPU cluster)."""
+    cpus_per_actor: float = 0.5
+    """CPU share reserved by each model actor when no GPU is used; keep the sum below the CPU count so readers can run."""
+    gpus_per_actor: float = 1.0
+    """GPU share of each model actor when a GPU is used."""
+    torch_threads: int = 0
+    """Intra-op threads per CPU actor; 0: the CPU share rounded up."""
+    max_pixels: int = 64_000_000
+    """Images with more pixels than this are rejected as too large (decompression-bomb guard)."""
+    write_every: int = 2048
+    """Rows buffered before one write to LanceDB (few large writes, not many small)."""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How Ray is reached: a local instance by default, or an existing cluster."""
+
+    address: str | None = None
+    """None: start a local Ray; ``auto`` or ``ray://host:port``: join that cluster."""
+    num_cpus: int | None = None
+    """Local Ray only: CPUs to use (None: all)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: GPU actors with fp16 when the cluster has GPUs, CPU otherwise."""
+    runner: Literal["ray", "local"] = "ray"
+    """``local``: run the batch work in-process without Ray (debugging, tiny corpora)."""
+
+
+@dataclass(frozen=True)
+class NeighboursConfig:
+    """Nearest-neighbour search settings."""
+
+    k: int = 10
+    block_size: int | None = None
+
+
+@dataclass(frozen=True)
+class TcacConfig:
+    """Transformative Caption Analysis settings."""
+
+    seed: int = 0
+    transforms: list[str] = field(
+        default_factory=lambda: ["grayscale", "rotation", "affine", "hflip", "invert", "perspective", "elastic"]
+    )
+    cases_per_transform: int = 100
+    pool_neighbours: int = 10
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """An OpenAI-compatible endpoint; the key is read from the environment variable named here, never stored."""
+
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-3.5-turbo"
+    api_key_env: str = "OPENAI_API_KEY"
+    requests_per_minute: int = 500
+    tokens_per_minute: int = 200_000
+    max_in_flight: int = 32
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run configuration."""
+
+    run_dir: str = "runs/demo"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    neighbours: NeighboursConfig = field(default_factory=NeighboursConfig)
+    tcac: TcacConfig = field(default_factory=TcacConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration as plain data (what is written beside the outputs)."""
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (YAML), apply ``key=value`` overrides, validate, and resolve relative paths.
+
+    Relative paths in the file are taken relative to the file's folder; relative paths given in
+    overrides, relative to the current directory. Raises :class:`ConfigError` naming the bad key or file.
+    """
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        config_path = Path(path)
+        if not config_path.is_file():
+            raise ConfigError(f"config file not found: {config_path}")
+        try:
+            loaded = yaml.safe_load(config_path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{config_path}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{config_path}: the top level must be a mapping of sections")
+        raw = _resolve_paths(loaded or {}, config_path.parent.resolve())
+    for item in overrides or []:
+        _apply_override(raw, item, base)
+    config = _build(Config, raw, "")
+    _check_files(config)
+    return config
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override's value as YAML (so ``3``, ``true``, ``[a, b]`` and ``null`` work)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+_PATH_KEYS = {("run_dir",), ("dataset", "captions"), ("dataset", "images"), ("dataset", "class_names"),
+              ("models", "cache_dir")}
+
+
+def _is_remote(value: str) -> bool:
+    return "://" in value
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    for keys in _PATH_KEYS:
+        node = raw
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            value = node[keys[-1]]
+            if not _is_remote(value) and not os.path.isabs(os.path.expanduser(value)):
+                node[keys[-1]] = str((base / value).resolve())
+            else:
+                node[keys[-1]] = os.path.expanduser(value)
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str, base: Path) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    dotted, text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a section")
+        node = child
+    value = parse_value(text)
+    if tuple(keys) in _PATH_KEYS and isinstance(value, str) and not _is_remote(value):
+        value = str((base / os.path.expanduser(value)).resolve())
+    node[keys[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!s} (known in {where}: {', '.join(sorted(fields))})")
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint!r}")
+
+
+def _check_files(config: Config) -> None:
+    """Missing inputs are errors before any work; positive sizes are required."""
+    ds = config.dataset
+    needs: dict[str, list[str]] = {
+        "flickr8k": ["captions", "images"],
+        "manifest": ["captions"],
+        "imagefolder": ["images"],
+        "webdataset": ["images"],
+        "synthetic": [],
+    }
+    for name in needs[ds.format]:
+        value = getattr(ds, name)
+        if value is None:
+            raise ConfigError(f"dataset.{name} is required for format {ds.format}")
+        if not _is_remote(value) and not os.path.exists(value):
+            raise ConfigError(f"dataset.{name}: file not found: {value}")
+    if ds.class_names is not None and not os.path.exists(ds.class_names):
+        raise ConfigError(f"dataset.class_names: file not found: {ds.class_names}")
+    if not ds.caption_columns:
+        raise ConfigError("dataset.caption_columns: at least one column is required")
+    for key, value in [("embed.batch_size", config.embed.batch_size),
+                       ("embed.text_batch_size", config.embed.text_batch_size),
+                       ("embed.actors_per_model", config.embed.actors_per_model),
+                       ("embed.max_pixels", config.embed.max_pixels),
+                       ("embed.write_every", config.embed.write_every),
+                       ("dataset.num_images", config.dataset.num_images),
+                       ("neighbours.k", config.neighbours.k)]:
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if config.embed.cpus_per_actor <= 0:
+        raise ConfigError(f"embed.cpus_per_actor: must be positive, got {config.embed.cpus_per_actor}")
+    if config.dataset.limit is not None and config.dataset.limit <= 0:
+        raise ConfigError(f"dataset.limit: must be positive, got {config.dataset.limit}")

@@ -1,0 +1,1 @@
+"""Input/output: one filesystem layer for every path, LanceDB tables, corpus readers."""

@@ -1,0 +1,76 @@
+"""The LanceDB database under ``run_dir/lancedb``: every stage reads and writes its tables through here.
+
+Writes are idempotent: :meth:`RunTables.insert_new` inserts only rows whose key is not yet present
+(LanceDB ``merge_insert``), so a re-run or a resumed run never duplicates a row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+from clipaudit.io import fs
+
+
+class RunTables:
+    """The tables of one run directory."""
+
+    def __init__(self, run_dir: str) -> None:
+        import lancedb
+
+        self.uri = fs.join(run_dir, "lancedb")
+        self.db = lancedb.connect(self.uri)
+
+    def names(self) -> set[str]:
+        """Names of the tables that exist."""
+        return set(self.db.list_tables(limit=10_000).tables)
+
+    def exists(self, name: str) -> bool:
+        """Whether table ``name`` exists."""
+        return name in self.names()
+
+    def read(self, name: str, columns: Sequence[str] | None = None, where: str | None = None) -> pa.Table | None:
+        """Read a table (optionally some columns, optionally filtered by a SQL predicate); None if it does not exist."""
+        if not self.exists(name):
+            return None
+        dataset = self.db.open_table(name).to_lance()
+        return dataset.to_table(columns=list(columns) if columns else None, filter=where)
+
+    def count(self, name: str) -> int:
+        """Rows in a table (0 if it does not exist)."""
+        return self.db.open_table(name).count_rows() if self.exists(name) else 0
+
+    def insert_new(self, name: str, rows: pa.Table, key: str | Sequence[str], schema: pa.Schema) -> int:
+        """Insert the rows whose ``key`` is not in the table yet; create the table if needed. Returns rows inserted."""
+        rows = rows.select(schema.names).cast(schema)
+        if rows.num_rows == 0:
+            if not self.exists(name):
+                self.db.create_table(name, schema=schema)
+            return 0
+        if not self.exists(name):
+            keys = [key] if isinstance(key, str) else list(key)
+            rows = _dedupe(rows, keys)
+            self.db.create_table(name, data=rows, schema=schema)
+            return rows.num_rows
+        table = self.db.open_table(name)
+        before = table.count_rows()
+        keys = [key] if isinstance(key, str) else list(key)
+        table.merge_insert(keys if len(keys) > 1 else keys[0]).when_not_matched_insert_all().execute(_dedupe(rows, keys))
+        return table.count_rows() - before
+
+    def replace(self, name: str, rows: pa.Table, schema: pa.Schema) -> None:
+        """Overwrite a table with ``rows`` (for stages whose output is recomputed as a whole)."""
+        self.db.create_table(name, data=rows.select(schema.names).cast(schema), schema=schema, mode="overwrite")
+
+
+def _dedupe(rows: pa.Table, keys: list[str]) -> pa.Table:
+    """Keep the first row of each key (merge_insert requires unique keys in the source)."""
+    seen: set[tuple] = set()
+    keep = []
+    columns = [rows.column(k).to_pylist() for k in keys]
+    for i, key in enumerate(zip(*columns)):
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return rows if len(keep) == rows.num_rows else rows.take(keep)

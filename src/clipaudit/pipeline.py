@@ -1,0 +1,112 @@
+"""Runs stages in order over one run directory: the resolved config and per-stage stats are written beside
+the tables, models are resolved (and their weights checked) before any work starts, and Ray is started only
+for the stages that need it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict
+
+import yaml
+
+from clipaudit.config import Config
+from clipaudit.io import fs
+from clipaudit.records import StageStats
+
+log = logging.getLogger("clipaudit")
+
+STAGES = ["ingest", "embed"]
+"""Stages in pipeline order (the ones implemented so far)."""
+RAY_STAGES = {"embed"}
+
+
+class StageError(ValueError):
+    """An unknown or misordered stage name."""
+
+
+def parse_stages(text: str | None) -> list[str]:
+    """``ingest,embed`` -> the stage list, validated; None -> every stage."""
+    if not text:
+        return list(STAGES)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in STAGES]
+    if unknown:
+        raise StageError(f"unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
+    return sorted(set(names), key=STAGES.index)
+
+
+def write_resolved_config(config: Config) -> str:
+    """Write the resolved configuration into ``run_dir/config.resolved.yaml`` and return its path."""
+    path = fs.join(config.run_dir, "config.resolved.yaml")
+    fs.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path
+
+
+def write_stats(config: Config, stats: StageStats) -> None:
+    """Write a stage's counts and timings to ``run_dir/stats/<stage>.json``."""
+    fs.write_json(fs.join(config.run_dir, "stats", f"{stats.stage}.json"), asdict(stats))
+
+
+def resolve_models(config: Config) -> dict:
+    """Resolve both model roles on the driver (weights checked now, not in the actors)."""
+    from clipaudit.models import resolve_model
+
+    m = config.models
+    models = {role: resolve_model(spec, role, fallback=m.fallback, cache_dir=m.cache_dir)
+              for role, spec in (("clip", m.clip), ("reference", m.reference))}
+    if any(model.is_random for model in models.values()):
+        log.warning("RANDOM MODELS: %s. Their findings are meaningless; this run only shows the pipeline works.",
+                    ", ".join(f"{role}={model.spec} (asked for {model.requested_spec})"
+                              for role, model in models.items() if model.is_random))
+    return models
+
+
+@contextmanager
+def _runner(config: Config, needed: bool) -> Iterator[object]:
+    if not needed:
+        yield None
+        return
+    from clipaudit.runtime import LocalRunner, RayRunner, ray_session
+
+    if config.ray.runner == "local":
+        yield LocalRunner()
+        return
+    with ray_session(config.ray):
+        yield RayRunner(config.ray, config.embed)
+
+
+def run_pipeline(config: Config, stages: list[str]) -> dict[str, StageStats]:
+    """Run ``stages`` in order and return their stats."""
+    fs.makedirs(config.run_dir)
+    write_resolved_config(config)
+    models = resolve_models(config) if "embed" in stages else {}
+    results: dict[str, StageStats] = {}
+    with ExitStack() as stack:
+        runner = stack.enter_context(_runner(config, bool(RAY_STAGES & set(stages))))
+        from clipaudit.io.tables import RunTables
+
+        tables = RunTables(config.run_dir)
+        for stage in stages:
+            log.info("stage %s", stage)
+            stats = _run_stage(stage, config, tables, runner, models)
+            write_stats(config, stats)
+            results[stage] = stats
+    return results
+
+
+def _run_stage(stage: str, config: Config, tables, runner, models) -> StageStats:
+    if stage == "ingest":
+        from clipaudit.stages.ingest import run_ingest
+
+        return run_ingest(config, tables)
+    if stage == "embed":
+        from clipaudit.stages.embed import run_embed, summary_line
+
+        stats = run_embed(tables, runner, models, config.embed)
+        line = summary_line(stats)
+        stats.notes["summary"] = line
+        print(line, flush=True)
+        return stats
+    raise StageError(f"stage {stage!r} is not implemented")

@@ -1,0 +1,258 @@
+"""Embed stage: every sample's image under both model roles, every caption under the CLIP text tower.
+
+Plans what is left to do from the tables (so a re-run or a resumed run skips finished work), hands the batch
+work to a runner (Ray or in-process) and is the single writer of the results: vectors into
+``image_embeddings_clip`` / ``image_embeddings_reference`` / ``caption_embeddings``, unusable images into
+``rejects``. Writes go through :meth:`RunTables.insert_new`, keyed, so nothing is ever written twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from clipaudit.records import (
+    CAPTION_EMBEDDINGS,
+    IMAGE_EMBEDDINGS,
+    REJECTS,
+    REJECTS_KEY,
+    REJECTS_SCHEMA,
+    SAMPLES,
+    StageStats,
+    caption_embeddings_schema,
+    image_embeddings_schema,
+)
+from clipaudit.stages.embed_batches import OK, Batch
+
+if TYPE_CHECKING:
+    from clipaudit.config import EmbedConfig
+    from clipaudit.io.tables import RunTables
+    from clipaudit.models import ResolvedModel
+
+log = logging.getLogger("clipaudit.embed")
+STAGE = "embed"
+
+
+class EmbedError(RuntimeError):
+    """The embed stage cannot run as configured (the message says why and what to do)."""
+
+
+class Runner(Protocol):
+    """What the embed stage needs from a scheduler (see :mod:`clipaudit.runtime`)."""
+
+    def map_images(self, todo: pa.Table, models: dict[str, ResolvedModel], embed: EmbedConfig) -> Iterator[Batch]:
+        """Yield prepared-and-embedded batches for ``todo``."""
+        ...
+
+    def map_texts(self, captions: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
+        """Yield batches of caption vectors."""
+        ...
+
+
+def _ids(table: pa.Table | None, column: str = "image_id") -> pa.Array:
+    return table.column(column).combine_chunks() if table is not None else pa.array([], pa.string())
+
+
+def _check_model(tables: RunTables, name: str, spec: str) -> None:
+    models = tables.read(name, ["model"])
+    if models is None or models.num_rows == 0:
+        return
+    found = set(pc.unique(models.column("model")).to_pylist())
+    if found != {spec}:
+        raise EmbedError(
+            f"{name} in {tables.uri} holds vectors of {sorted(found)}, but the config asks for {spec!r}: "
+            "use a new run_dir for a different model"
+        )
+
+
+def plan_images(tables: RunTables, models: dict[str, ResolvedModel]) -> pa.Table:
+    """Samples that some role still has to embed: columns image_id, uri, need_<role> for each role.
+
+    An image is done for a role when its vector is in that role's table, and done for every role when the
+    embed stage already rejected it.
+    """
+    samples = tables.read(SAMPLES, ["image_id", "uri"])
+    if samples is None or samples.num_rows == 0:
+        raise EmbedError(f"no samples in {tables.uri}: run the ingest stage first")
+    rejected = _ids(tables.read(REJECTS, ["item"], where=f"stage = '{STAGE}'"), "item")
+    open_rows = pc.invert(pc.is_in(samples.column("image_id"), value_set=rejected))
+    needs = []
+    for role, model in models.items():
+        _check_model(tables, IMAGE_EMBEDDINGS[role], model.spec)
+        done = _ids(tables.read(IMAGE_EMBEDDINGS[role], ["image_id"]))
+        need = pc.and_(open_rows, pc.invert(pc.is_in(samples.column("image_id"), value_set=done)))
+        samples = samples.append_column(f"need_{role}", need)
+        needs.append(need)
+    any_need = needs[0]
+    for need in needs[1:]:
+        any_need = pc.or_(any_need, need)
+    return samples.filter(any_need).sort_by("image_id")
+
+
+def plan_captions(tables: RunTables, spec: str) -> pa.Table:
+    """Captions without a vector yet: caption_id (``image_id#n``), image_id, text."""
+    _check_model(tables, CAPTION_EMBEDDINGS, spec)
+    samples = tables.read(SAMPLES, ["image_id", "captions"])
+    done = set(_ids(tables.read(CAPTION_EMBEDDINGS, ["caption_id"]), "caption_id").to_pylist())
+    rows = {"caption_id": [], "image_id": [], "text": []}
+    for image_id, captions in zip(samples.column("image_id").to_pylist(), samples.column("captions").to_pylist()):
+        for n, text in enumerate(captions or []):
+            caption_id = f"{image_id}#{n}"
+            if caption_id not in done:
+                rows["caption_id"].append(caption_id)
+                rows["image_id"].append(image_id)
+                rows["text"].append(text)
+    return pa.table(rows, schema=pa.schema([("caption_id", pa.string()), ("image_id", pa.string()),
+                                            ("text", pa.string())]))
+
+
+class ImageSink:
+    """Buffers embedded batches and writes them in few large, keyed writes; counts and times everything."""
+
+    def __init__(self, tables: RunTables, models: dict[str, ResolvedModel], write_every: int,
+                 stats: StageStats) -> None:
+        self.tables, self.models, self.write_every, self.stats = tables, models, write_every, stats
+        self.vectors: dict[str, list[pa.Table]] = {role: [] for role in models}
+        self.rejects: list[dict[str, str]] = []
+        self.buffered = 0
+
+    def add(self, batch: Batch) -> int:
+        """Take one output batch; returns how many images it held."""
+        n = len(batch["image_id"])
+        ok = batch["status"] == OK
+        for phase in ("read", "decode"):
+            self.stats.add_time(phase, float(np.sum(batch[f"t_{phase}"])))
+        for role, model in self.models.items():
+            self.stats.add_time(f"infer_{role}", float(np.sum(batch[f"t_infer_{role}"])))
+            rows = ok & batch[f"need_{role}"].astype(bool)
+            vectors = np.asarray(batch[f"vector_{role}"][rows], dtype=np.float32)
+            if len(vectors):
+                self.vectors[role].append(pa.table({
+                    "image_id": pa.array(batch["image_id"][rows].tolist(), pa.string()),
+                    "model": pa.array([model.spec] * len(vectors), pa.string()),
+                    "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
+                }))
+        for i in np.flatnonzero(~ok):
+            self.rejects.append({"source": str(batch["uri"][i]), "item": str(batch["image_id"][i]),
+                                 "stage": STAGE, "reason": str(batch["status"][i]), "detail": str(batch["detail"][i])})
+        self.buffered += n
+        if self.buffered >= self.write_every:
+            self.flush()
+        return n
+
+    def flush(self) -> None:
+        """Write what is buffered: vectors per role, then rejects."""
+        start = time.perf_counter()
+        for role, parts in self.vectors.items():
+            if parts:
+                rows = pa.concat_tables(parts)
+                schema = image_embeddings_schema(rows.schema.field("vector").type.list_size)
+                written = self.tables.insert_new(IMAGE_EMBEDDINGS[role], rows, "image_id", schema)
+                self.stats.add_count(f"embedded_{role}", written)
+                parts.clear()
+        if self.rejects:
+            written = self.tables.insert_new(REJECTS, pa.Table.from_pylist(self.rejects, schema=REJECTS_SCHEMA),
+                                             REJECTS_KEY, REJECTS_SCHEMA)
+            self.stats.add_count("rejected", written)
+            self.rejects.clear()
+        self.buffered = 0
+        self.stats.add_time("write", time.perf_counter() - start)
+
+
+def _consume(batches: Iterable[Batch], add, flush, total: int, unit: str) -> None:
+    with tqdm(total=total, unit=unit, desc=f"embed {unit}s", dynamic_ncols=True) as bar:
+        for batch in batches:
+            bar.update(add(batch))
+    flush()
+
+
+def embed_images(tables: RunTables, runner: Runner, models: dict[str, ResolvedModel], embed: EmbedConfig,
+                 stats: StageStats) -> None:
+    """Embed every sample image that some role still lacks; unusable images become rejects."""
+    todo = plan_images(tables, models)
+    stats.add_count("images_todo", todo.num_rows)
+    if todo.num_rows == 0:
+        return
+    sink = ImageSink(tables, models, embed.write_every, stats)
+    _consume(runner.map_images(todo, models, embed), sink.add, sink.flush, todo.num_rows, "image")
+
+
+def embed_captions(tables: RunTables, runner: Runner, model: ResolvedModel, embed: EmbedConfig,
+                   stats: StageStats) -> None:
+    """Embed every caption that has no vector yet with the CLIP text tower."""
+    todo = plan_captions(tables, model.spec)
+    stats.add_count("captions_todo", todo.num_rows)
+    if todo.num_rows == 0:
+        return
+    parts: list[pa.Table] = []
+
+    def add(batch: Batch) -> int:
+        stats.add_time("infer_text", float(np.sum(batch["t_infer"])))
+        vectors = np.asarray(batch["vector"], dtype=np.float32)
+        parts.append(pa.table({
+            "caption_id": pa.array(batch["caption_id"].tolist(), pa.string()),
+            "image_id": pa.array(batch["image_id"].tolist(), pa.string()),
+            "text": pa.array(batch["text"].tolist(), pa.string()),
+            "model": pa.array([model.spec] * len(vectors), pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
+        }))
+        if sum(p.num_rows for p in parts) >= embed.write_every:
+            flush()
+        return len(vectors)
+
+    def flush() -> None:
+        if not parts:
+            return
+        start = time.perf_counter()
+        rows = pa.concat_tables(parts)
+        schema = caption_embeddings_schema(rows.schema.field("vector").type.list_size)
+        stats.add_count("embedded_captions", tables.insert_new(CAPTION_EMBEDDINGS, rows, "caption_id", schema))
+        parts.clear()
+        stats.add_time("write", time.perf_counter() - start)
+
+    _consume(runner.map_texts(todo, model, embed), add, flush, todo.num_rows, "caption")
+
+
+def account(tables: RunTables, roles: Iterable[str]) -> dict[str, int]:
+    """Corpus-level accounting: samples in, images embedded by every role, images rejected by this stage."""
+    samples = set(_ids(tables.read(SAMPLES, ["image_id"])).to_pylist())
+    embedded = set(samples)
+    for role in roles:
+        embedded &= set(_ids(tables.read(IMAGE_EMBEDDINGS[role], ["image_id"])).to_pylist())
+    rejected = set(_ids(tables.read(REJECTS, ["item"], where=f"stage = '{STAGE}'"), "item").to_pylist()) & samples
+    return {"in": len(samples), "embedded": len(embedded), "rejected": len(rejected),
+            "captions": tables.count(CAPTION_EMBEDDINGS)}
+
+
+def run_embed(tables: RunTables, runner: Runner, models: dict[str, ResolvedModel], embed: EmbedConfig) -> StageStats:
+    """Run the embed stage: images under every role in ``models``, then captions under the ``clip`` role."""
+    stats = StageStats(STAGE)
+    started = time.perf_counter()
+    embed_images(tables, runner, models, embed, stats)
+    if "clip" in models:
+        embed_captions(tables, runner, models["clip"], embed, stats)
+    totals = account(tables, models)
+    stats.counts.update({f"total_{k}": v for k, v in totals.items()})
+    stats.add_time("wall", time.perf_counter() - started)
+    stats.notes.update(models={role: m.spec for role, m in models.items()},
+                       random_models=any(m.is_random for m in models.values()),
+                       device=getattr(runner, "device", "cpu"))
+    return stats
+
+
+def summary_line(stats: StageStats) -> str:
+    """``N in = E embedded + R rejected`` plus what this run did."""
+    c = stats.counts
+    line = f"{c['total_in']} in = {c['total_embedded']} embedded + {c['total_rejected']} rejected"
+    new_images = sum(v for k, v in c.items() if k.startswith("embedded_") and k != "embedded_captions")
+    if c.get("images_todo", 0) == 0 and c.get("captions_todo", 0) == 0:
+        return f"{line}; {c['total_captions']} captions embedded; nothing left to do, no new rows written"
+    return (f"{line}; {c['total_captions']} captions embedded; this run wrote {new_images} image vectors, "
+            f"{c.get('embedded_captions', 0)} caption vectors, {c.get('rejected', 0)} rejects")
