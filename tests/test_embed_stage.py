@@ -1,0 +1,156 @@
+"""The embed stage end to end on generated images: in-process and through local Ray, with resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from fixtures_images import GOOD, write_image_zoo
+
+from clipaudit.config import EmbedConfig, RayConfig
+from clipaudit.io.tables import RunTables
+from clipaudit.records import (
+    CAPTION_EMBEDDINGS,
+    IMAGE_EMBEDDINGS,
+    REJECTS,
+    SAMPLES,
+    SAMPLES_SCHEMA,
+    Sample,
+    samples_to_table,
+)
+from clipaudit.runtime import LocalRunner
+from clipaudit.stages.embed import EmbedError, run_embed, summary_line
+
+EMBED = EmbedConfig(batch_size=4, text_batch_size=8, write_every=5)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return write_image_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="module")
+def models():
+    from clipaudit.models import resolve_model
+
+    return {"clip": resolve_model("tiny-clip", "clip"), "reference": resolve_model("tiny-dino", "reference")}
+
+
+def make_run(tmp_path, zoo, name="run") -> RunTables:
+    tables = RunTables(str(tmp_path / name))
+    samples = [Sample(image_id=file, uri=str(path), captions=[f"caption {i} of {file}", f"another {file}"],
+                      caption=f"another {file}", source="zoo") for i, (file, (path, _)) in enumerate(zoo.items())]
+    tables.insert_new(SAMPLES, samples_to_table(samples), "image_id", SAMPLES_SCHEMA)
+    return tables
+
+
+def vectors(tables: RunTables, name: str, key: str = "image_id") -> dict[str, np.ndarray]:
+    table = tables.read(name)
+    return {k: np.asarray(v, dtype=np.float32) for k, v in zip(table.column(key).to_pylist(),
+                                                                table.column("vector").to_pylist())}
+
+
+def rejects(tables: RunTables) -> dict[str, str]:
+    table = tables.read(REJECTS, where="stage = 'embed'")
+    return dict(zip(table.column("item").to_pylist(), table.column("reason").to_pylist()))
+
+
+def test_every_image_ends_embedded_or_rejected_with_its_reason(tmp_path, zoo, models):
+    tables = make_run(tmp_path, zoo)
+    stats = run_embed(tables, LocalRunner(), models, EMBED)
+    good = {name for name, (_, expected) in zoo.items() if expected == GOOD}
+    assert set(vectors(tables, IMAGE_EMBEDDINGS["clip"])) == good
+    assert set(vectors(tables, IMAGE_EMBEDDINGS["reference"])) == good
+    assert rejects(tables) == {name: expected for name, (_, expected) in zoo.items() if expected != GOOD}
+    assert stats.counts["total_in"] == stats.counts["total_embedded"] + stats.counts["total_rejected"] == len(zoo)
+    assert f"{len(zoo)} in = {len(good)} embedded + {len(zoo) - len(good)} rejected" in summary_line(stats)
+    assert tables.count(CAPTION_EMBEDDINGS) == 2 * len(zoo)
+    for name in (IMAGE_EMBEDDINGS["clip"], IMAGE_EMBEDDINGS["reference"], CAPTION_EMBEDDINGS):
+        key = "caption_id" if name == CAPTION_EMBEDDINGS else "image_id"
+        norms = np.linalg.norm(np.stack(list(vectors(tables, name, key).values())), axis=1)
+        np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    assert {"read", "decode", "infer_clip", "infer_reference", "infer_text", "write"} <= set(stats.seconds)
+
+
+def test_rerun_writes_nothing_and_says_so(tmp_path, zoo, models):
+    tables = make_run(tmp_path, zoo)
+    run_embed(tables, LocalRunner(), models, EMBED)
+    before = {name: tables.count(name) for name in tables.names()}
+    stats = run_embed(tables, LocalRunner(), models, EMBED)
+    assert {name: tables.count(name) for name in tables.names()} == before
+    assert stats.counts["images_todo"] == 0 and stats.counts["captions_todo"] == 0
+    assert "nothing left to do" in summary_line(stats)
+
+
+class InterruptedRunner(LocalRunner):
+    """Dies after ``batches`` image batches, as a killed run would."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+
+    def map_images(self, todo, models, embed):
+        for i, batch in enumerate(super().map_images(todo, models, embed)):
+            if i == self.batches:
+                raise KeyboardInterrupt("killed")
+            yield batch
+
+
+def test_interrupted_run_resumes_to_exactly_the_clean_result(tmp_path, zoo, models):
+    clean = make_run(tmp_path, zoo, "clean")
+    run_embed(clean, LocalRunner(), models, EMBED)
+    resumed = make_run(tmp_path, zoo, "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        run_embed(resumed, InterruptedRunner(batches=2), models, EMBED)
+    partial = resumed.count(IMAGE_EMBEDDINGS["clip"])
+    assert 0 < partial < len(vectors(clean, IMAGE_EMBEDDINGS["clip"]))
+    assert resumed.count(IMAGE_EMBEDDINGS["reference"]) == partial
+    partial_rejects = len(rejects(resumed))
+    stats = run_embed(resumed, LocalRunner(), models, EMBED)
+    assert stats.counts["images_todo"] == len(zoo) - partial - partial_rejects
+    for name in (IMAGE_EMBEDDINGS["clip"], IMAGE_EMBEDDINGS["reference"]):
+        got, want = vectors(resumed, name), vectors(clean, name)
+        assert got.keys() == want.keys() and resumed.count(name) == len(want)
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], atol=1e-5)
+    assert rejects(resumed) == rejects(clean)
+    assert resumed.count(CAPTION_EMBEDDINGS) == clean.count(CAPTION_EMBEDDINGS)
+
+
+def test_a_role_added_later_embeds_only_that_role(tmp_path, zoo, models):
+    tables = make_run(tmp_path, zoo)
+    run_embed(tables, LocalRunner(), {"clip": models["clip"]}, EMBED)
+    stats = run_embed(tables, LocalRunner(), models, EMBED)
+    good = sum(1 for _, expected in zoo.values() if expected == GOOD)
+    assert stats.counts.get("embedded_clip", 0) == 0
+    assert stats.counts["embedded_reference"] == good
+
+
+def test_another_model_in_the_same_run_dir_is_an_error(tmp_path, zoo, models):
+    tables = make_run(tmp_path, zoo)
+    run_embed(tables, LocalRunner(), {"clip": models["clip"]}, EMBED)
+    with pytest.raises(EmbedError, match="new run_dir"):
+        run_embed(tables, LocalRunner(), {"clip": models["reference"]}, EMBED)
+
+
+def test_no_samples_is_an_error(tmp_path, models):
+    with pytest.raises(EmbedError, match="ingest"):
+        run_embed(RunTables(str(tmp_path / "empty")), LocalRunner(), models, EMBED)
+
+
+@pytest.mark.ray
+def test_ray_runner_gives_the_same_rows_as_in_process(tmp_path, zoo, models, ray_local):
+    from clipaudit.runtime import RayRunner
+
+    local = make_run(tmp_path, zoo, "local")
+    run_embed(local, LocalRunner(), models, EMBED)
+    on_ray = make_run(tmp_path, zoo, "ray")
+    stats = run_embed(on_ray, RayRunner(RayConfig(), EMBED), models, EMBED)
+    assert stats.notes["device"] == "cpu"
+    for name, key in ((IMAGE_EMBEDDINGS["clip"], "image_id"), (IMAGE_EMBEDDINGS["reference"], "image_id"),
+                      (CAPTION_EMBEDDINGS, "caption_id")):
+        got, want = vectors(on_ray, name, key), vectors(local, name, key)
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], atol=1e-4)
+    assert rejects(on_ray) == rejects(local)
+    assert isinstance(on_ray.read(SAMPLES), pa.Table)
