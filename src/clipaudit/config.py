@@ -36,12 +36,18 @@ class DatasetConfig:
     """manifest: column holding an image path (relative to the manifest's folder) or URL."""
     caption_columns: list[str] = field(default_factory=lambda: ["caption"])
     """manifest: one or more caption columns; a column may hold a string or a list of strings."""
+    id_column: str | None = None
+    """manifest: optional column holding the image_id; None derives it from the image path or URL."""
     templates: list[str] = field(default_factory=lambda: ["a photo of a {label}."])
     """imagefolder: caption templates filled with the class name."""
     class_names: str | None = None
     """imagefolder: optional file mapping folder names (e.g. synset ids) to readable names."""
     limit: int | None = None
     """Keep only the first N samples (by image_id order); None keeps all."""
+    duplicate_check: Literal["content", "uri"] = "content"
+    """Which samples are duplicates besides a repeated image_id: ``content``: the same uri, or files of equal
+    size and equal SHA-256 (only size collisions are read; http URLs by uri only); ``uri``: the same uri only
+    (no stat per file: for very large remote corpora)."""
     num_images: int = 64
     """synthetic: how many scenes to generate."""
     seed: int = 0
