@@ -18,9 +18,10 @@ import json
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Self
 
 FaultKind = Literal["status", "slow", "garbage", "bad_answer", "echo_auth"]
 DEFAULT_ANSWER = '{"failure_types": [{"name": "counting", "description": "Miscounts objects."}]}'
@@ -133,9 +134,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        status, payload, headers = self.server.fake._handle(
-            self.path, raw, self.headers.get("Authorization", "")
-        )
+        status, payload, headers = self.server.fake._handle(self.path, raw, self.headers.get("Authorization", ""))
         self._send(status, payload, headers)
 
 
@@ -181,11 +180,11 @@ class FakeOpenAI:
             raise RuntimeError("server not started")
         return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
-    def start(self) -> FakeOpenAI:
+    def start(self) -> Self:
         """Bind a free port and serve in a daemon thread."""
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.fake = self
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
         return self
 
@@ -198,7 +197,7 @@ class FakeOpenAI:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> FakeOpenAI:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

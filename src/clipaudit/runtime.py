@@ -159,7 +159,10 @@ def ray_session(ray_config: RayConfig) -> Iterator[None]:
         ray.init(**kwargs)
     else:
         ray.init(num_cpus=ray_config.num_cpus, **kwargs)
-    ray.data.DataContext.get_current().enable_progress_bars = True
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         yield
     finally:

@@ -43,6 +43,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
+_MIN_WAIT_S = 1e-4
+
 
 class RequestTooLarge(ValueError):
     """A single request asks for more tokens than the whole window allows."""
@@ -68,9 +70,7 @@ class RateLimits:
     poll_s: float = 0.02
 
     @classmethod
-    def per_minute(
-        cls, rpm: int, tpm: int | None = None, max_in_flight: int = 64, **kwargs: float
-    ) -> RateLimits:
+    def per_minute(cls, rpm: int, tpm: int | None = None, max_in_flight: int = 64, **kwargs: float) -> RateLimits:
         """Limits for ``rpm`` requests and ``tpm`` tokens per minute."""
         return cls(requests=rpm, tokens=tpm, window_s=60.0, max_in_flight=max_in_flight, **kwargs)
 
@@ -104,7 +104,7 @@ class _Bucket:
 
 
 class _Grant:
-    __slots__ = ("lease_id", "time", "tokens", "in_log")
+    __slots__ = ("in_log", "lease_id", "time", "tokens")
 
     def __init__(self, lease_id: str, time: float, tokens: int) -> None:
         self.lease_id = lease_id
@@ -171,7 +171,7 @@ class RateBudget:
         for grant in self._log:
             excess -= grant.tokens
             if excess <= 0:
-                return grant.time + self._hard_window - now
+                return max(grant.time + self._hard_window - now, _MIN_WAIT_S)
         return self._hard_window
 
     def try_acquire(self, now: float, lease_id: str, tokens: int = 0) -> float:
@@ -190,7 +190,7 @@ class RateBudget:
         self._requests.refill(now)
         waits = [self._paused_until - now, self._requests.wait_for(1.0)]
         if len(self._log) >= self.limits.requests:
-            waits.append(self._log[0].time + self._hard_window - now)
+            waits.append(max(self._log[0].time + self._hard_window - now, _MIN_WAIT_S))
         if self._tokens is not None:
             self._tokens.refill(now)
             waits.append(self._tokens.wait_for(tokens))
@@ -199,7 +199,7 @@ class RateBudget:
             waits.append(self.limits.poll_s)
         wait = max(waits)
         if wait > 0:
-            return max(wait, 1e-4)
+            return max(wait, _MIN_WAIT_S)
         self._requests.level -= 1.0
         if self._tokens is not None:
             self._tokens.level -= tokens
@@ -328,7 +328,7 @@ class SharedLimiter(RateLimiter):
                     return lease
                 try:
                     await asyncio.wait_for(self._released.wait(), timeout=wait)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
     async def release(self, lease: Lease) -> None:
@@ -348,3 +348,19 @@ class LocalLimiter(SharedLimiter):
     def __init__(self, limits: RateLimits) -> None:
         super().__init__(LocalBudget(limits))
         self.limits = limits
+
+
+class UnlimitedLimiter(RateLimiter):
+    """A limiter that never waits: for tests and endpoints without quotas."""
+
+    async def acquire(self, tokens: int = 0) -> Lease:
+        return Lease(uuid.uuid4().hex, tokens)
+
+    async def release(self, lease: Lease) -> None:
+        return None
+
+    async def record_actual(self, lease: Lease, tokens_used: int) -> None:
+        return None
+
+    async def pause(self, seconds: float) -> None:
+        return None

@@ -10,8 +10,9 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 Status = Literal["ok", "failed", "parse_failed"]
 Message = dict[str, Any]
@@ -121,9 +122,7 @@ def _message_text(message: Message) -> str:
 
 def estimate_prompt_tokens(messages: Sequence[Message]) -> int:
     """Estimated prompt tokens: text estimate plus 4 per message and 3 for reply priming."""
-    return REPLY_PRIMING_TOKENS + sum(
-        MESSAGE_OVERHEAD_TOKENS + estimate_tokens(_message_text(m)) for m in messages
-    )
+    return REPLY_PRIMING_TOKENS + sum(MESSAGE_OVERHEAD_TOKENS + estimate_tokens(_message_text(m)) for m in messages)
 
 
 def completion_budget(params: Mapping[str, Any]) -> int:
@@ -152,9 +151,7 @@ def price_for(model: str, prices: PriceTable) -> tuple[float, float] | None:
     return prices[max(matches, key=len)] if matches else None
 
 
-def estimate_cost(
-    model: str, prompt_tokens: int, completion_tokens: int, prices: PriceTable
-) -> float | None:
+def estimate_cost(model: str, prompt_tokens: int, completion_tokens: int, prices: PriceTable) -> float | None:
     """USD cost of a call from the per-1k-token price table; ``None`` for an unpriced model."""
     pair = price_for(model, prices)
     if pair is None:
