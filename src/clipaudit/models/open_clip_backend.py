@@ -1,0 +1,270 @@
+"""``open_clip:ARCH/TAG`` models.
+
+- ``TAG`` a pretrained tag of open_clip (``open_clip:ViT-B-32/openai``, ``open_clip:ViT-B-32/laion2b_s34b_b79k``):
+  weights from the Hugging Face cache, or downloaded by open_clip when the Hub can be reached.
+- ``TAG`` a local checkpoint file (``open_clip:ViT-B-32//abs/path/model.pt``, ``open_clip:ViT-B-32/ckpt/m.pt``,
+  ``.pt``/``.pth``/``.bin``/``.safetensors``): loaded with open_clip's checkpoint loader (strict).
+- ``TAG`` = ``random``: the architecture with seeded random weights: the same compute as the real model,
+  for benchmarks (``open_clip:ViT-B-32/random``). Its findings are meaningless.
+
+Preprocessing comes from the architecture config (image size) and the tag's pretrained config (mean, std,
+interpolation, resize mode) without building the model; a checkpoint file or ``random`` uses open_clip's
+defaults (OpenAI mean/std, bicubic, shortest side). Tags trained with QuickGELU (``openai`` among them) are
+built with QuickGELU, as their weights need.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import hub, tiny
+from .base import (
+    batch_to_device,
+    check_pixels,
+    empty_rows,
+    module_dtype,
+    prepare_module,
+    tensor_to_unit_rows,
+)
+from .errors import ModelSpecError, ModelUnavailableError
+from .preprocess import Preprocess
+
+if TYPE_CHECKING:
+    from .registry import ResolvedModel
+
+logger = logging.getLogger(__name__)
+
+RANDOM_TAG = "random"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz", ".ckpt")
+
+
+@dataclass(frozen=True)
+class OpenClipTarget:
+    """What an ``open_clip:`` spec resolved to: the weights are one of tag, checkpoint, or none (random)."""
+
+    arch: str
+    tag: str | None = None
+    checkpoint: str | None = None
+    random: bool = False
+
+
+def parse(spec: str, body: str) -> tuple[str, str]:
+    """``ARCH/TAG`` -> (arch, tag); ModelSpecError when either is missing."""
+    arch, sep, tag = body.partition("/")
+    if not arch or not sep or not tag:
+        raise ModelSpecError(
+            f"bad model spec {spec!r}: expected 'open_clip:ARCH/TAG', e.g. 'open_clip:ViT-B-32/openai', "
+            "'open_clip:ViT-B-32//path/to/checkpoint.pt' or 'open_clip:ViT-B-32/random'")
+    if ":" in arch:
+        raise ModelSpecError(f"bad model spec {spec!r}: open_clip schemas (hf-hub:, local-dir:) are not supported "
+                             "here; name an architecture and a tag or a checkpoint file")
+    return arch, tag
+
+
+def model_config(spec: str, arch: str) -> dict[str, Any]:
+    """open_clip's architecture config (no model is built); ModelSpecError for an unknown architecture."""
+    import open_clip
+
+    tiny.register_open_clip_config()
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        known = open_clip.list_models()
+        close = [m for m in known if arch.lower() in m.lower()][:8] or known[:8]
+        raise ModelSpecError(f"bad model spec {spec!r}: open_clip has no architecture {arch!r} "
+                             f"(e.g. {', '.join(close)}; all: open_clip.list_models())")
+    return cfg
+
+
+def pretrained_config(arch: str, tag: str) -> dict[str, Any]:
+    """open_clip's config of a pretrained tag ({} when the tag is unknown)."""
+    import open_clip
+
+    return dict(open_clip.get_pretrained_cfg(arch, tag))
+
+
+def preprocess_from_configs(model_cfg: dict[str, Any], pretrained_cfg: dict[str, Any]) -> Preprocess:
+    """A Preprocess from the architecture's image size and the tag's preprocessing config."""
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    merged = merge_preprocess_dict(PreprocessCfg(), {**model_cfg.get("preprocess_cfg", {}), **pretrained_cfg})
+    size = model_cfg.get("vision_cfg", {}).get("image_size", merged["size"])
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ModelSpecError(f"non-square image size {size} is not supported")
+        size = size[0]
+    interpolation = "bilinear" if merged["interpolation"] == "bilinear" else "bicubic"
+    return Preprocess(int(size), int(size), tuple(merged["mean"]), tuple(merged["std"]), interpolation,
+                      resize_mode=merged["resize_mode"])
+
+
+def resolve(spec: str, body: str, role: str, cache_dir: str | None) -> tuple[OpenClipTarget, Preprocess, int]:
+    """Check an ``open_clip:`` spec and that its weights can be had; (target, preprocess, dim)."""
+    arch, tag = parse(spec, body)
+    cfg = model_config(spec, arch)
+    dim = int(cfg["embed_dim"])
+    if tag == RANDOM_TAG:
+        return OpenClipTarget(arch, random=True), preprocess_from_configs(cfg, {}), dim
+    pcfg = pretrained_config(arch, tag)
+    if pcfg:
+        check_weights(spec, pcfg, cache_dir)
+        if role == "clip":
+            check_tokenizer(spec, cfg, cache_dir)
+        return OpenClipTarget(arch, tag=tag), preprocess_from_configs(cfg, pcfg), dim
+    path = Path(tag).expanduser()
+    if path.is_file():
+        return OpenClipTarget(arch, checkpoint=str(path.resolve())), preprocess_from_configs(cfg, {}), dim
+    if "/" in tag or os.sep in tag or path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        raise ModelUnavailableError(spec, f"checkpoint file {str(path.resolve())!r} does not exist")
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    raise ModelSpecError(f"bad model spec {spec!r}: {tag!r} is neither a pretrained tag of {arch} "
+                         f"(known: {', '.join(tags) or 'none'}; or 'random') nor an existing checkpoint file")
+
+
+def weight_candidates(pcfg: dict[str, Any]) -> tuple[str, list[str]]:
+    """(hub repo id, file names open_clip would fetch, preferred first) of a tag with an ``hf_hub`` entry."""
+    from open_clip.constants import HF_WEIGHTS_NAME
+    from open_clip.pretrained import _get_safe_alternatives
+
+    repo_id, filename = os.path.split(pcfg["hf_hub"])
+    filename = filename or HF_WEIGHTS_NAME
+    return repo_id, [*_get_safe_alternatives(filename), filename]
+
+
+def check_weights(spec: str, pcfg: dict[str, Any], cache_dir: str | None) -> str | None:
+    """The cached weights file of a tag, or None when it is not cached but can be downloaded.
+
+    Raises ModelUnavailableError when neither: quickly (a cache look-up, then at most one bounded probe).
+    """
+    if pcfg.get("file"):
+        if os.path.isfile(pcfg["file"]):
+            return str(pcfg["file"])
+        raise ModelUnavailableError(spec, f"the weights file {pcfg['file']!r} does not exist")
+    if pcfg.get("hf_hub"):
+        repo_id, names = weight_candidates(pcfg)
+        for name in names:
+            found = hub.cached_hub_file(repo_id, name, cache_dir)
+            if found:
+                return found
+        probe = hub.Probe(False, False)
+        for name in names:
+            probe = hub.probe_hub_file(repo_id, name)
+            if probe.exists or not probe.reachable:
+                break
+        if probe.exists:
+            return None
+        raise ModelUnavailableError(
+            spec, f"its weights ({' or '.join(names)} of the Hugging Face repo {repo_id}) are not in the cache "
+                  f"{hub.hub_cache_dir(cache_dir)} and cannot be downloaded ({probe.reason})",
+            hint=f"on a machine with internet: `hf download {repo_id}` and copy its cache here")
+    url = pcfg.get("url", "")
+    if not url:
+        raise ModelUnavailableError(spec, "open_clip names no source for its weights")
+    target = os.path.join(os.path.expanduser(cache_dir or "~/.cache/clip"), os.path.basename(url))
+    if os.path.isfile(target):
+        return target
+    probe = hub.probe_url(url)
+    if probe.exists:
+        return None
+    raise ModelUnavailableError(spec, f"its weights are not at {target} and {url} cannot be fetched "
+                                      f"({probe.reason})", hint=f"download {url} to {target}")
+
+
+def check_tokenizer(spec: str, model_cfg: dict[str, Any], cache_dir: str | None) -> None:
+    """For architectures whose tokenizer comes from the Hub (``hf_tokenizer_name``): cached or reachable."""
+    name = model_cfg.get("text_cfg", {}).get("hf_tokenizer_name")
+    if not name or os.path.isdir(name):
+        return
+    for filename in ("tokenizer.json", "tokenizer_config.json"):
+        if hub.cached_hub_file(name, filename, cache_dir):
+            return
+    probe = hub.probe_hub_file(name, "tokenizer_config.json")
+    if not probe.exists:
+        raise ModelUnavailableError(spec, f"its tokenizer (Hugging Face repo {name}) is not cached and cannot be "
+                                          f"downloaded ({probe.reason})")
+
+
+def build(arch: str, pretrained: str | None, *, cache_dir: str | None = None,
+          quick_gelu: bool = False) -> Any:
+    """An open_clip model on the CPU in fp32: random init under :func:`tiny.seeded`, then the weights if any."""
+    import open_clip
+
+    tiny.register_open_clip_config()
+    with tiny.seeded():
+        return open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir,
+                                      force_quick_gelu=quick_gelu, device="cpu", precision="fp32")
+
+
+def load(resolved: ResolvedModel, target: OpenClipTarget, device: str) -> OpenClipModel:
+    """Build the model of an ``open_clip:`` (or ``tiny-clip``) target on ``device``."""
+    pretrained: str | None = None
+    quick_gelu = False
+    if target.checkpoint:
+        if not os.path.isfile(target.checkpoint):
+            raise ModelUnavailableError(resolved.spec, f"checkpoint file {target.checkpoint!r} does not exist here")
+        pretrained = target.checkpoint
+    elif target.tag:
+        pcfg = pretrained_config(target.arch, target.tag)
+        quick_gelu = bool(pcfg.get("quick_gelu", False))
+        pretrained = check_weights(resolved.spec, pcfg, resolved.cache_dir) or target.tag
+    try:
+        model = build(target.arch, pretrained, cache_dir=resolved.cache_dir, quick_gelu=quick_gelu)
+    except RuntimeError as exc:
+        if "download" in str(exc).lower():
+            raise ModelUnavailableError(resolved.spec, str(exc)) from exc
+        raise
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(target.arch, cache_dir=resolved.cache_dir)
+    dim = int(model_config(resolved.spec, target.arch)["embed_dim"])
+    return OpenClipModel(resolved.spec, model, tokenizer, device, resolved.preprocess, dim)
+
+
+class OpenClipModel:
+    """A loaded open_clip model: image and text towers, outputs L2-normalised float32.
+
+    On CUDA the weights are fp16 and batches travel through pinned memory; on the CPU everything is fp32.
+    """
+
+    def __init__(self, spec: str, model: Any, tokenizer: Any, device: str, preprocess: Preprocess,
+                 dim: int) -> None:
+        import torch
+
+        self.spec = spec
+        self.device = str(device)
+        with torch.inference_mode():
+            self.logit_scale = float(model.logit_scale.detach().float().exp().item())
+        self.dim = int(dim)
+        self._model = prepare_module(model, self.device)
+        self._dtype = module_dtype(self._model)
+        self._tokenizer = tokenizer
+        self._shape = preprocess.output_shape
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """(n, 3, S, S) float32 -> (n, dim) float32, unit rows."""
+        import torch
+
+        check_pixels(pixels, self._shape, self.spec)
+        if len(pixels) == 0:
+            return empty_rows(self.dim)
+        with torch.inference_mode():
+            batch = batch_to_device(pixels, self.device, self._dtype)
+            return tensor_to_unit_rows(self._model.encode_image(batch))
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Texts -> (n, dim) float32, unit rows (open_clip's tokenizer, truncated to its context length)."""
+        import torch
+
+        if len(texts) == 0:
+            return empty_rows(self.dim)
+        with torch.inference_mode():
+            tokens = self._tokenizer(list(texts))
+            tokens = tokens.to(self.device, non_blocking=True) if self.device != "cpu" else tokens
+            return tensor_to_unit_rows(self._model.encode_text(tokens))

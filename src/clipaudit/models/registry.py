@@ -1,0 +1,186 @@
+"""The model registry: one place that turns a spec string into a model and its preprocessing.
+
+Specs:
+
+==========================================  =========================================================
+``open_clip:ARCH/TAG``                      open_clip, pretrained tag: ``open_clip:ViT-B-32/openai``
+``open_clip:ARCH//path/to/checkpoint.pt``   open_clip architecture + local checkpoint (absolute or relative)
+``open_clip:ARCH/random``                   the architecture with seeded random weights (benchmarks)
+``hf:ORG/NAME`` or ``hf:/path/to/dir``      transformers CLIP or DINOv2 (family from config.json)
+``hf-random:dinov2-small``                  a known transformers architecture, seeded random weights (benchmarks)
+``python:package.module:factory``           a user model (see :mod:`clipaudit.models.plugin`)
+``tiny-clip`` / ``tiny-dino``               small random models for tests and demos (:mod:`clipaudit.models.tiny`)
+==========================================  =========================================================
+
+:func:`resolve_model` runs on the driver: it validates the spec, works out the preprocessing, and checks that
+the weights can be had (the local cache, else one bounded probe of the Hub: it returns or raises within
+seconds, never hangs, never downloads weights). It returns a small picklable :class:`ResolvedModel`; its
+:meth:`ResolvedModel.load` builds the model where it runs (once per actor). ``load("cuda")`` puts the model on
+the GPU in fp16 (inputs cast to fp16, outputs float32); on the CPU everything is fp32.
+
+Random models (``tiny-*``, ``.../random``, ``hf-random:``, fallbacks) have ``is_random=True``: their findings
+are meaningless. Their initialisation is seeded, so every process builds bit-identical weights.
+
+Nothing here imports torch, open_clip or transformers at module import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import hf_backend, open_clip_backend, plugin, tiny
+from .base import ROLES, LoadedModel, is_cuda
+from .errors import ModelSpecError, ModelUnavailableError
+from .preprocess import Preprocess
+
+logger = logging.getLogger(__name__)
+
+FALLBACKS = ("none", "tiny")
+PREFIXES = ("open_clip:", "hf:", "hf-random:", "python:")
+SPEC_HELP = ("'open_clip:ARCH/TAG' (e.g. open_clip:ViT-B-32/openai), 'open_clip:ARCH//path/to/checkpoint.pt', "
+             "'hf:ORG/NAME' or 'hf:/path/to/dir', 'hf-random:dinov2-small', 'python:package.module:factory', "
+             "'tiny-clip', 'tiny-dino'")
+
+
+@dataclass(frozen=True)
+class ParsedSpec:
+    """A spec split into its kind (``open_clip``, ``hf``, ``hf-random``, ``python``, ``tiny``) and the rest."""
+
+    kind: str
+    body: str
+
+
+def parse_spec(spec: str) -> ParsedSpec:
+    """Split a spec string; ModelSpecError (naming the spec and the accepted forms) when it fits none."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError(f"bad model spec {spec!r}: expected one of {SPEC_HELP}")
+    text = spec.strip()
+    if text in (tiny.TINY_CLIP, tiny.TINY_DINO):
+        return ParsedSpec("tiny", text)
+    for prefix in PREFIXES:
+        if text.startswith(prefix):
+            body = text[len(prefix):]
+            if not body:
+                break
+            return ParsedSpec(prefix[:-1], body)
+    raise ModelSpecError(f"bad model spec {spec!r}: expected one of {SPEC_HELP}")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model named, checked and described on the driver; small and picklable (sent to Ray actors).
+
+    Attributes:
+        spec: the spec actually used (``tiny-clip`` after a fallback).
+        requested_spec: the spec the configuration asked for.
+        role: ``clip`` or ``reference``.
+        preprocess: what ``encode_images`` expects: ``preprocess(image)`` outputs stacked on axis 0.
+        is_random: True for random weights (tiny models, ``random`` architectures, fallbacks): the findings
+            are meaningless.
+        dim: the embedding dimension when known without loading (None for ``python:`` plug-ins).
+        cache_dir: where weights are looked up (a Hugging Face hub cache directory); None: the default.
+        target: backend-specific description of what to load (internal).
+    """
+
+    spec: str
+    requested_spec: str
+    role: str
+    preprocess: Preprocess
+    is_random: bool
+    dim: int | None = None
+    cache_dir: str | None = None
+    target: Any = field(default=None, repr=False)
+
+    def load(self, device: str = "cpu") -> LoadedModel:
+        """Build or load the weights on ``device`` (``cpu``, ``cuda``, ``cuda:N``); call once per actor.
+
+        On CUDA the model runs in fp16; outputs are always float32 numpy arrays with unit rows.
+        Raises ModelUnavailableError when the weights cannot be had on this machine.
+        """
+        if is_cuda(device):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"{self.spec}: device {device!r} requested but CUDA is not available")
+        start = time.perf_counter()
+        target = self.target
+        if isinstance(target, open_clip_backend.OpenClipTarget):
+            model: LoadedModel = open_clip_backend.load(self, target, device)
+        elif isinstance(target, hf_backend.HfTarget):
+            model = hf_backend.load(self, target, device)
+        elif isinstance(target, plugin.PluginTarget):
+            model = plugin.load(self, target, device)
+        else:
+            raise TypeError(f"{self.spec}: nothing to load (make ResolvedModel with resolve_model)")
+        if self.dim is not None and model.dim != self.dim:
+            raise RuntimeError(f"{self.spec}: loaded a model of dimension {model.dim}, expected {self.dim}")
+        logger.info("loaded %s (%s, dim %d) on %s in %.1f s", self.spec, self.role, model.dim, device,
+                    time.perf_counter() - start)
+        return model
+
+
+def _resolve_exact(spec: str, role: str, cache_dir: str | None) -> ResolvedModel:
+    parsed = parse_spec(spec)
+    spec = spec.strip()
+    if parsed.kind == "tiny":
+        if role == "clip" and parsed.body == tiny.TINY_DINO:
+            raise ModelSpecError(f"bad model spec {spec!r} for the clip role: tiny-dino has no text tower "
+                                 "(use tiny-clip)")
+        target: Any = (open_clip_backend.OpenClipTarget(tiny.TINY_CLIP, random=True)
+                       if parsed.body == tiny.TINY_CLIP else hf_backend.tiny_dino_target())
+        return ResolvedModel(spec, spec, role, tiny.preprocess_for(parsed.body), True,
+                             tiny.dim_for(parsed.body), cache_dir, target)
+    if parsed.kind == "open_clip":
+        target, preprocess, dim = open_clip_backend.resolve(spec, parsed.body, role, cache_dir)
+        return ResolvedModel(spec, spec, role, preprocess, target.random, dim, cache_dir, target)
+    if parsed.kind == "hf":
+        target, preprocess, dim = hf_backend.resolve(spec, parsed.body, role, cache_dir)
+        return ResolvedModel(spec, spec, role, preprocess, False, dim, cache_dir, target)
+    if parsed.kind == "hf-random":
+        target, preprocess, dim = hf_backend.resolve_random(spec, parsed.body, role)
+        return ResolvedModel(spec, spec, role, preprocess, True, dim, cache_dir, target)
+    target, preprocess = plugin.resolve(spec, parsed.body)
+    return ResolvedModel(spec, spec, role, preprocess, False, None, cache_dir, target)
+
+
+def resolve_model(spec: str, role: str, *, fallback: str = "none", cache_dir: str | None = None) -> ResolvedModel:
+    """Resolve a spec for a role (``clip`` or ``reference``) on the driver; fast, never downloads weights.
+
+    Args:
+        spec: a model spec (see the module docstring).
+        role: ``clip`` (needs a text tower) or ``reference``.
+        fallback: ``none``: unavailable weights raise ModelUnavailableError; ``tiny``: use ``tiny-clip`` /
+            ``tiny-dino`` for the role instead (``is_random=True``, ``requested_spec`` kept), with a WARNING.
+        cache_dir: a Hugging Face hub cache directory to look for weights in (``models.cache_dir``).
+
+    Raises:
+        ModelSpecError: a malformed spec, an unknown architecture or tag, or a model that cannot fill the role.
+        ModelUnavailableError: the weights cannot be had here (and ``fallback`` is ``none``).
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    if cache_dir:
+        cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
+    start = time.perf_counter()
+    try:
+        resolved = _resolve_exact(spec, role, cache_dir)
+    except ModelUnavailableError as exc:
+        if fallback != "tiny":
+            raise
+        name = tiny.TINY_FOR_ROLE[role]
+        logger.warning("model %r for the %s role is not available (%s); using %s instead because "
+                       "models.fallback is 'tiny': its weights are RANDOM and the findings are MEANINGLESS",
+                       spec, role, exc.reason, name)
+        tiny_model = _resolve_exact(name, role, cache_dir)
+        return ResolvedModel(tiny_model.spec, spec, role, tiny_model.preprocess, True, tiny_model.dim,
+                             cache_dir, tiny_model.target)
+    if resolved.is_random:
+        logger.warning("model %r (%s role) has random weights: the findings are meaningless", resolved.spec, role)
+    logger.info("resolved %s for the %s role in %.2f s", resolved.spec, role, time.perf_counter() - start)
+    return resolved
