@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 
-from clipaudit.config import ConfigError, load_config
-from clipaudit.pipeline import STAGES, StageError, parse_stages, run_pipeline
+from clipaudit.config import load_config
+from clipaudit.errors import ClipauditError
+from clipaudit.pipeline import STAGES, parse_stages, run_pipeline
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -37,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         stages = parse_stages(args.stages) if args.command == "run" else [args.command]
-    except (ConfigError, StageError) as exc:
+        run_pipeline(config, stages)
+    except ClipauditError as exc:
         print(f"clipaudit: error: {exc}", file=sys.stderr)
         return 2
-    run_pipeline(config, stages)
     return 0
 
 

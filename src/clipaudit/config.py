@@ -17,8 +17,10 @@ from typing import Any, Literal
 
 import yaml
 
+from clipaudit.errors import ClipauditError
 
-class ConfigError(ValueError):
+
+class ConfigError(ClipauditError, ValueError):
     """A configuration problem, reported before any work starts; the message names the key or file."""
 
 

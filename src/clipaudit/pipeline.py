@@ -12,6 +12,7 @@ from dataclasses import asdict
 import yaml
 
 from clipaudit.config import Config
+from clipaudit.errors import ClipauditError
 from clipaudit.io import fs
 from clipaudit.records import StageStats
 
@@ -22,7 +23,7 @@ STAGES = ["ingest", "embed"]
 RAY_STAGES = {"embed"}
 
 
-class StageError(ValueError):
+class StageError(ClipauditError, ValueError):
     """An unknown or misordered stage name."""
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from clipaudit.errors import ClipauditError
 
-class ModelSpecError(ValueError):
+
+class ModelSpecError(ClipauditError, ValueError):
     """A model spec string that cannot name a model (bad syntax, unknown architecture, wrong role)."""
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(ClipauditError, RuntimeError):
     """The weights (or tokenizer) a spec names cannot be had on this machine.
 
     The message names the spec, says what was looked for, and how to provide local weights.

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
+from clipaudit.errors import ClipauditError
 from clipaudit.records import (
     CAPTION_EMBEDDINGS,
     IMAGE_EMBEDDINGS,
@@ -40,7 +41,7 @@ log = logging.getLogger("clipaudit.embed")
 STAGE = "embed"
 
 
-class EmbedError(RuntimeError):
+class EmbedError(ClipauditError, RuntimeError):
     """The embed stage cannot run as configured (the message says why and what to do)."""
 
 

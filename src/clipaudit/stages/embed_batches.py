@@ -133,10 +133,7 @@ def prepare_images(batch: Batch, preprocessors: dict[str, Preprocess], max_pixel
 
 
 def _empty_pixels(preprocess: Preprocess, n: int) -> np.ndarray:
-    from PIL import Image
-
-    sample = preprocess(Image.new("RGB", (preprocess.image_size, preprocess.image_size)))
-    return np.zeros((n, *sample.shape), dtype=sample.dtype)
+    return np.zeros((n, *preprocess.output_shape), dtype=preprocess.output_dtype)
 
 
 def torch_threads_for(cpus: float, requested: int = 0) -> int:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, BinaryIO, TypeVar
 import pyarrow.fs as pafs
 from tqdm import tqdm
 
+from clipaudit.errors import ClipauditError
 from clipaudit.io import fs
 from clipaudit.records import Reject, Sample
 
@@ -46,7 +47,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 T = TypeVar("T")
 
 
-class IngestError(ValueError):
+class IngestError(ClipauditError, ValueError):
     """The corpus cannot be read as configured (a missing column, an unknown layout); the message names the file."""
 
 

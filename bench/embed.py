@@ -1,0 +1,142 @@
+"""Embed throughput: the Ray pipeline against a bare in-process loop over the same images, in one run.
+
+Both use the real ViT-B-32 (CLIP role) and DINOv2-small (reference role) architectures with random weights,
+the same compute as the real checkpoints. The bare loop reads, decodes, preprocesses and runs both models
+one batch after another with all the machine's threads; the pipeline runs the same work through Ray Data
+(decode as CPU tasks, one actor pool per model) with the same CPU budget.
+
+The pipeline is timed on two corpus sizes, so the fixed start-up cost (actor start, model load) and the
+steady-state throughput separate: time(n) = start-up + n / throughput.
+
+    python bench/embed.py [--images N] [--small N] [--batch-size B] [--clip SPEC] [--reference SPEC]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k" / "images"
+
+
+def image_paths(count: int, scratch: Path) -> list[str]:
+    """The shared Flickr8k sample where present, else generated synthetic scenes."""
+    if FLICKR.is_dir():
+        paths = sorted(str(p) for p in FLICKR.glob("*.jpg"))
+        if len(paths) >= count:
+            return paths[:count]
+    from clipaudit.io.readers.synthetic import make_scene
+
+    paths = []
+    for index in range(count):
+        image, _ = make_scene(0, index)
+        path = scratch / f"scene_{index}.png"
+        image.save(path)
+        paths.append(str(path))
+    return paths
+
+
+def bare_loop(paths: list[str], models: dict, batch_size: int, threads: int) -> float:
+    """Seconds for read + decode + preprocess + both forwards, in this process, batch after batch."""
+    import torch
+
+    from clipaudit.stages.embed_batches import decode_image, read_image_bytes
+
+    torch.set_num_threads(threads)
+    loaded = {role: model.load("cpu") for role, model in models.items()}
+    warm = [models[r].preprocess(decode_image(read_image_bytes(paths[0]), 10**9)) for r in models]
+    for role, pixels in zip(models, warm):
+        loaded[role].encode_images(pixels[None])
+    start = time.perf_counter()
+    for offset in range(0, len(paths), batch_size):
+        images = [decode_image(read_image_bytes(p), 10**9) for p in paths[offset:offset + batch_size]]
+        for role, model in models.items():
+            loaded[role].encode_images(np.stack([model.preprocess(image) for image in images]))
+    return time.perf_counter() - start
+
+
+def pipeline(paths: list[str], models: dict, embed, ray_config, scratch: Path, name: str) -> float:
+    """Seconds for the embed stage's image pass through Ray, start-up included."""
+    from clipaudit.io.tables import RunTables
+    from clipaudit.records import SAMPLES, SAMPLES_SCHEMA, Sample, StageStats, samples_to_table
+    from clipaudit.runtime import RayRunner
+    from clipaudit.stages.embed import embed_images
+
+    tables = RunTables(str(scratch / name))
+    samples = [Sample(image_id=f"{i:06d}", uri=p, captions=["x"], caption="x", source="bench")
+               for i, p in enumerate(paths)]
+    tables.insert_new(SAMPLES, samples_to_table(samples), "image_id", SAMPLES_SCHEMA)
+    start = time.perf_counter()
+    embed_images(tables, RayRunner(ray_config, embed), models, embed, StageStats("embed"))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=240)
+    parser.add_argument("--small", type=int, default=48, help="the smaller corpus, for the start-up cost")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--clip", default="open_clip:ViT-B-32/random")
+    parser.add_argument("--reference", default="hf-random:dinov2-small")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per actor (0: cpus / 2)")
+    args = parser.parse_args()
+
+    import ray
+
+    from clipaudit.config import EmbedConfig, RayConfig
+    from clipaudit.models import resolve_model
+
+    models = {"clip": resolve_model(args.clip, "clip"), "reference": resolve_model(args.reference, "reference")}
+    embed = EmbedConfig(batch_size=args.batch_size, cpus_per_actor=min(0.5, args.cpus / 4), write_every=4096,
+                        torch_threads=args.threads or max(1, args.cpus // 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        paths = image_paths(args.images, scratch)
+        bare_s = bare_loop(paths, models, args.batch_size, args.cpus)
+        init_start = time.perf_counter()
+        ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ray.data.DataContext.get_current().print_on_execution_start = False
+        init_s = time.perf_counter() - init_start
+        small_s = pipeline(paths[:args.small], models, embed, RayConfig(), scratch, "small")
+        full_s = pipeline(paths, models, embed, RayConfig(), scratch, "full")
+        ray.shutdown()
+
+    bare_rate = len(paths) / bare_s
+    steady_rate = (len(paths) - args.small) / max(full_s - small_s, 1e-9)
+    startup_s = max(small_s - args.small / steady_rate, 0.0)
+    end_to_end_rate = len(paths) / full_s
+    result = {
+        "images": len(paths), "source": "flickr8k" if FLICKR.is_dir() else "synthetic",
+        "models": {"clip": args.clip, "reference": args.reference}, "cpus": args.cpus,
+        "batch_size": args.batch_size, "bare_img_per_s": round(bare_rate, 2),
+        "pipeline_steady_img_per_s": round(steady_rate, 2), "pipeline_end_to_end_img_per_s": round(end_to_end_rate, 2),
+        "steady_ratio": round(steady_rate / bare_rate, 3), "end_to_end_ratio": round(end_to_end_rate / bare_rate, 3),
+        "pipeline_startup_s": round(startup_s, 1), "ray_init_s": round(init_s, 1),
+    }
+    print(f"embed benchmark: {len(paths)} images ({result['source']}), {args.clip} + {args.reference}, "
+          f"{args.cpus} CPUs, batch {args.batch_size}")
+    print(f"  bare in-process loop        {bare_rate:8.2f} img/s")
+    print(f"  Ray pipeline, steady state  {steady_rate:8.2f} img/s   ratio {result['steady_ratio']:.2f} (goal >= 0.9)")
+    print(f"  Ray pipeline, end to end    {end_to_end_rate:8.2f} img/s   ratio {result['end_to_end_ratio']:.2f}")
+    print(f"  fixed start-up per run      {startup_s:8.1f} s  (+ ray.init {init_s:.1f} s once)")
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "embed.json").write_text(json.dumps(result, indent=2) + "\n")
+    json.dump(result, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()
