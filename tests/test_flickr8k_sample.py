@@ -80,3 +80,26 @@ def test_csv_layout_agrees(tmp_path, present):
     _, token_tables = _run(tmp_path / "token", TOKEN)
     by_layout = [{r["image_id"]: r["captions"] for r in t.read(SAMPLES).to_pylist()} for t in (tables, token_tables)]
     assert by_layout[0] == by_layout[1]
+
+
+def test_ingest_and_embed_give_the_documented_counts_and_rerun_writes_nothing(tmp_path, present):
+    from clipaudit.config import EmbedConfig
+    from clipaudit.models import resolve_model
+    from clipaudit.records import CAPTION_EMBEDDINGS, IMAGE_EMBEDDINGS
+    from clipaudit.runtime import LocalRunner
+    from clipaudit.stages.embed import run_embed
+
+    found, malformed, missing = _expected_token(present)
+    _, tables = _run(tmp_path, TOKEN)
+    models = {"clip": resolve_model("tiny-clip", "clip"), "reference": resolve_model("tiny-dino", "reference")}
+    embed = EmbedConfig(batch_size=64, text_batch_size=512)
+    stats = run_embed(tables, LocalRunner(), models, embed)
+    assert stats.counts["total_in"] == stats.counts["total_embedded"] == len(found)
+    assert tables.count(IMAGE_EMBEDDINGS["clip"]) + tables.count(IMAGE_EMBEDDINGS["reference"]) == 2 * len(found)
+    assert tables.count(CAPTION_EMBEDDINGS) == 5 * len(found)
+    reasons = tables.read(REJECTS).column("reason").to_pylist()
+    assert reasons.count("malformed") == malformed and reasons.count("missing_image") == len(missing)
+    before = {name: tables.count(name) for name in tables.names()}
+    again = run_embed(tables, LocalRunner(), models, embed)
+    assert again.counts["images_todo"] == again.counts["captions_todo"] == 0
+    assert {name: tables.count(name) for name in tables.names()} == before
