@@ -47,7 +47,7 @@ def write_image_zoo(folder: Path) -> dict[str, tuple[Path, str]]:
     _rgb(2).convert("CMYK").save(buffer, format="JPEG")
     cases["cmyk.jpg"] = (buffer.getvalue(), GOOD)
     buffer = io.BytesIO()
-    Image.fromarray((np.arange(40 * 48, dtype=np.uint16).reshape(40, 48) * 30)).save(buffer, format="PNG")
+    Image.fromarray(np.arange(40 * 48, dtype=np.uint16).reshape(40, 48) * 30).save(buffer, format="PNG")
     cases["gray16.png"] = (buffer.getvalue(), GOOD)
     buffer = io.BytesIO()
     rgba = _rgb(3).convert("RGBA")

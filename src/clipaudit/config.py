@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from clipaudit.errors import ClipauditError
+from clipaudit.transforms import TRANSFORM_NAMES, TransformName, TransformParams
 
 
 class ConfigError(ClipauditError, ValueError):
@@ -32,7 +33,8 @@ class DatasetConfig:
     captions: str | None = None
     """flickr8k: ``Flickr8k.token.txt`` or the CSV ``image,caption`` file. manifest: the CSV/JSONL/Parquet file."""
     images: str | None = None
-    """flickr8k: the image folder. imagefolder: the root with one folder per class. webdataset: a folder of .tar shards or one .tar."""
+    """flickr8k: the image folder. imagefolder: the root with one folder per class.
+    webdataset: a folder of .tar shards or one .tar."""
     caption_choice: Literal["longest", "first"] = "longest"
     image_column: str = "image"
     """manifest: column holding an image path (relative to the manifest's folder) or URL."""
@@ -79,7 +81,8 @@ class EmbedConfig:
     actors_per_model: int = 1
     """Actor pool size per model role (per GPU on a GPU cluster)."""
     cpus_per_actor: float = 0.5
-    """CPU share reserved by each model actor when no GPU is used; keep the sum below the CPU count so readers can run."""
+    """CPU share reserved by each model actor when no GPU is used; keep the sum below the CPU count so the
+    decode tasks can run (on 2 CPUs, two actors at 1 CPU each deadlock the readers)."""
     gpus_per_actor: float = 1.0
     """GPU share of each model actor when a GPU is used."""
     torch_threads: int = 0
@@ -106,22 +109,122 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class NeighboursConfig:
-    """Nearest-neighbour search settings."""
+    """Nearest-neighbour search settings (the neighbours stage), checked when built."""
 
     k: int = 10
+    """Neighbours per image and model role, the image itself excluded; must be smaller than the image count."""
     block_size: int | None = None
+    """Rows per block of the exact search; None: chosen from a memory budget (see :mod:`clipaudit.knn`)."""
+    method: Literal["exact", "ann"] = "exact"
+    """``exact``: blocked matmul top-k; ``ann``: a LanceDB vector index, its recall@k measured on a sample."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the exact search runs: ``auto`` is CUDA (fp16 products) when torch sees a GPU, else CPU (fp32)."""
+    ann_index: Literal["IVF_FLAT", "IVF_PQ", "IVF_HNSW_SQ"] = "IVF_HNSW_SQ"
+    """ann: the LanceDB index type (cosine distance)."""
+    ann_partitions: int | None = None
+    """ann: IVF partitions; None: about sqrt(N)."""
+    ann_nprobes: int = 20
+    """ann: partitions searched per query."""
+    ann_refine_factor: int = 5
+    """ann: candidates re-ranked with exact distances, as a multiple of k; 0: no refinement."""
+    recall_sample: int = 1000
+    """ann: images whose ANN lists are compared with exact search (recall@k in the stats); 0: not measured."""
+    seed: int = 0
+    """Seeds the recall sample."""
+
+    def __post_init__(self) -> None:
+        problems = [f"neighbours.{key}: must be at least {low}, got {value}"
+                    for key, value, low in (("k", self.k, 1), ("block_size", self.block_size, 1),
+                                            ("ann_partitions", self.ann_partitions, 1),
+                                            ("ann_nprobes", self.ann_nprobes, 1),
+                                            ("ann_refine_factor", self.ann_refine_factor, 0),
+                                            ("recall_sample", self.recall_sample, 0))
+                    if value is not None and value < low]
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class DafConfig:
+    """Discrepancy Analysis Framework settings (the daf stage), checked when built.
+
+    Cases are the images with ``overlap <= max_overlap`` (when set), then at most the ``top_n`` most divergent
+    of those (when set); at least one of the two must be set.
+    """
+
+    max_overlap: float | None = 0.1
+    """Select images whose two top-k lists share at most this fraction of neighbours; None: no threshold."""
+    top_n: int | None = None
+    """Keep at most the N most divergent images (by score = 1 - RBO); None: no cap."""
+    rbo_p: float = 0.9
+    """Persistence of rank-biased overlap, in (0, 1): smaller weighs the top ranks more."""
+    rbo: Literal["extrapolated", "truncated"] = "extrapolated"
+    """``extrapolated``: RBO_ext (identical lists 1, disjoint 0); ``truncated``: the sum to depth k divided by
+    its maximum 1 - p^k (also 1 and 0)."""
+    permutations: int = 200
+    """Permutations of the null (reference lists shuffled across images); 0: no null."""
+    null_sample: int = 20_000
+    """Images per permutation of the null (a seeded sample when the corpus is larger)."""
+    seed: int = 0
+    """Seeds the permutation null."""
+    blind_rule: Literal["absolute", "quantile"] = "absolute"
+    """CLIP-blind pairs: ``absolute`` thresholds, or ``quantile`` thresholds over the CLIP neighbour pairs."""
+    blind_clip_min: float = 0.95
+    """absolute: CLIP similarity at least this."""
+    blind_reference_max: float = 0.6
+    """absolute: reference similarity at most this."""
+    blind_clip_quantile: float = 0.9
+    """quantile: CLIP similarity at least this quantile of the neighbour pairs' CLIP similarities."""
+    blind_reference_quantile: float = 0.1
+    """quantile: reference similarity at most this quantile of the neighbour pairs' reference similarities."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_overlap is None and self.top_n is None:
+            problems.append("daf.max_overlap and daf.top_n: set at least one of them (the case selection rule)")
+        for key, value in (("max_overlap", self.max_overlap), ("blind_clip_quantile", self.blind_clip_quantile),
+                           ("blind_reference_quantile", self.blind_reference_quantile)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                problems.append(f"daf.{key}: must be in [0, 1], got {value}")
+        if not 0.0 < self.rbo_p < 1.0:
+            problems.append(f"daf.rbo_p: must be in (0, 1), got {self.rbo_p}")
+        for key, value, low in (("top_n", self.top_n, 1), ("permutations", self.permutations, 0),
+                                ("null_sample", self.null_sample, 1)):
+            if value is not None and value < low:
+                problems.append(f"daf.{key}: must be at least {low}, got {value}")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
 class TcacConfig:
-    """Transformative Caption Analysis settings."""
+    """Transformative Caption Analysis settings, checked when built: an unknown transform, a repeated one or an
+    out-of-range parameter is a :class:`ConfigError` naming the key (``tcac.params.rotation.degrees``)."""
 
     seed: int = 0
-    transforms: list[str] = field(
-        default_factory=lambda: ["grayscale", "rotation", "affine", "hflip", "invert", "perspective", "elastic"]
-    )
+    """Seeds every transform's random parameters, per (seed, image_id, transform)."""
+    transforms: list[TransformName] = field(default_factory=lambda: list(TRANSFORM_NAMES))
+    """Which transforms to apply, each at most once (see :mod:`clipaudit.transforms`)."""
+    params: TransformParams = field(default_factory=TransformParams)
+    """Per-transform parameters: ``tcac.params.rotation.degrees``, ``tcac.params.elastic.alpha``, ..."""
     cases_per_transform: int = 100
+    """Rows marked ``is_case`` per transform: the top ones by changed captions (then total variation)."""
     pool_neighbours: int = 10
+    """Nearest captions (CLIP text embedding) taken for each of an image's own captions into its pool."""
+    top_k: int = 10
+    """Length of the top-caption lists compared before and after a transform."""
+
+    def __post_init__(self) -> None:
+        repeated = sorted({name for name in self.transforms if self.transforms.count(name) > 1})
+        if repeated:
+            raise ConfigError(f"tcac.transforms: {repeated[0]!r} is listed more than once")
+        problems = [f"tcac.params.{key}: {message}" for key, message in self.params.problems()]
+        for key, value, low in (("cases_per_transform", self.cases_per_transform, 0),
+                                ("pool_neighbours", self.pool_neighbours, 1), ("top_k", self.top_k, 1)):
+            if value < low:
+                problems.append(f"tcac.{key}: must be at least {low}, got {value}")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -146,6 +249,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     neighbours: NeighboursConfig = field(default_factory=NeighboursConfig)
+    daf: DafConfig = field(default_factory=DafConfig)
     tcac: TcacConfig = field(default_factory=TcacConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
 

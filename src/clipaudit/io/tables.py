@@ -43,20 +43,16 @@ class RunTables:
 
     def insert_new(self, name: str, rows: pa.Table, key: str | Sequence[str], schema: pa.Schema) -> int:
         """Insert the rows whose ``key`` is not in the table yet; create the table if needed. Returns rows inserted."""
-        rows = rows.select(schema.names).cast(schema)
-        if rows.num_rows == 0:
-            if not self.exists(name):
-                self.db.create_table(name, schema=schema)
-            return 0
+        keys = [key] if isinstance(key, str) else list(key)
+        rows = _dedupe(rows.select(schema.names).cast(schema), keys)
         if not self.exists(name):
-            keys = [key] if isinstance(key, str) else list(key)
-            rows = _dedupe(rows, keys)
-            self.db.create_table(name, data=rows, schema=schema)
+            self.db.create_table(name, data=rows if rows.num_rows else None, schema=schema)
             return rows.num_rows
+        if rows.num_rows == 0:
+            return 0
         table = self.db.open_table(name)
         before = table.count_rows()
-        keys = [key] if isinstance(key, str) else list(key)
-        table.merge_insert(keys if len(keys) > 1 else keys[0]).when_not_matched_insert_all().execute(_dedupe(rows, keys))
+        table.merge_insert(keys if len(keys) > 1 else keys[0]).when_not_matched_insert_all().execute(rows)
         return table.count_rows() - before
 
     def replace(self, name: str, rows: pa.Table, schema: pa.Schema) -> None:

@@ -64,7 +64,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageRejected("too_large", f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}")
+                raise ImageRejected("too_large",
+                                    f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}")
             image.load()
     except ImageRejected:
         raise
