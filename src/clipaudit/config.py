@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -237,6 +238,138 @@ class LLMConfig:
     requests_per_minute: int = 500
     tokens_per_minute: int = 200_000
     max_in_flight: int = 32
+    """Requests in flight at once, across every worker."""
+    rate_window_s: float = 60.0
+    """Seconds the two rate limits count over: 60 makes them per minute, as named; a shorter window (tests, a
+    provider with per-second quotas) applies ``requests_per_minute`` / ``tokens_per_minute`` per that window."""
+    workers: int = 2
+    """Ray: async worker actors sharing one rate budget (``ray.runner: local``: one in-process worker)."""
+    timeout_s: float = 60.0
+    """Seconds one HTTP attempt may take."""
+    max_retries: int = 4
+    """Retries of a request after a 429, a 5xx, a timeout or a malformed response (Retry-After honoured)."""
+    backoff_s: float = 0.5
+    """Base of the exponential backoff between retries, seconds."""
+    max_retry_after_s: float = 120.0
+    """A Retry-After longer than this fails the request instead of waiting."""
+    repair_rounds: int = 1
+    """Follow-up requests asking for valid JSON after an unparseable answer; then it is a parse failure."""
+    temperature: float = 0.0
+    max_tokens: int = 1024
+    """Completion tokens per request (also what the cost estimate counts as the most an answer costs)."""
+    structured_output: bool = True
+    """Ask for a JSON answer (``response_format`` json_schema); servers that reject it get a plain request."""
+    methods: list[Literal["daf", "tcac"]] = field(default_factory=lambda: ["daf", "tcac"])
+    """Which cases the summarize stage sends: ``daf_cases``, ``tcac_cases`` (its ``is_case`` rows)."""
+    batch_tokens: int = 3000
+    """Estimated prompt tokens per request: cases are packed into prompts up to this budget."""
+    max_cases_per_batch: int = 25
+    """At most this many cases in one prompt."""
+    max_cases: int | None = None
+    """At most this many DAF cases, and this many TCAC cases per transform, in rank order; None: all."""
+    daf_template: str | None = None
+    """A prompt template file for DAF cases; None: the paper's Figure 2 prompt (``llm/prompts/daf.txt``)."""
+    tcac_template: str | None = None
+    """A prompt template file for TCAC cases; None: ``llm/prompts/tcac.txt``."""
+    merge_template: str | None = None
+    """A prompt template file for ``merge: llm``; None: ``llm/prompts/merge.txt``."""
+    validate_template: str | None = None
+    """A prompt template file for the validate stage; None: ``llm/prompts/validate.txt``."""
+    merge: Literal["text", "llm"] = "text"
+    """How the failure types of all batches become one taxonomy: ``text``: near-duplicate names merged by
+    token-set and character 3-gram similarity; ``llm``: one more request groups them."""
+    merge_threshold: float = 0.6
+    """text: names at least this similar (0..1) are merged."""
+    max_examples: int = 8
+    """Example image ids kept per failure type."""
+    prices: dict[str, list[float]] = field(default_factory=lambda: {
+        "gpt-3.5-turbo": [0.0005, 0.0015], "gpt-4o-mini": [0.00015, 0.0006], "gpt-4o": [0.0025, 0.01]})
+    """USD per 1k prompt and per 1k completion tokens, per model (a key also prices the models it prefixes).
+    Check your provider's current prices; an unpriced model gets no cost estimate."""
+    batch_price_factor: float = 0.5
+    """Share of the price charged for answers imported from the OpenAI Batch API (it costs half)."""
+    dry_run: bool = False
+    """Write the prompts and the cost estimate to ``run_dir/llm/`` and send nothing (``--dry-run``)."""
+    export_batch: str | None = None
+    """summarize: write the requests still unanswered as an OpenAI Batch API JSONL file and send nothing."""
+    import_batch: str | None = None
+    """summarize: read answers from an OpenAI Batch API output JSONL file instead of sending requests."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not _ENV_NAME.fullmatch(self.api_key_env or ""):
+            problems.append("llm.api_key_env: must be the NAME of an environment variable (letters, digits, _), "
+                            "never the key itself")
+        for key in ("requests_per_minute", "tokens_per_minute", "max_in_flight", "workers", "max_tokens",
+                    "batch_tokens", "max_cases_per_batch", "max_examples"):
+            if getattr(self, key) < 1:
+                problems.append(f"llm.{key}: must be at least 1, got {getattr(self, key)}")
+        for key in ("max_retries", "repair_rounds", "temperature", "backoff_s", "max_retry_after_s",
+                    "batch_price_factor"):
+            if getattr(self, key) < 0:
+                problems.append(f"llm.{key}: must be at least 0, got {getattr(self, key)}")
+        for key in ("rate_window_s", "timeout_s"):
+            if getattr(self, key) <= 0:
+                problems.append(f"llm.{key}: must be positive, got {getattr(self, key)}")
+        if self.max_cases is not None and self.max_cases < 1:
+            problems.append(f"llm.max_cases: must be at least 1, got {self.max_cases}")
+        if not 0.0 < self.merge_threshold <= 1.0:
+            problems.append(f"llm.merge_threshold: must be in (0, 1], got {self.merge_threshold}")
+        if self.batch_tokens + self.max_tokens > self.tokens_per_minute:
+            problems.append(f"llm.batch_tokens + llm.max_tokens ({self.batch_tokens + self.max_tokens}) must not "
+                            f"exceed llm.tokens_per_minute ({self.tokens_per_minute}): no request could be sent")
+        for model, pair in self.prices.items():
+            if len(pair) != 2 or any(p < 0 for p in pair):
+                problems.append(f"llm.prices.{model}: expected [usd_per_1k_prompt, usd_per_1k_completion], "
+                                f"got {pair}")
+        if self.export_batch and self.import_batch:
+            problems.append("llm.export_batch and llm.import_batch: set at most one of them")
+        for key in ("daf_template", "tcac_template", "merge_template", "validate_template", "import_batch"):
+            value = getattr(self, key)
+            if value is not None and not _is_remote(value) and not os.path.isfile(value):
+                problems.append(f"llm.{key}: file not found: {value}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def price_table(self) -> dict[str, tuple[float, float]]:
+        """``prices`` as the ``{model: (usd_per_1k_prompt, usd_per_1k_completion)}`` table the LLM layer takes."""
+        return {model: (float(pair[0]), float(pair[1])) for model, pair in self.prices.items()}
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """The validate stage: caption pairs per failure type, and when CLIP encodes a pair as near-identical."""
+
+    pairs_per_type: int = 5
+    """Caption pairs the LLM is asked to write for each failure type."""
+    threshold: float = 0.9
+    """absolute: a pair counts as near-identical when its CLIP text cosine similarity is at least this."""
+    threshold_mode: Literal["absolute", "corpus_quantile"] = "absolute"
+    """``corpus_quantile``: the threshold is the ``corpus_quantile`` of the cosine similarities of random pairs of
+    corpus captions of different images (``caption_embeddings``), i.e. "as similar as the most similar 1 % of
+    unrelated captions"; needs the embed stage's caption vectors from the same CLIP model."""
+    corpus_quantile: float = 0.99
+    corpus_pairs: int = 20_000
+    """corpus_quantile: random caption pairs sampled (seeded)."""
+    seed: int = 0
+    max_types: int | None = None
+    """Check at most this many failure types per method (by support); None: all."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.pairs_per_type < 1 or self.corpus_pairs < 1:
+            problems.append("validate.pairs_per_type and validate.corpus_pairs: must be at least 1")
+        if not -1.0 <= self.threshold <= 1.0:
+            problems.append(f"validate.threshold: must be a cosine similarity in [-1, 1], got {self.threshold}")
+        if not 0.0 < self.corpus_quantile < 1.0:
+            problems.append(f"validate.corpus_quantile: must be in (0, 1), got {self.corpus_quantile}")
+        if self.max_types is not None and self.max_types < 1:
+            problems.append(f"validate.max_types: must be at least 1, got {self.max_types}")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -252,6 +385,7 @@ class Config:
     daf: DafConfig = field(default_factory=DafConfig)
     tcac: TcacConfig = field(default_factory=TcacConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain data (what is written beside the outputs)."""
@@ -294,6 +428,8 @@ def parse_value(text: str) -> Any:
 
 _PATH_KEYS = {("run_dir",), ("dataset", "captions"), ("dataset", "images"), ("dataset", "class_names"),
               ("models", "cache_dir")}
+_PATH_KEYS |= {("llm", key) for key in ("daf_template", "tcac_template", "merge_template", "validate_template",
+                                        "export_batch", "import_batch")}
 
 
 def _is_remote(value: str) -> bool:
@@ -363,6 +499,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_coerce(args[0], k, key): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")

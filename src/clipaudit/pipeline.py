@@ -18,9 +18,9 @@ from clipaudit.records import StageStats
 
 log = logging.getLogger("clipaudit")
 
-STAGES = ["ingest", "embed"]
+STAGES = ["ingest", "embed", "neighbours", "daf", "tcac"]
 """Stages in pipeline order (the ones implemented so far)."""
-RAY_STAGES = {"embed"}
+RAY_STAGES = {"embed", "tcac"}
 
 
 class StageError(ClipauditError, ValueError):
@@ -110,4 +110,18 @@ def _run_stage(stage: str, config: Config, tables, runner, models) -> StageStats
         stats.notes["summary"] = line
         print(line, flush=True)
         return stats
+    if stage == "tcac":
+        from clipaudit.stages.tcac import run_tcac
+
+        stats = run_tcac(config, tables, runner, models.get("clip"))
+        log.info("%s", stats.notes["summary"])
+        return stats
+    if stage == "neighbours":
+        from clipaudit.stages.neighbours import run_neighbours
+
+        return run_neighbours(config, tables)
+    if stage == "daf":
+        from clipaudit.stages.daf import run_daf
+
+        return run_daf(config, tables)
     raise StageError(f"stage {stage!r} is not implemented")

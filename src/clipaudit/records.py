@@ -112,3 +112,187 @@ class StageStats:
     def add_count(self, name: str, n: int = 1) -> None:
         """Accumulate a count."""
         self.counts[name] = self.counts.get(name, 0) + int(n)
+
+
+TCAC_CASES = "tcac_cases"
+TCAC_SUMMARY = "tcac_summary"
+TCAC_CASES_KEY = ["image_id", "transform"]
+
+TCAC_CASES_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("transform", pa.string(), nullable=False),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("params", pa.string()),
+    pa.field("settings", pa.string()),
+    pa.field("pool_size", pa.int32()),
+    pa.field("top_before", pa.list_(pa.string())),
+    pa.field("probs_before", pa.list_(pa.float32())),
+    pa.field("top_after", pa.list_(pa.string())),
+    pa.field("probs_after", pa.list_(pa.float32())),
+    pa.field("changed", pa.int32()),
+    pa.field("top1_changed", pa.bool_()),
+    pa.field("gt_caption", pa.string()),
+    pa.field("gt_rank_before", pa.int32()),
+    pa.field("gt_rank_after", pa.int32()),
+    pa.field("gt_prob_before", pa.float32()),
+    pa.field("gt_prob_after", pa.float32()),
+    pa.field("tv_distance", pa.float32()),
+    pa.field("rank", pa.int32()),
+    pa.field("is_case", pa.bool_()),
+    pa.field("daf_case", pa.bool_()),
+])
+"""``tcac_cases``: one row per (image, transform). ``params`` is the JSON of the parameters drawn, ``settings``
+the JSON of the configured ones and the seed; ``top_*`` / ``probs_*`` the top captions of the image's pool and
+their CLIP probabilities before and after; ``changed`` how many of the top captions differ; ``gt_rank_*`` the
+1-based rank of the sample's chosen caption; ``rank`` the place in the paper's order within the transform
+(changed descending, then total variation descending, then image_id); ``is_case`` the first
+``tcac.cases_per_transform`` of them; ``daf_case`` whether the image is in ``daf_cases``."""
+
+TCAC_SUMMARY_SCHEMA = pa.schema([
+    pa.field("transform", pa.string(), nullable=False),
+    pa.field("model", pa.string()),
+    pa.field("images", pa.int64()),
+    pa.field("mean_changed", pa.float64()),
+    pa.field("top1_changed_share", pa.float64()),
+    pa.field("recall_at_1_before", pa.float64()),
+    pa.field("recall_at_5_before", pa.float64()),
+    pa.field("recall_at_10_before", pa.float64()),
+    pa.field("recall_at_1_after", pa.float64()),
+    pa.field("recall_at_5_after", pa.float64()),
+    pa.field("recall_at_10_after", pa.float64()),
+    pa.field("mean_tv_distance", pa.float64()),
+    pa.field("cases", pa.int64()),
+    pa.field("daf_cases", pa.int64()),
+])
+"""``tcac_summary``: one row per transform. ``recall_at_k_*`` is the share of images whose chosen caption ranks
+in the top k of its pool; ``daf_cases`` counts the cases whose image is also a DAF case."""
+
+
+NEIGHBOURS = "neighbours"
+NEIGHBOURS_KEY = ["image_id", "model"]
+NEIGHBOURS_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("ids", pa.list_(pa.string())),
+    pa.field("sims", pa.list_(pa.float32())),
+    pa.field("k", pa.int32()),
+    pa.field("method", pa.string()),
+    pa.field("spec", pa.string()),
+])
+"""``neighbours``: one row per (image, role). ``model`` is the role (``clip`` or ``reference``), ``ids`` the
+image's top-``k`` neighbours by cosine similarity (itself excluded), ``sims`` their similarities, both
+similarity descending with ties by image_id; ``method`` ``exact`` or ``ann``; ``spec`` the model spec."""
+
+NEIGHBOURS_ANN = {"clip": "neighbours_ann_clip", "reference": "neighbours_ann_reference"}
+"""Scratch tables holding the vectors and the LanceDB vector index of ``neighbours.method: ann``."""
+
+DAF_CASES = "daf_cases"
+BLIND_PAIRS = "blind_pairs"
+
+DAF_CASES_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("overlap", pa.float32()),
+    pa.field("score", pa.float32()),
+    pa.field("rbo", pa.float32()),
+    pa.field("z", pa.float32()),
+    pa.field("p_value", pa.float32()),
+    pa.field("rank", pa.int32()),
+    pa.field("clip_only", pa.list_(pa.string())),
+    pa.field("reference_only", pa.list_(pa.string())),
+    pa.field("clip_ids", pa.list_(pa.string())),
+    pa.field("reference_ids", pa.list_(pa.string())),
+    pa.field("captions", pa.list_(pa.string())),
+    pa.field("caption", pa.string()),
+])
+"""``daf_cases``: the selected DAF failure cases, one row per image. ``overlap`` = |CLIP top-k & reference
+top-k| / k; ``rbo`` the rank-biased overlap of the two lists; ``score`` = 1 - rbo (divergence, higher is more
+divergent); ``z`` the image's overlap as a standard score over the corpus; ``p_value`` the chance that two
+unrelated neighbour lists of this corpus (permutation null) share at least as many neighbours; ``rank`` 1 = most
+divergent; ``clip_only`` / ``reference_only`` the neighbours in one list only, in that model's rank order;
+``clip_ids`` / ``reference_ids`` the full lists; ``captions`` the image's caption then those of its
+``clip_only`` neighbours; ``caption`` the image's own caption."""
+
+BLIND_PAIRS_SCHEMA = pa.schema([
+    pa.field("image_a", pa.string(), nullable=False),
+    pa.field("image_b", pa.string(), nullable=False),
+    pa.field("clip_sim", pa.float32()),
+    pa.field("reference_sim", pa.float32()),
+    pa.field("gap", pa.float32()),
+    pa.field("rule", pa.string()),
+])
+"""``blind_pairs``: CLIP-blind pairs (MMVP): CLIP neighbour pairs that CLIP finds near-identical and the
+reference finds different; unordered (``image_a < image_b``) and deduplicated; ``reference_sim`` computed
+exactly from the reference vectors; ``gap`` = clip_sim - reference_sim; ``rule`` ``absolute`` or ``quantile``."""
+
+LLM_CALLS = "llm_calls"
+LLM_CALLS_KEY = "request_id"
+LLM_CALLS_SCHEMA = pa.schema([
+    pa.field("request_id", pa.string(), nullable=False),
+    pa.field("prompt_hash", pa.string()),
+    pa.field("kind", pa.string()),
+    pa.field("method", pa.string()),
+    pa.field("model", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("prompt_tokens", pa.int64()),
+    pa.field("completion_tokens", pa.int64()),
+    pa.field("tokens", pa.int64()),
+    pa.field("cost", pa.float64()),
+    pa.field("attempts", pa.int32()),
+    pa.field("latency_s", pa.float64()),
+    pa.field("response", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("request", pa.string()),
+    pa.field("meta", pa.string()),
+    pa.field("source", pa.string()),
+    pa.field("updated_at", pa.string()),
+])
+"""``llm_calls``: one row per LLM request, keyed by ``request_id`` (a hash of model, messages and parameters), the
+latest outcome kept: ``status`` ``ok`` / ``failed`` / ``parse_failed``. A re-run sends only the requests without an
+``ok`` row. ``kind`` is ``summarize``, ``merge`` or ``validate``; ``method`` ``DAF`` / ``TCAC`` (empty for
+validate); ``tokens`` = prompt + completion as the server reported them; ``cost`` USD from ``llm.prices`` (null for
+an unpriced model); ``response`` the answer text; ``error`` why it failed (secrets scrubbed); ``request`` the JSON
+of model, messages and parameters (never the key); ``meta`` the JSON of what the request covers (case ids, image
+ids, transform, failure type); ``source`` ``live`` or ``batch`` (imported from an OpenAI Batch API output file)."""
+
+FAILURE_TYPES = "failure_types"
+FAILURE_TYPES_KEY = ["method", "name"]
+FAILURE_TYPES_SCHEMA = pa.schema([
+    pa.field("name", pa.string(), nullable=False),
+    pa.field("description", pa.string()),
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("support", pa.int64()),
+    pa.field("batches", pa.int64()),
+    pa.field("example_ids", pa.list_(pa.string())),
+    pa.field("aliases", pa.list_(pa.string())),
+    pa.field("rank", pa.int32()),
+    pa.field("merge", pa.string()),
+    pa.field("model", pa.string()),
+    pa.field("request_ids", pa.list_(pa.string())),
+])
+"""``failure_types``: the merged taxonomy, one row per (method, failure type). ``method`` ``DAF`` or ``TCAC``;
+``support`` the number of distinct cases in the prompts whose answer named the type (or a near-duplicate of it);
+``batches`` how many answers named it; ``example_ids`` up to ``llm.max_examples`` image ids of those cases, in
+case rank order; ``aliases`` every name merged into it; ``rank`` 1 = most supported within the method; ``merge``
+``text`` or ``llm``; ``request_ids`` the ``llm_calls`` rows it came from. Recomputed and replaced on every run."""
+
+FAILURE_CHECKS = "failure_checks"
+FAILURE_CHECKS_SCHEMA = pa.schema([
+    pa.field("name", pa.string(), nullable=False),
+    pa.field("method", pa.string()),
+    pa.field("description", pa.string()),
+    pa.field("pairs", pa.string()),
+    pa.field("n_pairs", pa.int32()),
+    pa.field("sims", pa.list_(pa.float32())),
+    pa.field("success_rate", pa.float64()),
+    pa.field("mean_sim", pa.float64()),
+    pa.field("threshold", pa.float64()),
+    pa.field("threshold_mode", pa.string()),
+    pa.field("model", pa.string()),
+    pa.field("request_id", pa.string()),
+    pa.field("status", pa.string()),
+])
+"""``failure_checks``: one row per failure type checked. ``pairs`` the JSON list of ``[a, b]`` caption pairs the LLM
+wrote to exhibit the type (two captions of visibly different images); ``sims`` their cosine similarities under the
+CLIP text tower (``model``); ``success_rate`` the share of pairs with similarity >= ``threshold`` (CLIP cannot tell
+them apart; null without pairs); ``threshold_mode`` ``absolute`` or ``corpus_quantile``; ``status`` the status of
+the request (``ok``, ``failed``, ``parse_failed``, ``pending`` when not sent). Recomputed and replaced every run."""

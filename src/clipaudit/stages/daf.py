@@ -1,0 +1,294 @@
+"""DAF stage (Discrepancy Analysis Framework, paper section 3.1): where CLIP's neighbours of an image are not
+the reference model's -> ``daf_cases`` and ``blind_pairs``, corpus figures in ``run_dir/stats/daf.json``.
+
+Per image, from its two top-k lists in ``neighbours`` (metrics in :mod:`clipaudit.daf_metrics`):
+
+* ``overlap`` = |CLIP top-k & reference top-k| / k, and ``rbo``, the rank-biased overlap (``daf.rbo_p``;
+  ``daf.rbo``: extrapolated by default, or truncated and normalised); ``score`` = 1 - rbo (divergence);
+* ``z``: the overlap as a standard score over the corpus (how far below the corpus's usual agreement);
+* ``p_value``: from the permutation null (the reference lists shuffled across images, ``daf.permutations``
+  times, seeded): the chance that two *unrelated* lists of this corpus share at least this many neighbours.
+  Small means the models agree on the image beyond chance; a case with ``p_value`` near 1 has two
+  neighbourhoods as unrelated as two random images'. The corpus-level test (stats ``null.corpus_p_value``)
+  says whether the models agree beyond chance at all, so that a per-image disagreement is a departure from
+  a real alignment, not noise of the measure.
+
+Cases: images with ``overlap <= daf.max_overlap`` (when set), the ``daf.top_n`` most divergent of them (when
+set), ranked by score (then fewer shared neighbours, then image_id). Each keeps its caption and its CLIP-only
+neighbours with their captions: the evidence the summarize stage reads.
+
+CLIP-blind pairs (MMVP): the unordered, deduplicated CLIP neighbour pairs with CLIP similarity >=
+``daf.blind_clip_min`` and reference similarity <= ``daf.blind_reference_max`` (``blind_rule: absolute``), or
+above / below quantiles of those pairs' similarities (``quantile``); reference similarities are computed exactly
+(fp32) from the reference vectors.
+
+Both tables are recomputed and replaced as a whole on every run (cheap next to the neighbours), so a re-run
+never duplicates a row.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from clipaudit import daf_metrics as dm
+from clipaudit.errors import ClipauditError
+from clipaudit.records import (
+    BLIND_PAIRS,
+    BLIND_PAIRS_SCHEMA,
+    DAF_CASES,
+    DAF_CASES_SCHEMA,
+    NEIGHBOURS,
+    SAMPLES,
+    StageStats,
+)
+from clipaudit.stages.neighbours import load_vectors, restrict
+
+if TYPE_CHECKING:
+    from clipaudit.config import Config, DafConfig
+    from clipaudit.io.tables import RunTables
+
+log = logging.getLogger("clipaudit.daf")
+STAGE = "daf"
+ROLES = ("clip", "reference")
+
+
+class DafError(ClipauditError, RuntimeError):
+    """The DAF cannot run (the message says why and what to do)."""
+
+
+@dataclass
+class NeighbourLists:
+    """Both roles' top-k lists as row indices into ``image_ids`` (sorted), with their similarities."""
+
+    image_ids: pa.Array
+    clip: np.ndarray
+    clip_sims: np.ndarray
+    reference: np.ndarray
+    reference_sims: np.ndarray
+
+    @property
+    def n(self) -> int:
+        """Images."""
+        return len(self.image_ids)
+
+    @property
+    def k(self) -> int:
+        """Neighbours per list."""
+        return self.clip.shape[1]
+
+
+@dataclass
+class ImageScores:
+    """Every image's DAF figures, row-aligned with :attr:`NeighbourLists.image_ids`."""
+
+    counts: np.ndarray
+    overlap: np.ndarray
+    rbo: np.ndarray
+    score: np.ndarray
+    z: np.ndarray
+    p_value: np.ndarray
+    rank: np.ndarray
+    selected: np.ndarray
+    null: dm.NullDistribution
+
+
+def _role_lists(table: pa.Table, role: str, tables: RunTables) -> pa.Table:
+    rows = table.filter(pc.equal(table.column("model"), role))
+    if rows.num_rows == 0:
+        raise DafError(f"{NEIGHBOURS} in {tables.uri} has no rows for the {role} role: run the neighbours stage")
+    return rows.take(pc.sort_indices(rows.column("image_id")))
+
+
+def _flat_lists(lists: pa.ChunkedArray, k: int, what: str) -> pa.Array:
+    arr = lists.combine_chunks()
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+    if arr.null_count or not (lengths == k).all():
+        raise DafError(f"{NEIGHBOURS}: the {what} lists do not all hold k={k} entries: re-run the neighbours stage")
+    return arr.flatten()
+
+
+def _id_matrix(lists: pa.ChunkedArray, image_ids: pa.Array, k: int, role: str) -> np.ndarray:
+    index = pc.index_in(_flat_lists(lists, k, role), value_set=image_ids)
+    if index.null_count:
+        raise DafError(f"{NEIGHBOURS}: {role} lists name images that have no lists of their own: "
+                       "re-run the neighbours stage")
+    return index.to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, k)
+
+
+def _sim_matrix(lists: pa.ChunkedArray, k: int, role: str) -> np.ndarray:
+    values = _flat_lists(lists, k, f"{role} similarity")
+    return values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, k)
+
+
+def load_lists(tables: RunTables) -> NeighbourLists:
+    """Both roles' neighbour lists from ``neighbours``; DafError when missing or inconsistent."""
+    table = tables.read(NEIGHBOURS, ["image_id", "model", "ids", "sims"])
+    if table is None or table.num_rows == 0:
+        raise DafError(f"no neighbours in {tables.uri}: run the neighbours stage first")
+    clip, reference = (_role_lists(table, role, tables) for role in ROLES)
+    image_ids = clip.column("image_id").combine_chunks()
+    if not reference.column("image_id").combine_chunks().equals(image_ids):
+        raise DafError(f"{NEIGHBOURS}: the clip and reference lists cover different images: "
+                       "re-run the neighbours stage")
+    k = int(pc.list_value_length(clip.column("ids").combine_chunks())[0].as_py())
+    return NeighbourLists(
+        image_ids=image_ids,
+        clip=_id_matrix(clip.column("ids"), image_ids, k, "clip"),
+        clip_sims=_sim_matrix(clip.column("sims"), k, "clip"),
+        reference=_id_matrix(reference.column("ids"), image_ids, k, "reference"),
+        reference_sims=_sim_matrix(reference.column("sims"), k, "reference"),
+    )
+
+
+def score_images(lists: NeighbourLists, cfg: DafConfig) -> ImageScores:
+    """Overlap, RBO, divergence score, z, permutation p-values, ranks and the selected cases."""
+    prefix = dm.prefix_overlaps(lists.clip, lists.reference)
+    counts = prefix[:, -1]
+    rbo = dm.rbo_from_agreement(prefix / np.arange(1, lists.k + 1), cfg.rbo_p, cfg.rbo)
+    score = 1.0 - rbo
+    null = dm.permutation_null(lists.clip, lists.reference, cfg.permutations, cfg.seed, cfg.null_sample,
+                               cfg.rbo_p, cfg.rbo)
+    selected, rank = dm.select_cases(score, counts, lists.k, cfg.max_overlap, cfg.top_n)
+    overlap = counts / lists.k
+    return ImageScores(counts, overlap, rbo, score, dm.z_scores(overlap), dm.null_p_values(counts, null), rank,
+                       selected, null)
+
+
+def _captions(tables: RunTables) -> dict[str, str]:
+    samples = tables.read(SAMPLES, ["image_id", "caption"])
+    if samples is None:
+        return {}
+    return dict(zip(samples.column("image_id").to_pylist(), samples.column("caption").to_pylist()))
+
+
+def cases_table(lists: NeighbourLists, scores: ImageScores, captions: dict[str, str]) -> pa.Table:
+    """The ``daf_cases`` rows of the selected images, most divergent first."""
+    names = lists.image_ids.to_numpy(zero_copy_only=False)
+    rows: dict[str, list] = {name: [] for name in DAF_CASES_SCHEMA.names}
+    for i in scores.selected:
+        clip_only, reference_only = dm.exclusive(lists.clip[i], lists.reference[i])
+        image_id = str(names[i])
+        caption = captions.get(image_id) or ""
+        rows["image_id"].append(image_id)
+        rows["overlap"].append(float(scores.overlap[i]))
+        rows["score"].append(float(scores.score[i]))
+        rows["rbo"].append(float(scores.rbo[i]))
+        rows["z"].append(float(scores.z[i]))
+        rows["p_value"].append(float(scores.p_value[i]))
+        rows["rank"].append(int(scores.rank[i]))
+        rows["clip_only"].append(names[clip_only].tolist())
+        rows["reference_only"].append(names[reference_only].tolist())
+        rows["clip_ids"].append(names[lists.clip[i]].tolist())
+        rows["reference_ids"].append(names[lists.reference[i]].tolist())
+        rows["captions"].append([caption] + [captions.get(str(names[j])) or "" for j in clip_only])
+        rows["caption"].append(caption)
+    return pa.table(rows, schema=DAF_CASES_SCHEMA)
+
+
+def blind_pairs(lists: NeighbourLists, reference_vectors: np.ndarray,
+                cfg: DafConfig) -> tuple[pa.Table, dm.BlindThresholds, int]:
+    """CLIP-blind pairs among the CLIP neighbour pairs: (table sorted by gap, thresholds used, pairs examined)."""
+    lo, hi, clip_sim = dm.neighbour_pairs(lists.clip, lists.clip_sims)
+    reference_sim = dm.pair_cosines(reference_vectors, lo, hi)
+    mask, thresholds = dm.blind_pair_mask(clip_sim, reference_sim, cfg.blind_rule, cfg.blind_clip_min,
+                                          cfg.blind_reference_max, cfg.blind_clip_quantile,
+                                          cfg.blind_reference_quantile)
+    names = lists.image_ids.to_numpy(zero_copy_only=False)
+    a, b = names[lo[mask]], names[hi[mask]]
+    clip_sim, reference_sim = clip_sim[mask], reference_sim[mask]
+    gap = clip_sim - reference_sim
+    order = np.lexsort((b, a, -gap))
+    table = pa.table({
+        "image_a": pa.array(a[order].tolist(), pa.string()),
+        "image_b": pa.array(b[order].tolist(), pa.string()),
+        "clip_sim": pa.array(clip_sim[order], pa.float32()),
+        "reference_sim": pa.array(reference_sim[order], pa.float32()),
+        "gap": pa.array(gap[order], pa.float32()),
+        "rule": pa.array([thresholds.rule] * int(mask.sum()), pa.string()),
+    }, schema=BLIND_PAIRS_SCHEMA)
+    return table, thresholds, len(lo)
+
+
+def corpus_figures(lists: NeighbourLists, scores: ImageScores, cfg: DafConfig) -> dict[str, object]:
+    """The corpus-level figures written into the stats: alignment, its histogram, chance and the null."""
+    k, n = lists.k, lists.n
+    mean_overlap = float(scores.overlap.mean())
+    histogram = np.bincount(scores.counts, minlength=k + 1)
+    null = scores.null
+    corpus_p, corpus_z = null.corpus_test(mean_overlap)
+    chance = dm.chance_overlap(k, n)
+    null_figures: dict[str, object] = {"permutations": null.permutations, "sample": null.sample}
+    if null.permutations:
+        null_figures.update(
+            mean_overlap=float(null.mean_overlap.mean()), std_of_mean_overlap=float(null.mean_overlap.std()),
+            mean_rbo=float(null.mean_rbo.mean()),
+            overlap_histogram={f"{c}/{k}": int(v) for c, v in enumerate(null.counts)},
+            corpus_p_value=corpus_p, corpus_z=corpus_z)
+    return {
+        "k": k, "images": n,
+        "mean_overlap": mean_overlap,
+        "median_overlap": float(np.median(scores.overlap)),
+        "mean_rbo": float(scores.rbo.mean()),
+        "rbo": {"p": cfg.rbo_p, "mode": cfg.rbo},
+        "overlap_histogram": {f"{c}/{k}": int(v) for c, v in enumerate(histogram)},
+        "share_zero_overlap": float(histogram[0] / n),
+        "chance_overlap": chance,
+        "chance_rbo": dm.chance_rbo(k, n, cfg.rbo_p, cfg.rbo),
+        "alignment_over_chance": mean_overlap / chance,
+        "null": null_figures,
+        "selection": {"max_overlap": cfg.max_overlap, "top_n": cfg.top_n},
+    }
+
+
+def _record(stats: StageStats, lists: NeighbourLists, scores: ImageScores, cases: int, pairs: int,
+            thresholds: dm.BlindThresholds, examined: int, cfg: DafConfig) -> None:
+    """Counts, corpus figures and a one-line summary into the stats (and the log)."""
+    figures = corpus_figures(lists, scores, cfg)
+    stats.notes.update(figures)
+    stats.notes["blind_pairs"] = {"rule": thresholds.rule, "clip_min": thresholds.clip_min,
+                                  "reference_max": thresholds.reference_max}
+    stats.counts.update(images=lists.n, k=lists.k, cases=cases, blind_pairs=pairs,
+                        neighbour_pairs=examined, images_zero_overlap=int(np.sum(scores.counts == 0)),
+                        cases_at_chance=int(np.sum(scores.p_value[scores.selected] >= 0.05)))
+    null = figures["null"]
+    stats.notes["summary"] = (
+        f"{lists.n} images, mean overlap@{lists.k} {figures['mean_overlap']:.3f} (chance "
+        f"{figures['chance_overlap']:.4f}, null p={null.get('corpus_p_value', float('nan')):.3g}); "
+        f"{cases} cases; {pairs} CLIP-blind pairs of {examined} neighbour pairs")
+    log.info("daf: %s", stats.notes["summary"])
+
+
+def run_daf(config: Config, tables: RunTables) -> StageStats:
+    """Run the DAF over the ``neighbours`` table; writes ``daf_cases`` and ``blind_pairs``, returns the stats."""
+    cfg = config.daf
+    stats = StageStats(STAGE)
+    started = time.perf_counter()
+    lists = load_lists(tables)
+    captions = _captions(tables)
+    stats.add_time("read", time.perf_counter() - started)
+
+    phase = time.perf_counter()
+    scores = score_images(lists, cfg)
+    cases = cases_table(lists, scores, captions)
+    stats.add_time("score", time.perf_counter() - phase)
+
+    phase = time.perf_counter()
+    reference = restrict(load_vectors(tables, "reference"), lists.image_ids)
+    pairs, thresholds, examined = blind_pairs(lists, reference, cfg)
+    stats.add_time("blind_pairs", time.perf_counter() - phase)
+
+    phase = time.perf_counter()
+    tables.replace(DAF_CASES, cases, DAF_CASES_SCHEMA)
+    tables.replace(BLIND_PAIRS, pairs, BLIND_PAIRS_SCHEMA)
+    stats.add_time("write", time.perf_counter() - phase)
+
+    _record(stats, lists, scores, cases.num_rows, pairs.num_rows, thresholds, examined, cfg)
+    stats.add_time("wall", time.perf_counter() - started)
+    return stats

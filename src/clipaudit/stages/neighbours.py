@@ -1,0 +1,346 @@
+"""Neighbours stage: the top-k cosine neighbours of every image under each model role -> ``neighbours``.
+
+Only the images embedded by *both* roles (the intersection of ``image_embeddings_clip`` and
+``image_embeddings_reference``) take part, as queries and as candidates, so that an image's two lists are drawn
+from the same pool and can be compared; the stats say how many images each role had and how many were left out.
+Rows are ordered by image_id, so ties (equal similarities) go to the smaller image_id, deterministically.
+
+``neighbours.method``:
+
+* ``exact`` (default): :func:`clipaudit.knn.self_topk`, a blocked matrix product with a running top-k; memory
+  O(block x N + N x k) on top of the vectors, never N x N. On a GPU (``neighbours.device: auto`` and torch sees
+  CUDA) the products are fp16 with fp32 accumulation; on the CPU they are exact fp32.
+* ``ann``: a LanceDB vector index (``neighbours.ann_index``, cosine) over a scratch table per role; candidates
+  are re-scored with exact fp32 inner products, and rows that get fewer than k candidates fall back to exact
+  search. Its recall@k against exact search is measured on a seeded sample (``neighbours.recall_sample``) and
+  written into the stats.
+
+The exact search runs in this process (on its GPU when there is one). It costs about N^2 d / 2 multiply-adds per
+role; on 2 busy CPU cores N = 20k (d = 512) took about 70 s, so N = 50k (d = 768) is some ten minutes and
+past :data:`CPU_EXACT_WARN` images it is hours: the stage warns there, and a GPU or ``method: ann`` is the way
+(on one GPU, fp16, N of a few million is minutes). Spreading query blocks over Ray workers is not done yet.
+
+Re-running reuses the table when it already holds, for both roles, exactly the current image set with the same
+k, method and model specs; otherwise the table is recomputed and replaced as a whole (one write).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from clipaudit import knn
+from clipaudit.daf_metrics import overlap_counts
+from clipaudit.errors import ClipauditError
+from clipaudit.records import IMAGE_EMBEDDINGS, NEIGHBOURS, NEIGHBOURS_ANN, NEIGHBOURS_SCHEMA, StageStats
+
+if TYPE_CHECKING:
+    from clipaudit.config import Config, NeighboursConfig
+    from clipaudit.io.tables import RunTables
+
+log = logging.getLogger("clipaudit.neighbours")
+STAGE = "neighbours"
+ROLES = ("clip", "reference")
+CPU_EXACT_WARN = 250_000
+"""Images above which exact search on a CPU takes hours: the stage warns and suggests a GPU or ``ann``."""
+ANN_QUERY_BATCH = 1024
+"""Query vectors per LanceDB search call."""
+
+
+class NeighboursError(ClipauditError, RuntimeError):
+    """The neighbours cannot be computed as asked (the message says why and what to do)."""
+
+
+@dataclass
+class RoleVectors:
+    """One role's image vectors: ``ids`` (string array) and their L2-normalised float32 rows, and the spec."""
+
+    role: str
+    spec: str
+    ids: pa.Array
+    vectors: np.ndarray
+
+
+def vector_matrix(column: pa.ChunkedArray | pa.Array, ids: pa.Array, table_name: str) -> np.ndarray:
+    """A vector column as an ``(n, d)`` float32 array; NeighboursError naming the table on nulls or mixed sizes."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.null_count:
+        first = ids[pc.index(pc.is_null(arr), True).as_py()].as_py()
+        raise NeighboursError(f"{table_name}: {arr.null_count} image(s) have no vector (e.g. {first!r}): "
+                              "re-run embed into a new run_dir")
+    if pa.types.is_fixed_size_list(arr.type):
+        dim = arr.type.list_size
+    else:
+        lengths = pc.list_value_length(arr)
+        dims = pc.value_counts(lengths).to_pylist()
+        if len(dims) > 1:
+            dims.sort(key=lambda item: -item["counts"])
+            odd = ids[pc.index(pc.not_equal(lengths, dims[0]["values"]), True).as_py()].as_py()
+            found = ", ".join(f"{d['values']} ({d['counts']} rows)" for d in dims)
+            raise NeighboursError(f"{table_name} holds vectors of mismatched dimensions: {found}, e.g. image "
+                                  f"{odd!r}; every vector of a model must have one dimension: re-run embed "
+                                  "into a new run_dir")
+        dim = dims[0]["values"] if dims else 0
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(values, dtype=np.float32).reshape(len(arr), dim)
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), float32."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32, copy=False)
+
+
+def load_vectors(tables: RunTables, role: str) -> RoleVectors:
+    """Read one role's embeddings; NeighboursError when there are none ("run embed first") or they are unusable."""
+    name = IMAGE_EMBEDDINGS[role]
+    table = tables.read(name, ["image_id", "model", "vector"])
+    if table is None or table.num_rows == 0:
+        raise NeighboursError(f"no embeddings for the {role} role (table {name} in {tables.uri} is missing or "
+                              "empty): run embed first")
+    specs = pc.unique(table.column("model")).to_pylist()
+    if len(specs) != 1:
+        raise NeighboursError(f"{name} holds vectors of several models {sorted(specs)}: use one run_dir per model")
+    ids = table.column("image_id").combine_chunks()
+    vectors = vector_matrix(table.column("vector"), ids, name)
+    if not np.isfinite(vectors).all():
+        bad = ids[int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])].as_py()
+        raise NeighboursError(f"{name}: non-finite values in the vector of {bad!r}")
+    return RoleVectors(role, specs[0], ids, normalise(vectors))
+
+
+def restrict(vectors: RoleVectors, image_ids: pa.Array) -> np.ndarray:
+    """The role's rows in the order of ``image_ids``; NeighboursError when it lacks some of them."""
+    rows = pc.index_in(image_ids, value_set=vectors.ids)
+    if rows.null_count:
+        raise NeighboursError(f"{IMAGE_EMBEDDINGS[vectors.role]} lacks {rows.null_count} of the images asked for: "
+                              "re-run the neighbours stage")
+    return vectors.vectors[rows.to_numpy(zero_copy_only=False)]
+
+
+def common_ids(roles: dict[str, RoleVectors]) -> pa.Array:
+    """The image ids every role embedded, sorted."""
+    sets = [set(v.ids.to_pylist()) for v in roles.values()]
+    return pa.array(sorted(set.intersection(*sets)), pa.string())
+
+
+def resolve_device(setting: str) -> str:
+    """``cpu`` or ``cuda`` for the search; ``auto`` is CUDA when torch sees a GPU."""
+    if setting == "cpu":
+        return "cpu"
+    import torch
+
+    available = torch.cuda.is_available()
+    if setting == "cuda" and not available:
+        raise NeighboursError("neighbours.device is cuda but torch sees no GPU")
+    return "cuda" if available else "cpu"
+
+
+def exact_neighbours(vectors: np.ndarray, k: int, block_size: int | None, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of every row among the others: ``(ids, sims)``, ties by smaller row index."""
+    return knn.self_topk(vectors, k, block_size=block_size, device=device)
+
+
+def _ann_index_config(cfg: NeighboursConfig, n: int):
+    from lancedb import index
+
+    kinds = {"IVF_FLAT": index.IvfFlat, "IVF_PQ": index.IvfPq, "IVF_HNSW_SQ": index.IvfHnswSq}
+    partitions = min(n, cfg.ann_partitions or max(1, round(math.sqrt(n))))
+    return kinds[cfg.ann_index](distance_type="cosine", num_partitions=partitions)
+
+
+def _ann_candidates(table, queries: np.ndarray, limit: int, cfg: NeighboursConfig) -> np.ndarray:
+    """``(q, limit)`` candidate rows per query from the index, -1 where fewer came back."""
+    query = (table.search(queries, vector_column_name="vector").distance_type("cosine")
+             .limit(limit).nprobes(cfg.ann_nprobes).select(["row", "_distance"]))
+    if cfg.ann_refine_factor:
+        query = query.refine_factor(cfg.ann_refine_factor)
+    found = query.to_arrow()
+    rows = found.column("row").to_numpy()
+    which = (found.column("query_index").to_numpy() if "query_index" in found.column_names
+             else np.zeros(len(rows), dtype=np.int64))
+    order = np.lexsort((rows, which))
+    rows, which = rows[order], which[order]
+    starts = np.searchsorted(which, np.arange(len(queries)))
+    position = np.arange(len(rows)) - starts[which]
+    out = np.full((len(queries), limit), -1, dtype=np.int64)
+    keep = position < limit
+    out[which[keep], position[keep]] = rows[keep]
+    return out
+
+
+def _best_k(vectors: np.ndarray, owners: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+    """The k best candidates per owner row by exact fp32 similarity (ties by smaller row), and how many were valid."""
+    valid = (candidates >= 0) & (candidates != owners[:, None])
+    sims = np.einsum("qd,qld->ql", vectors[owners], vectors[np.where(valid, candidates, 0)])
+    sims = np.where(valid, sims, -np.inf).astype(np.float32)
+    ids = np.where(valid, candidates, np.iinfo(np.int64).max)
+    order = np.lexsort((ids, -sims), axis=-1)[:, :k]
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(sims, order, 1), valid.sum(axis=1)
+
+
+def ann_neighbours(tables: RunTables, role: str, vectors: np.ndarray, cfg: NeighboursConfig,
+                   device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate top-k through a LanceDB vector index over a scratch table; exact search where it falls short."""
+    n, dim = vectors.shape
+    k = cfg.k
+    rows = pa.table({"row": pa.array(np.arange(n), pa.int64()),
+                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)})
+    table = tables.db.create_table(NEIGHBOURS_ANN[role], data=rows, mode="overwrite")
+    try:
+        table.create_index("vector", config=_ann_index_config(cfg, n))
+    except Exception as exc:
+        raise NeighboursError(f"neighbours.ann_index {cfg.ann_index}: LanceDB could not build the index over "
+                              f"{n} vectors ({exc}); try IVF_FLAT or method: exact") from exc
+    ids = np.empty((n, k), dtype=np.int64)
+    sims = np.empty((n, k), dtype=np.float32)
+    short = []
+    for lo in range(0, n, ANN_QUERY_BATCH):
+        owners = np.arange(lo, min(lo + ANN_QUERY_BATCH, n))
+        candidates = _ann_candidates(table, vectors[owners], k + 1, cfg)
+        ids[owners], sims[owners], found = _best_k(vectors, owners, candidates, k)
+        short.extend(owners[found < k].tolist())
+    if short:
+        log.info("ann: %d %s queries got fewer than k=%d candidates; searched exactly", len(short), role, k)
+        rows_short = np.asarray(short, dtype=np.int64)
+        ids[rows_short], sims[rows_short] = knn.cross_topk(vectors[rows_short], vectors, k, exclude=rows_short,
+                                                           device=device)
+    return ids, sims
+
+
+def recall_at_k(vectors: np.ndarray, approx: np.ndarray, sample: int, seed: int, device: str) -> float:
+    """Mean share of the exact top-k that ``approx`` found, over a seeded sample of rows."""
+    n, k = approx.shape
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, size=min(sample, n), replace=False))
+    exact, _ = knn.cross_topk(vectors[rows], vectors, k, exclude=rows, device=device)
+    return float(overlap_counts(approx[rows], exact).mean() / k)
+
+
+def lists_table(image_ids: pa.Array, role: str, ids: np.ndarray, sims: np.ndarray, method: str,
+                spec: str) -> pa.Table:
+    """Rows of the ``neighbours`` table for one role (row i of ``ids`` indexes ``image_ids``)."""
+    n, k = ids.shape
+    offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+    return pa.table({
+        "image_id": image_ids,
+        "model": pa.array([role] * n, pa.string()),
+        "ids": pa.ListArray.from_arrays(offsets, image_ids.take(pa.array(ids.reshape(-1)))),
+        "sims": pa.ListArray.from_arrays(offsets, pa.array(sims.reshape(-1).astype(np.float32))),
+        "k": pa.array(np.full(n, k, dtype=np.int32)),
+        "method": pa.array([method] * n, pa.string()),
+        "spec": pa.array([spec] * n, pa.string()),
+    }, schema=NEIGHBOURS_SCHEMA)
+
+
+def is_up_to_date(tables: RunTables, image_ids: pa.Array, k: int, method: str, specs: dict[str, str]) -> bool:
+    """Whether ``neighbours`` already holds, for every role, exactly ``image_ids`` with this k, method and spec."""
+    if not tables.exists(NEIGHBOURS):
+        return False
+    wanted = ["image_id", "model", "k", "method", "spec"]
+    if not set(wanted) <= set(tables.db.open_table(NEIGHBOURS).schema.names):
+        return False
+    existing = tables.read(NEIGHBOURS, wanted)
+    if existing.num_rows != len(specs) * len(image_ids):
+        return False
+    for role, spec in specs.items():
+        rows = existing.filter(pc.equal(existing.column("model"), role))
+        same = (rows.num_rows == len(image_ids)
+                and pc.all(pc.equal(rows.column("k"), k)).as_py()
+                and pc.all(pc.equal(rows.column("method"), method)).as_py()
+                and pc.all(pc.equal(rows.column("spec"), spec)).as_py()
+                and rows.column("image_id").take(pc.sort_indices(rows.column("image_id"))).equals(
+                    pa.chunked_array([image_ids])))
+        if not same:
+            return False
+    return True
+
+
+def _search(tables: RunTables, role: str, vectors: np.ndarray, cfg: NeighboursConfig, device: str,
+            stats: StageStats) -> tuple[np.ndarray, np.ndarray]:
+    started = time.perf_counter()
+    if cfg.method == "ann":
+        ids, sims = ann_neighbours(tables, role, vectors, cfg, device)
+        stats.add_time(f"search_{role}", time.perf_counter() - started)
+        if cfg.recall_sample:
+            started = time.perf_counter()
+            recall = recall_at_k(vectors, ids, cfg.recall_sample, cfg.seed, device)
+            stats.notes.setdefault("recall_at_k", {})[role] = recall
+            stats.add_time("recall", time.perf_counter() - started)
+            log.info("ann %s: recall@%d = %.4f on %d sampled images", role, cfg.k, recall,
+                     min(cfg.recall_sample, len(vectors)))
+        return ids, sims
+    ids, sims = exact_neighbours(vectors, cfg.k, cfg.block_size, device)
+    stats.add_time(f"search_{role}", time.perf_counter() - started)
+    return ids, sims
+
+
+def check_size(n: int, k: int) -> None:
+    """NeighboursError unless there are images and ``k`` is smaller than their number ``n``."""
+    if n == 0:
+        raise NeighboursError("no image is embedded by both the clip and the reference role: run embed first "
+                              "(with both models) on the same samples")
+    if k >= n:
+        raise NeighboursError(f"neighbours.k={k} must be smaller than N={n}, the number of images embedded "
+                              "by both models (each image's own vector is excluded)")
+
+
+def compute_and_write(tables: RunTables, roles: dict[str, RoleVectors], image_ids: pa.Array, cfg: NeighboursConfig,
+                      device: str, stats: StageStats) -> int:
+    """Search every role over ``image_ids`` and replace the ``neighbours`` table with one write; rows written."""
+    n = len(image_ids)
+    if device == "cpu" and cfg.method == "exact" and n > CPU_EXACT_WARN:
+        log.warning("exact neighbours of %d images on the CPU will take long; use a GPU or neighbours.method: ann",
+                    n)
+    log.info("neighbours: %d images embedded by both roles (clip %d, reference %d); k=%d, %s on %s", n,
+             len(roles["clip"].ids), len(roles["reference"].ids), cfg.k, cfg.method, device)
+    parts = []
+    for role, vectors in roles.items():
+        ids, sims = _search(tables, role, restrict(vectors, image_ids), cfg, device, stats)
+        parts.append(lists_table(image_ids, role, ids, sims, cfg.method, vectors.spec))
+        stats.notes.setdefault("mean_kth_similarity", {})[role] = float(sims[:, -1].mean())
+    started = time.perf_counter()
+    rows = pa.concat_tables(parts)
+    tables.replace(NEIGHBOURS, rows, NEIGHBOURS_SCHEMA)
+    stats.add_time("write", time.perf_counter() - started)
+    return rows.num_rows
+
+
+def run_neighbours(config: Config, tables: RunTables) -> StageStats:
+    """Run the neighbours stage over ``config.neighbours``; returns counts, timings and notes (see module doc).
+
+    Counts: ``images`` (embedded by both roles), ``images_<role>`` and ``left_out_<role>`` (embedded by that
+    role only), ``rows_written``. Notes: k, method, device, the models, ``reused``, ``recall_at_k`` (ann).
+    """
+    cfg = config.neighbours
+    stats = StageStats(STAGE)
+    started = time.perf_counter()
+    roles = {role: load_vectors(tables, role) for role in ROLES}
+    image_ids = common_ids(roles)
+    n = len(image_ids)
+    for role, vectors in roles.items():
+        stats.add_count(f"images_{role}", len(vectors.ids))
+        stats.add_count(f"left_out_{role}", len(vectors.ids) - n)
+    stats.add_count("images", n)
+    stats.add_time("read", time.perf_counter() - started)
+    check_size(n, cfg.k)
+    device = resolve_device(cfg.device)
+    specs = {role: vectors.spec for role, vectors in roles.items()}
+    stats.notes.update(k=cfg.k, method=cfg.method, device=device, models=specs,
+                       population=(f"the {n} images embedded by both roles (their intersection), so the two "
+                                   "neighbour lists of an image are drawn from the same pool"))
+    reused = is_up_to_date(tables, image_ids, cfg.k, cfg.method, specs)
+    if reused:
+        log.info("neighbours: the table already holds k=%d %s neighbours of these %d images; reused", cfg.k,
+                 cfg.method, n)
+    stats.notes["reused"] = reused
+    stats.add_count("rows_written", 0 if reused else compute_and_write(tables, roles, image_ids, cfg, device, stats))
+    stats.add_time("wall", time.perf_counter() - started)
+    return stats
