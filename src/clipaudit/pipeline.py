@@ -18,7 +18,7 @@ from clipaudit.records import StageStats
 
 log = logging.getLogger("clipaudit")
 
-STAGES = ["ingest", "embed", "neighbours", "daf", "tcac"]
+STAGES = ["ingest", "embed", "neighbours", "daf", "tcac", "summarize", "validate"]
 """Stages in pipeline order (the ones implemented so far)."""
 RAY_STAGES = {"embed", "tcac"}
 
@@ -124,4 +124,12 @@ def _run_stage(stage: str, config: Config, tables, runner, models) -> StageStats
         from clipaudit.stages.daf import run_daf
 
         return run_daf(config, tables)
+    if stage == "summarize":
+        from clipaudit.stages.summarize import run_summarize
+
+        return run_summarize(config, tables, runner)
+    if stage == "validate":
+        from clipaudit.stages.validate import run_validate
+
+        return run_validate(config, tables, runner)
     raise StageError(f"stage {stage!r} is not implemented")

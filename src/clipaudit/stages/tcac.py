@@ -1,0 +1,387 @@
+"""Tcac stage: Transformative Caption Analysis (the paper's section 3.2), how CLIP's caption ranking moves when
+an image is transformed.
+
+For every image: a caption pool (its own captions, plus for each of them its ``tcac.pool_neighbours`` nearest
+captions of the corpus by CLIP text embedding, deduplicated), CLIP's probabilities over the pool for the
+original image and for each transform of ``tcac.transforms``, and the comparison of the two top-``k`` lists.
+
+Nothing is computed twice. Caption vectors come from ``caption_embeddings`` (only captions missing there are
+encoded, each unique text once, and counted as ``text_encodings``), the original's vector from
+``image_embeddings_clip`` when it holds the same model; the transformed images go through the runner (decode
+once per image as CPU tasks, the CLIP actor pool for the forwards). The stage is the single writer of
+``tcac_cases`` (keyed by image_id, transform: a re-run computes only the missing pairs) and ``tcac_summary``
+(recomputed), and of ``rejects`` rows for images it could not read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from clipaudit.errors import ClipauditError
+from clipaudit.records import (
+    CAPTION_EMBEDDINGS,
+    DAF_CASES,
+    IMAGE_EMBEDDINGS,
+    REJECTS,
+    REJECTS_KEY,
+    REJECTS_SCHEMA,
+    SAMPLES,
+    TCAC_CASES,
+    TCAC_CASES_KEY,
+    TCAC_CASES_SCHEMA,
+    TCAC_SUMMARY,
+    TCAC_SUMMARY_SCHEMA,
+    StageStats,
+)
+from clipaudit.stages.embed_batches import OK, Batch
+from clipaudit.stages.tcac_batches import ORIGINAL
+from clipaudit.tcac_scoring import (
+    CaptionCorpus,
+    build_corpus,
+    caption_key,
+    caption_pools,
+    compare,
+    mark_cases,
+    pool_probabilities,
+    summarize,
+)
+
+if TYPE_CHECKING:
+    from clipaudit.config import Config, EmbedConfig, TcacConfig
+    from clipaudit.io.tables import RunTables
+    from clipaudit.models import ResolvedModel
+
+log = logging.getLogger("clipaudit.tcac")
+STAGE = "tcac"
+
+
+class TcacError(ClipauditError, RuntimeError):
+    """The tcac stage cannot run as configured (the message says why and what to do)."""
+
+
+class Runner(Protocol):
+    """What the tcac stage needs from a scheduler (see :mod:`clipaudit.runtime`)."""
+
+    def map_transformed(self, todo: pa.Table, model: ResolvedModel, tcac: TcacConfig,
+                        embed: EmbedConfig) -> Iterator[Batch]:
+        """Yield embedded (image, transform) batches for ``todo`` (image_id, uri, transforms)."""
+        ...
+
+    def map_texts(self, captions: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
+        """Yield batches of caption vectors."""
+        ...
+
+
+def resolve_clip(config: Config) -> ResolvedModel:
+    """The CLIP-role model of the config, resolved on the driver (weights checked, nothing loaded)."""
+    from clipaudit.models import resolve_model
+
+    m = config.models
+    return resolve_model(m.clip, "clip", fallback=m.fallback, cache_dir=m.cache_dir)
+
+
+def settings_for(tcac: TcacConfig, transform: str) -> str:
+    """JSON of everything configured that a row of ``transform`` depends on (the ``settings`` column)."""
+    return json.dumps({"seed": tcac.seed, "pool_neighbours": tcac.pool_neighbours, "top_k": tcac.top_k,
+                       "params": tcac.params.values(transform)}, sort_keys=True)
+
+
+def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list vector column as a float32 ``(n, d)`` array."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    dim = array.type.list_size
+    return np.asarray(array.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(array), dim)
+
+
+def _check_existing(existing: pa.Table | None, spec: str, tcac: TcacConfig, uri: str) -> set[tuple[str, str]]:
+    """The finished (image_id, transform) pairs; TcacError when they were made by another model or settings."""
+    if existing is None or existing.num_rows == 0:
+        return set()
+    models = set(pc.unique(existing.column("model")).to_pylist())
+    if models != {spec}:
+        raise TcacError(f"{TCAC_CASES} in {uri} holds rows of {sorted(models)}, but the CLIP model is {spec!r}: "
+                        "use a new run_dir for a different model")
+    transforms = existing.column("transform").to_pylist()
+    settings = existing.column("settings").to_pylist()
+    for transform in sorted(set(transforms) & set(tcac.transforms)):
+        found = {s for t, s in zip(transforms, settings) if t == transform}
+        wanted = settings_for(tcac, transform)
+        if found != {wanted}:
+            raise TcacError(f"{TCAC_CASES} in {uri} holds {transform!r} rows made with {sorted(found)[0]}, but "
+                            f"the config now gives {wanted}: use a new run_dir for different tcac settings")
+    return set(zip(existing.column("image_id").to_pylist(), transforms))
+
+
+def plan_pairs(tables: RunTables, samples: pa.Table, tcac: TcacConfig, spec: str) -> dict[str, list[str]]:
+    """image_id -> the configured transforms it still lacks in ``tcac_cases`` (images rejected by the embed or
+    tcac stage are left out), in image_id order."""
+    existing = tables.read(TCAC_CASES, ["image_id", "transform", "model", "settings"])
+    done = _check_existing(existing, spec, tcac, tables.uri)
+    rejected = tables.read(REJECTS, ["item"], where=f"stage = 'embed' OR stage = '{STAGE}'")
+    skip = set(rejected.column("item").to_pylist()) if rejected is not None else set()
+    todo: dict[str, list[str]] = {}
+    for image_id in sorted(samples.column("image_id").to_pylist()):
+        if image_id in skip:
+            continue
+        missing = [t for t in tcac.transforms if (image_id, t) not in done]
+        if missing:
+            todo[image_id] = missing
+    return todo
+
+
+def load_corpus(tables: RunTables, samples: pa.Table, runner: Runner, model: ResolvedModel, embed: EmbedConfig,
+                stats: StageStats) -> CaptionCorpus:
+    """Every unique caption of the corpus with its CLIP text vector.
+
+    Vectors are taken from ``caption_embeddings``; a caption without one there is encoded through the
+    runner's text actor pool, each unique text once (counted as ``text_encodings``).
+    """
+    texts: list[str] = []
+    seen: set[str] = set()
+    for captions in samples.column("captions").to_pylist():
+        for text in captions or []:
+            key = caption_key(text)
+            if key not in seen:
+                seen.add(key)
+                texts.append(text)
+    stored = tables.read(CAPTION_EMBEDDINGS, ["text", "model", "vector"])
+    known: dict[str, np.ndarray] = {}
+    if stored is not None and stored.num_rows:
+        models = set(pc.unique(stored.column("model")).to_pylist())
+        if models != {model.spec}:
+            raise TcacError(f"{CAPTION_EMBEDDINGS} in {tables.uri} holds vectors of {sorted(models)}, but the CLIP "
+                            f"model is {model.spec!r}: use a new run_dir for a different model")
+        for text, vector in zip(stored.column("text").to_pylist(), _vectors(stored.column("vector"))):
+            known.setdefault(caption_key(text), vector)
+    missing = [text for text in texts if caption_key(text) not in known]
+    stats.add_count("unique_captions", len(texts))
+    stats.add_count("text_encodings", len(missing))
+    if missing:
+        log.warning("%d of %d unique captions have no vector in %s (run the embed stage first to reuse them); "
+                    "encoding them now", len(missing), len(texts), CAPTION_EMBEDDINGS)
+        start = time.perf_counter()
+        todo = pa.table({"caption_id": [f"tcac#{i}" for i in range(len(missing))], "image_id": [""] * len(missing),
+                         "text": missing})
+        for batch in runner.map_texts(todo, model, embed):
+            for text, vector in zip(batch["text"], np.asarray(batch["vector"], dtype=np.float32)):
+                known[caption_key(str(text))] = vector
+        stats.add_time("infer_text", time.perf_counter() - start)
+    if not texts:
+        return build_corpus([], np.zeros((0, 1), np.float32))
+    return build_corpus(texts, np.stack([known[caption_key(text)] for text in texts]))
+
+
+def load_originals(tables: RunTables, spec: str, image_ids: set[str]) -> dict[str, np.ndarray]:
+    """Stored CLIP vectors of ``image_ids`` from ``image_embeddings_clip``, where they are of model ``spec``."""
+    stored = tables.read(IMAGE_EMBEDDINGS["clip"], ["image_id", "model", "vector"])
+    if stored is None or stored.num_rows == 0:
+        return {}
+    mask = pc.and_(pc.equal(stored.column("model"), spec),
+                   pc.is_in(stored.column("image_id"), value_set=pa.array(sorted(image_ids), pa.string())))
+    stored = stored.filter(mask)
+    if stored.num_rows == 0:
+        return {}
+    return dict(zip(stored.column("image_id").to_pylist(), _vectors(stored.column("vector"))))
+
+
+class CaseSink:
+    """Collects the embedded (image, transform) rows of each image; once an image is complete, scores it
+    against its pool and buffers its ``tcac_cases`` rows; writes in few keyed writes."""
+
+    def __init__(self, tables: RunTables, model: ResolvedModel, tcac: TcacConfig, corpus: CaptionCorpus,
+                 pools: dict[str, np.ndarray], gt: dict[str, int | None], originals: dict[str, np.ndarray],
+                 expected: dict[str, list[str]], uris: dict[str, str], write_every: int,
+                 stats: StageStats) -> None:
+        self.tables, self.model, self.tcac, self.corpus = tables, model, tcac, corpus
+        self.pools, self.gt, self.originals, self.expected, self.uris = pools, gt, originals, expected, uris
+        self.write_every, self.stats = write_every, stats
+        self.pending: dict[str, dict[str, tuple[np.ndarray, str]]] = {}
+        self.rejected: set[str] = set()
+        self.rows: list[dict[str, Any]] = []
+        self.rejects: list[dict[str, str]] = []
+        self.settings = {t: settings_for(tcac, t) for t in tcac.transforms}
+
+    def add(self, batch: Batch) -> int:
+        """Take one embedded batch; returns the number of images it completed."""
+        for phase in ("read", "decode", "transform"):
+            self.stats.add_time(phase, float(np.sum(batch[f"t_{phase}"])))
+        self.stats.add_time("infer_clip", float(np.sum(batch["t_infer_clip"])))
+        vectors = np.asarray(batch["vector_clip"], dtype=np.float32)
+        logit_scale = float(batch["logit_scale"][0]) if len(vectors) else float("nan")
+        completed = 0
+        for i in range(len(vectors)):
+            image_id, transform = str(batch["image_id"][i]), str(batch["transform"][i])
+            if image_id in self.rejected:
+                continue
+            if batch["status"][i] != OK:
+                self.rejected.add(image_id)
+                self.pending.pop(image_id, None)
+                self.rejects.append({"source": self.uris.get(image_id, ""), "item": image_id, "stage": STAGE,
+                                     "reason": str(batch["status"][i]), "detail": str(batch["detail"][i])})
+                continue
+            self.stats.add_count("encoded_original" if transform == ORIGINAL else "encoded_transformed")
+            parts = self.pending.setdefault(image_id, {})
+            parts[transform] = (vectors[i], str(batch["params"][i]))
+            if len(parts) == len(self.expected[image_id]):
+                start = time.perf_counter()
+                self.rows.extend(self._score(image_id, self.pending.pop(image_id), logit_scale))
+                self.stats.add_time("score", time.perf_counter() - start)
+                completed += 1
+        if len(self.rows) >= self.write_every:
+            self.flush()
+        return completed
+
+    def _score(self, image_id: str, parts: dict[str, tuple[np.ndarray, str]],
+               logit_scale: float) -> list[dict[str, Any]]:
+        pool = self.pools[image_id]
+        original = self.originals[image_id] if image_id in self.originals else parts[ORIGINAL][0]
+        transforms = [t for t in self.expected[image_id] if t != ORIGINAL]
+        probs = pool_probabilities(np.stack([original] + [parts[t][0] for t in transforms]),
+                                   self.corpus.vectors[pool], logit_scale)
+        gt_row = self.gt.get(image_id)
+        where = np.flatnonzero(pool == gt_row) if gt_row is not None else np.zeros(0, np.int64)
+        gt = int(where[0]) if len(where) else None
+        texts = [self.corpus.texts[int(row)] for row in pool]
+        rows = []
+        for j, transform in enumerate(transforms, start=1):
+            c = compare(probs[0], probs[j], self.tcac.top_k, gt)
+            rows.append({
+                "image_id": image_id, "transform": transform, "model": self.model.spec,
+                "params": parts[transform][1], "settings": self.settings[transform], "pool_size": len(pool),
+                "top_before": [texts[i] for i in c.top_before], "probs_before": c.probs_before,
+                "top_after": [texts[i] for i in c.top_after], "probs_after": c.probs_after,
+                "changed": c.changed, "top1_changed": c.top1_changed,
+                "gt_caption": texts[gt] if gt is not None else None,
+                "gt_rank_before": c.gt_rank_before, "gt_rank_after": c.gt_rank_after,
+                "gt_prob_before": c.gt_prob_before, "gt_prob_after": c.gt_prob_after,
+                "tv_distance": c.tv_distance, "rank": 0, "is_case": False, "daf_case": False,
+            })
+        return rows
+
+    def flush(self) -> None:
+        """Write the buffered case rows and rejects (keyed: nothing is written twice)."""
+        start = time.perf_counter()
+        if self.rows:
+            rows = pa.Table.from_pylist(self.rows, schema=TCAC_CASES_SCHEMA)
+            self.stats.add_count("pairs_written", self.tables.insert_new(TCAC_CASES, rows, TCAC_CASES_KEY,
+                                                                         TCAC_CASES_SCHEMA))
+            self.rows.clear()
+        if self.rejects:
+            rejects = pa.Table.from_pylist(self.rejects, schema=REJECTS_SCHEMA)
+            self.stats.add_count("rejected", self.tables.insert_new(REJECTS, rejects, REJECTS_KEY, REJECTS_SCHEMA))
+            self.rejects.clear()
+        self.stats.add_time("write", time.perf_counter() - start)
+
+    def close(self) -> None:
+        """Flush; an image with rows still missing is a bug in the runner."""
+        self.flush()
+        if self.pending:
+            raise RuntimeError(f"tcac: {len(self.pending)} images came back incomplete from the runner, "
+                               f"e.g. {next(iter(self.pending))!r}")
+
+
+def score_missing(config: Config, tables: RunTables, runner: Runner, model: ResolvedModel, samples: pa.Table,
+                  todo: dict[str, list[str]], stats: StageStats) -> None:
+    """Pools, originals and the runner's transformed vectors for the (image, transform) pairs in ``todo``."""
+    tcac = config.tcac
+    start = time.perf_counter()
+    corpus = load_corpus(tables, samples, runner, model, config.embed, stats)
+    by_id = {r["image_id"]: r for r in samples.select(["image_id", "uri", "captions", "caption"]).to_pylist()}
+    own = {image_id: corpus.rows(by_id[image_id]["captions"] or []) for image_id in todo}
+    gt = {image_id: corpus.lookup(by_id[image_id]["caption"] or "") for image_id in todo}
+    stats.add_time("corpus", time.perf_counter() - start)
+    no_pool = sorted(image_id for image_id, rows in own.items() if not rows)
+    if no_pool:
+        log.warning("%d images have no caption to build a pool from (e.g. %s); skipped", len(no_pool), no_pool[0])
+        todo = {image_id: names for image_id, names in todo.items() if own[image_id]}
+    start = time.perf_counter()
+    pools = caption_pools(corpus, {image_id: own[image_id] for image_id in todo}, tcac.pool_neighbours)
+    stats.add_time("pools", time.perf_counter() - start)
+    if pools:
+        stats.notes["mean_pool_size"] = round(float(np.mean([len(p) for p in pools.values()])), 2)
+    originals = load_originals(tables, model.spec, set(todo))
+    stats.add_count("originals_reused", len(originals))
+    expected = {image_id: ([] if image_id in originals else [ORIGINAL]) + names for image_id, names in todo.items()}
+    work = pa.table({"image_id": list(expected), "uri": [by_id[i]["uri"] for i in expected],
+                     "transforms": [",".join(names) for names in expected.values()]})
+    sink = CaseSink(tables, model, tcac, corpus, pools, gt, originals, expected,
+                    {i: by_id[i]["uri"] for i in expected}, config.embed.write_every, stats)
+    with tqdm(total=len(expected), unit="image", desc="tcac images", dynamic_ncols=True) as bar:
+        for batch in runner.map_transformed(work, model, tcac, config.embed):
+            bar.update(sink.add(batch))
+    sink.close()
+
+
+def finalize(tables: RunTables, tcac: TcacConfig, stats: StageStats) -> pa.Table | None:
+    """Sort and mark ``tcac_cases`` (rank, is_case, daf_case) and recompute ``tcac_summary``; each table is
+    rewritten only when its content changed. Returns the summary (None when there are no cases)."""
+    start = time.perf_counter()
+    cases = tables.read(TCAC_CASES)
+    if cases is None:
+        return None
+    cases = cases.select(TCAC_CASES_SCHEMA.names).cast(TCAC_CASES_SCHEMA)
+    daf = tables.read(DAF_CASES, ["image_id"]) if tables.exists(DAF_CASES) else None
+    daf_ids = set(daf.column("image_id").to_pylist()) if daf is not None else set()
+    marked = mark_cases(cases, tcac.cases_per_transform, daf_ids, tcac.transforms)
+    if not marked.equals(cases):
+        tables.replace(TCAC_CASES, marked, TCAC_CASES_SCHEMA)
+        stats.add_count("cases_rewritten", marked.num_rows)
+    summary = summarize(marked, tcac.transforms)
+    old = tables.read(TCAC_SUMMARY)
+    if old is None or not old.select(TCAC_SUMMARY_SCHEMA.names).cast(TCAC_SUMMARY_SCHEMA).equals(summary):
+        tables.replace(TCAC_SUMMARY, summary, TCAC_SUMMARY_SCHEMA)
+    stats.counts.update(total_pairs=marked.num_rows, total_cases=int(pc.sum(marked.column("is_case")).as_py() or 0),
+                        total_daf_cases=len(set(pc.filter(marked.column("image_id"),
+                                                          pc.and_(marked.column("is_case"),
+                                                                  marked.column("daf_case"))).to_pylist())))
+    stats.add_time("finalize", time.perf_counter() - start)
+    return summary
+
+
+def run_tcac(config: Config, tables: RunTables, runner: Runner, model: ResolvedModel | None = None) -> StageStats:
+    """Run the tcac stage: score the missing (image, transform) pairs, then re-mark the cases and recompute the
+    summary. ``model`` is the resolved CLIP-role model (resolved from ``config.models`` when None)."""
+    stats = StageStats(STAGE)
+    started = time.perf_counter()
+    model = model if model is not None else resolve_clip(config)
+    samples = tables.read(SAMPLES, ["image_id", "uri", "captions", "caption"])
+    if samples is None or samples.num_rows == 0:
+        raise TcacError(f"no samples in {tables.uri}: run the ingest stage first")
+    start = time.perf_counter()
+    todo = plan_pairs(tables, samples, config.tcac, model.spec)
+    stats.add_time("plan", time.perf_counter() - start)
+    stats.add_count("images_todo", len(todo))
+    stats.add_count("pairs_todo", sum(len(names) for names in todo.values()))
+    stats.add_count("text_encodings", 0)
+    if todo:
+        score_missing(config, tables, runner, model, samples, todo, stats)
+    summary = finalize(tables, config.tcac, stats)
+    stats.add_time("wall", time.perf_counter() - started)
+    stats.notes.update(model=model.spec, random_model=model.is_random, device=getattr(runner, "device", "cpu"),
+                       summary=summary_line(stats, summary))
+    return stats
+
+
+def summary_line(stats: StageStats, summary: pa.Table | None) -> str:
+    """One line: what this run did, text encodings against unique captions, and mean changed per transform."""
+    c = stats.counts
+    done = (f"{c.get('pairs_written', 0)} new (image, transform) rows of {c.get('pairs_todo', 0)} to do"
+            if c.get("pairs_todo") else "nothing left to do, no new rows")
+    line = (f"tcac: {done}; {c.get('total_pairs', 0)} rows, {c.get('total_cases', 0)} cases "
+            f"({c.get('total_daf_cases', 0)} images of them also DAF cases)")
+    if "unique_captions" in c:
+        line += f"; text encodings {c['text_encodings']} for {c['unique_captions']} unique captions"
+    if summary is not None and summary.num_rows:
+        means = ", ".join(f"{t} {m:.2f}" for t, m in zip(summary.column("transform").to_pylist(),
+                                                         summary.column("mean_changed").to_pylist()))
+        line += f"; mean changed: {means}"
+    return line
