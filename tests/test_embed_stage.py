@@ -154,3 +154,18 @@ def test_ray_runner_gives_the_same_rows_as_in_process(tmp_path, zoo, models, ray
             np.testing.assert_allclose(got[k], want[k], atol=1e-4)
     assert rejects(on_ray) == rejects(local)
     assert isinstance(on_ray.read(SAMPLES), pa.Table)
+
+
+def test_each_distinct_caption_text_is_encoded_once(tmp_path, zoo, models):
+    tables = RunTables(str(tmp_path / "dupes"))
+    good = [(file, path) for file, (path, expected) in zoo.items() if expected == GOOD]
+    samples = [Sample(image_id=file, uri=str(path), captions=["a shared caption", f"only {file}"],
+                      caption=f"only {file}", source="zoo") for file, path in good]
+    tables.insert_new(SAMPLES, samples_to_table(samples), "image_id", SAMPLES_SCHEMA)
+    stats = run_embed(tables, LocalRunner(), {"clip": models["clip"]}, EMBED)
+    assert stats.counts["text_encodings"] == len(good) + 1
+    captions = vectors(tables, CAPTION_EMBEDDINGS, "caption_id")
+    assert len(captions) == 2 * len(good)
+    shared = [captions[f"{file}#0"] for file, _ in good]
+    for vector in shared[1:]:
+        np.testing.assert_array_equal(vector, shared[0])

@@ -68,10 +68,10 @@ class LocalRunner:
                 batch = encoder(batch)
             yield batch
 
-    def map_texts(self, captions: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
-        """Embed ``captions`` (caption_id, image_id, text) with the CLIP text tower."""
+    def map_texts(self, texts: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
+        """Embed the ``text`` column with the CLIP text tower."""
         encoder = TextEncoder(model, "cpu", embed.torch_threads)
-        for batch in _to_numpy_batches(captions, embed.text_batch_size):
+        for batch in _to_numpy_batches(texts, embed.text_batch_size):
             yield encoder(batch)
 
     def map_transformed(self, todo: pa.Table, model: ResolvedModel, tcac: TcacConfig,
@@ -136,11 +136,11 @@ class RayRunner:
             )
         yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
 
-    def map_texts(self, captions: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
-        """Embed caption texts in an actor pool of the CLIP model, stream the batches back."""
+    def map_texts(self, texts: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
+        """Embed the ``text`` column in an actor pool of the CLIP model, stream the batches back."""
         import ray
 
-        dataset = ray.data.from_arrow(_chunks(captions, embed.text_batch_size)).map_batches(
+        dataset = ray.data.from_arrow(_chunks(texts, embed.text_batch_size)).map_batches(
             TextEncoder,
             fn_constructor_kwargs={"model": model, "device": self.device, "threads": self.placement.threads},
             batch_size=embed.text_batch_size,

@@ -52,8 +52,8 @@ class Runner(Protocol):
         """Yield prepared-and-embedded batches for ``todo``."""
         ...
 
-    def map_texts(self, captions: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
-        """Yield batches of caption vectors."""
+    def map_texts(self, texts: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
+        """Yield batches of text vectors (columns ``text``, ``vector``, ``t_infer``)."""
         ...
 
 
@@ -185,40 +185,66 @@ def embed_images(tables: RunTables, runner: Runner, models: dict[str, ResolvedMo
     _consume(runner.map_images(todo, models, embed), sink.add, sink.flush, todo.num_rows, "image")
 
 
+class CaptionSink:
+    """Turns the vectors of unique caption texts into rows for every caption with that text (each text is
+    encoded once), and writes them in few large, keyed writes."""
+
+    def __init__(self, tables: RunTables, todo: pa.Table, model: ResolvedModel, write_every: int,
+                 stats: StageStats) -> None:
+        self.tables, self.todo, self.model, self.write_every, self.stats = tables, todo, model, write_every, stats
+        self.rows_of: dict[str, list[int]] = {}
+        for row, text in enumerate(todo.column("text").to_pylist()):
+            self.rows_of.setdefault(text, []).append(row)
+        self.parts: list[pa.Table] = []
+        self.buffered = 0
+
+    def unique_texts(self) -> pa.Table:
+        """The texts to encode, each once."""
+        return pa.table({"text": pa.array(list(self.rows_of), pa.string())})
+
+    def add(self, batch: Batch) -> int:
+        """Take one batch of text vectors; returns how many texts it held."""
+        self.stats.add_time("infer_text", float(np.sum(batch["t_infer"])))
+        vectors = np.asarray(batch["vector"], dtype=np.float32)
+        rows, sources = [], []
+        for i, text in enumerate(batch["text"].tolist()):
+            for row in self.rows_of[text]:
+                rows.append(row)
+                sources.append(i)
+        expanded = vectors[sources]
+        self.parts.append(self.todo.take(rows).append_column(
+            "model", pa.array([self.model.spec] * len(rows), pa.string())).append_column(
+            "vector", pa.FixedSizeListArray.from_arrays(pa.array(expanded.reshape(-1)), vectors.shape[1])))
+        self.buffered += len(rows)
+        self.stats.add_count("text_encodings", len(vectors))
+        if self.buffered >= self.write_every:
+            self.flush()
+        return len(vectors)
+
+    def flush(self) -> None:
+        """Write what is buffered."""
+        if not self.parts:
+            return
+        start = time.perf_counter()
+        rows = pa.concat_tables(self.parts)
+        schema = caption_embeddings_schema(rows.schema.field("vector").type.list_size)
+        self.stats.add_count("embedded_captions", self.tables.insert_new(CAPTION_EMBEDDINGS, rows, "caption_id",
+                                                                         schema))
+        self.parts.clear()
+        self.buffered = 0
+        self.stats.add_time("write", time.perf_counter() - start)
+
+
 def embed_captions(tables: RunTables, runner: Runner, model: ResolvedModel, embed: EmbedConfig,
                    stats: StageStats) -> None:
-    """Embed every caption that has no vector yet with the CLIP text tower."""
+    """Embed every caption that has no vector yet with the CLIP text tower, each distinct text once."""
     todo = plan_captions(tables, model.spec)
     stats.add_count("captions_todo", todo.num_rows)
     if todo.num_rows == 0:
         return
-    parts: list[pa.Table] = []
-
-    def add(batch: Batch) -> int:
-        stats.add_time("infer_text", float(np.sum(batch["t_infer"])))
-        vectors = np.asarray(batch["vector"], dtype=np.float32)
-        parts.append(pa.table({
-            "caption_id": pa.array(batch["caption_id"].tolist(), pa.string()),
-            "image_id": pa.array(batch["image_id"].tolist(), pa.string()),
-            "text": pa.array(batch["text"].tolist(), pa.string()),
-            "model": pa.array([model.spec] * len(vectors), pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
-        }))
-        if sum(p.num_rows for p in parts) >= embed.write_every:
-            flush()
-        return len(vectors)
-
-    def flush() -> None:
-        if not parts:
-            return
-        start = time.perf_counter()
-        rows = pa.concat_tables(parts)
-        schema = caption_embeddings_schema(rows.schema.field("vector").type.list_size)
-        stats.add_count("embedded_captions", tables.insert_new(CAPTION_EMBEDDINGS, rows, "caption_id", schema))
-        parts.clear()
-        stats.add_time("write", time.perf_counter() - start)
-
-    _consume(runner.map_texts(todo, model, embed), add, flush, todo.num_rows, "caption")
+    sink = CaptionSink(tables, todo, model, embed.write_every, stats)
+    texts = sink.unique_texts()
+    _consume(runner.map_texts(texts, model, embed), sink.add, sink.flush, texts.num_rows, "caption text")
 
 
 def account(tables: RunTables, roles: Iterable[str]) -> dict[str, int]:

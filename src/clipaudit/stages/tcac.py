@@ -169,9 +169,7 @@ def load_corpus(tables: RunTables, samples: pa.Table, runner: Runner, model: Res
         log.warning("%d of %d unique captions have no vector in %s (run the embed stage first to reuse them); "
                     "encoding them now", len(missing), len(texts), CAPTION_EMBEDDINGS)
         start = time.perf_counter()
-        todo = pa.table({"caption_id": [f"tcac#{i}" for i in range(len(missing))], "image_id": [""] * len(missing),
-                         "text": missing})
-        for batch in runner.map_texts(todo, model, embed):
+        for batch in runner.map_texts(pa.table({"text": missing}), model, embed):
             for text, vector in zip(batch["text"], np.asarray(batch["vector"], dtype=np.float32)):
                 known[caption_key(str(text))] = vector
         stats.add_time("infer_text", time.perf_counter() - start)
