@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -27,7 +28,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
     for stage in STAGES:
         _add_config_args(commands.add_parser(stage, help=f"run the {stage} stage only"))
+    _add_llm_args(commands.choices)
     return parser
+
+
+def _add_llm_args(commands: dict[str, argparse.ArgumentParser]) -> None:
+    """``--dry-run`` on run / summarize / validate; Batch API files on summarize."""
+    for name in ("run", "summarize", "validate"):
+        if name in commands:
+            commands[name].add_argument("--dry-run", action="store_true",
+                                        help="write the LLM prompts and the cost estimate to run_dir/llm/ and send "
+                                             "nothing (same as --set llm.dry_run=true)")
+    if "summarize" in commands:
+        batch = commands["summarize"].add_mutually_exclusive_group()
+        batch.add_argument("--export-batch", metavar="FILE",
+                           help="write the requests not answered yet as an OpenAI Batch API input JSONL file and "
+                                "send nothing")
+        batch.add_argument("--import-batch", metavar="FILE",
+                           help="read the answers from an OpenAI Batch API output JSONL file instead of sending")
+
+
+def _llm_overrides(args: argparse.Namespace) -> list[str]:
+    """The LLM command-line flags as config overrides (paths JSON-quoted, relative to the current directory)."""
+    overrides = ["llm.dry_run=true"] if getattr(args, "dry_run", False) else []
+    for flag in ("export_batch", "import_batch"):
+        value = getattr(args, flag, None)
+        if value:
+            overrides.append(f"llm.{flag}={json.dumps(value)}")
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        args.overrides += _llm_overrides(args)
         config = load_config(args.config, args.overrides)
         stages = parse_stages(args.stages) if args.command == "run" else [args.command]
         run_pipeline(config, stages)
