@@ -5,8 +5,6 @@ for the stages that need it."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 
 import yaml
@@ -21,6 +19,8 @@ log = logging.getLogger("clipaudit")
 STAGES = ["ingest", "embed", "neighbours", "daf", "tcac", "summarize", "validate"]
 """Stages in pipeline order (the ones implemented so far)."""
 RAY_STAGES = {"embed", "tcac"}
+"""Stages that schedule model work: Ray is started before them (and before LanceDB is imported, which keeps
+Ray's workers from warning about fork). The LLM stages start it only when they send something."""
 
 
 class StageError(ClipauditError, ValueError):
@@ -64,28 +64,18 @@ def resolve_models(config: Config) -> dict:
     return models
 
 
-@contextmanager
-def _runner(config: Config, needed: bool) -> Iterator[object]:
-    if not needed:
-        yield None
-        return
-    from clipaudit.runtime import LocalRunner, RayRunner, ray_session
-
-    if config.ray.runner == "local":
-        yield LocalRunner()
-        return
-    with ray_session(config.ray):
-        yield RayRunner(config.ray, config.embed)
-
-
 def run_pipeline(config: Config, stages: list[str]) -> dict[str, StageStats]:
     """Run ``stages`` in order and return their stats."""
+    from clipaudit.runtime import LazyRunner
+
     fs.makedirs(config.run_dir)
     write_resolved_config(config)
     models = resolve_models(config) if "embed" in stages else {}
     results: dict[str, StageStats] = {}
-    with ExitStack() as stack:
-        runner = stack.enter_context(_runner(config, bool(RAY_STAGES & set(stages))))
+    runner = LazyRunner(config)
+    try:
+        if config.ray.runner == "ray" and RAY_STAGES & set(stages):
+            runner.get()
         from clipaudit.io.tables import RunTables
 
         tables = RunTables(config.run_dir)
@@ -94,6 +84,8 @@ def run_pipeline(config: Config, stages: list[str]) -> dict[str, StageStats]:
             stats = _run_stage(stage, config, tables, runner, models)
             write_stats(config, stats)
             results[stage] = stats
+    finally:
+        runner.close()
     return results
 
 

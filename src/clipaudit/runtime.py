@@ -12,16 +12,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from clipaudit.stages.embed_batches import Batch, ImageEncoder, TextEncoder, prepare_images, torch_threads_for
 
 if TYPE_CHECKING:
-    from clipaudit.config import EmbedConfig, LLMConfig, RayConfig, TcacConfig
+    from clipaudit.config import Config, EmbedConfig, LLMConfig, RayConfig, TcacConfig
     from clipaudit.llm import LLMRequest, LLMResult, LLMWorker, RateLimiter, RateLimits
     from clipaudit.models import ResolvedModel
 
@@ -172,6 +172,51 @@ class RayRunner:
             **self._actor_args(embed),
         )
         yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+
+
+class LazyRunner:
+    """The runner a pipeline hands its stages: the configured one (``ray.runner``), started on first use, so a
+    run whose stages schedule nothing (a dry run, a re-run with nothing left) starts no Ray."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._stack = ExitStack()
+        self._runner: LocalRunner | RayRunner | None = None
+
+    def get(self) -> LocalRunner | RayRunner:
+        """The started runner."""
+        if self._runner is None:
+            if self._config.ray.runner == "local":
+                self._runner = LocalRunner()
+            else:
+                self._stack.enter_context(ray_session(self._config.ray))
+                self._runner = RayRunner(self._config.ray, self._config.embed)
+        return self._runner
+
+    @property
+    def device(self) -> str:
+        """Where model forwards run (starts the runner)."""
+        return self.get().device
+
+    def map_images(self, *args: Any, **kwargs: Any) -> Iterator[Batch]:
+        """See :meth:`RayRunner.map_images`."""
+        return self.get().map_images(*args, **kwargs)
+
+    def map_texts(self, *args: Any, **kwargs: Any) -> Iterator[Batch]:
+        """See :meth:`RayRunner.map_texts`."""
+        return self.get().map_texts(*args, **kwargs)
+
+    def map_transformed(self, *args: Any, **kwargs: Any) -> Iterator[Batch]:
+        """See :meth:`RayRunner.map_transformed`."""
+        return self.get().map_transformed(*args, **kwargs)
+
+    def map_llm(self, *args: Any, **kwargs: Any) -> list[LLMResult]:
+        """See :meth:`RayRunner.map_llm`."""
+        return self.get().map_llm(*args, **kwargs)
+
+    def close(self) -> None:
+        """Stop what was started (Ray, if this runner started it)."""
+        self._stack.close()
 
 
 def _placement(ray_config: RayConfig, embed: EmbedConfig, resources: dict[str, float]) -> Placement:
