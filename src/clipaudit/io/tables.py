@@ -6,6 +6,7 @@ Writes are idempotent: :meth:`RunTables.insert_new` inserts only rows whose key 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import pyarrow as pa
@@ -17,6 +18,7 @@ class RunTables:
     """The tables of one run directory."""
 
     def __init__(self, run_dir: str) -> None:
+        os.environ.setdefault("LANCE_LOG", "error")
         import lancedb
 
         self.uri = fs.join(run_dir, "lancedb")
