@@ -21,3 +21,14 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def report_run(tmp_path_factory):
+    """A small complete run (all stages, tiny models, local runner, fake LLM; a script tag injected into a caption),
+    built once and shared by the report, browser and diff tests (see report_fixtures.py). Read it, never write it."""
+    from report_fixtures import build_run
+
+    run_dir = tmp_path_factory.mktemp("report_run") / "run"
+    build_run(run_dir, variant=0)
+    return run_dir

@@ -29,7 +29,36 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         _add_config_args(commands.add_parser(stage, help=f"run the {stage} stage only"))
     _add_llm_args(commands.choices)
+    _add_diff_parser(commands)
     return parser
+
+
+def _add_diff_parser(commands: argparse._SubParsersAction) -> None:
+    """``clipaudit diff RUN_A RUN_B [--json OUT]``."""
+    diff = commands.add_parser("diff", help="what changed between two runs (failure types, corpus, per-transform)",
+                               description="Compare two runs. A run is a run directory, RUN_DIR@RUN_ID (a finished "
+                                           "run of it, read back through the table tags it left) or "
+                                           "RUN_DIR@previous (the finished run before the latest).")
+    diff.add_argument("run_a", metavar="RUN_A", help="the earlier run")
+    diff.add_argument("run_b", metavar="RUN_B", help="the later run")
+    diff.add_argument("--json", dest="json_out", metavar="OUT", help="also write the differences as JSON to OUT")
+    diff.add_argument("--fail-on-new", action="store_true",
+                      help="exit with status 3 when RUN_B has failure types RUN_A does not (for nightly alerts)")
+    diff.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _diff(args: argparse.Namespace) -> int:
+    """Run ``clipaudit diff``: print the differences, optionally write them as JSON."""
+    from clipaudit.io import fs
+    from clipaudit.report.diff import diff_runs, format_diff
+    from clipaudit.report.summary import RunView
+
+    result = diff_runs(RunView.parse(args.run_a), RunView.parse(args.run_b))
+    sys.stdout.write(format_diff(result))
+    if args.json_out:
+        fs.write_json(args.json_out, result)
+    types = result.get("failure_types") or {}
+    return 3 if args.fail_on_new and types.get("new") else 0
 
 
 def _add_llm_args(commands: dict[str, argparse.ArgumentParser]) -> None:
@@ -64,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        if args.command == "diff":
+            return _diff(args)
         args.overrides += _llm_overrides(args)
         config = load_config(args.config, args.overrides)
         stages = parse_stages(args.stages) if args.command == "run" else [args.command]

@@ -373,6 +373,37 @@ class ValidateConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """The report stage: how many cases the HTML report shows (the tables keep all of them) and thumbnail size."""
+
+    daf_cases: int = 12
+    """Most divergent DAF cases shown, each with its CLIP and reference neighbours."""
+    blind_pairs: int = 12
+    """CLIP-blind pairs shown (largest CLIP minus reference similarity first)."""
+    tcac_cases: int = 4
+    """Top TCAC cases shown per transform, original beside transformed."""
+    top_captions: int = 5
+    """Captions shown before and after a transform, of the ``tcac.top_k`` recorded."""
+    examples_per_type: int = 6
+    """Example thumbnails per failure type."""
+    thumb_px: int = 96
+    """Long side of a thumbnail, pixels."""
+    jpeg_quality: int = 70
+    workers: int = 8
+    """Threads reading and shrinking images (object stores are slow to answer, not to send)."""
+
+    def __post_init__(self) -> None:
+        problems = [f"report.{key}: must be at least {low}, got {getattr(self, key)}"
+                    for key, low in (("daf_cases", 0), ("blind_pairs", 0), ("tcac_cases", 0), ("top_captions", 1),
+                                     ("examples_per_type", 0), ("thumb_px", 16), ("workers", 1))
+                    if getattr(self, key) < low]
+        if not 1 <= self.jpeg_quality <= 95:
+            problems.append(f"report.jpeg_quality: must be in [1, 95], got {self.jpeg_quality}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run configuration."""
 
@@ -386,6 +417,7 @@ class Config:
     tcac: TcacConfig = field(default_factory=TcacConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain data (what is written beside the outputs)."""

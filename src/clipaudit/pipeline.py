@@ -13,10 +13,11 @@ from clipaudit.config import Config
 from clipaudit.errors import ClipauditError
 from clipaudit.io import fs
 from clipaudit.records import StageStats
+from clipaudit.runs import finish_run, start_run
 
 log = logging.getLogger("clipaudit")
 
-STAGES = ["ingest", "embed", "neighbours", "daf", "tcac", "summarize", "validate"]
+STAGES = ["ingest", "embed", "neighbours", "daf", "tcac", "summarize", "validate", "report"]
 """Stages in pipeline order (the ones implemented so far)."""
 RAY_STAGES = {"embed", "tcac"}
 """Stages that schedule model work: Ray is started before them (and before LanceDB is imported, which keeps
@@ -73,20 +74,38 @@ def run_pipeline(config: Config, stages: list[str]) -> dict[str, StageStats]:
     models = resolve_models(config) if "embed" in stages else {}
     results: dict[str, StageStats] = {}
     runner = LazyRunner(config)
+    run_id = start_run(config.run_dir, stages)
+    log.info("run %s in %s", run_id, config.run_dir)
+    tables = None
+    versions_before: dict[str, int] = {}
     try:
         if config.ray.runner == "ray" and RAY_STAGES & set(stages):
             runner.get()
         from clipaudit.io.tables import RunTables
 
         tables = RunTables(config.run_dir)
+        versions_before = tables.versions()
         for stage in stages:
             log.info("stage %s", stage)
             stats = _run_stage(stage, config, tables, runner, models)
             write_stats(config, stats)
             results[stage] = stats
+    except BaseException as exc:
+        _record_failure(config.run_dir, run_id, tables, versions_before, exc)
+        raise
     finally:
         runner.close()
+    tags = finish_run(config.run_dir, run_id, tables, versions_before)
+    log.info("run %s finished; %d tables tagged %s", run_id, len(tags), run_id)
     return results
+
+
+def _record_failure(run_dir: str, run_id: str, tables, versions_before: dict[str, int], exc: BaseException) -> None:
+    """Record a failed run in runs.jsonl (its tables are not tagged); never masks the original error."""
+    try:
+        finish_run(run_dir, run_id, tables, versions_before, status="failed", error=type(exc).__name__)
+    except Exception:  # noqa: BLE001 - the run's own error is the one to report
+        log.warning("could not record the failure of run %s in runs.jsonl", run_id, exc_info=True)
 
 
 def _run_stage(stage: str, config: Config, tables, runner, models) -> StageStats:
@@ -124,4 +143,8 @@ def _run_stage(stage: str, config: Config, tables, runner, models) -> StageStats
         from clipaudit.stages.validate import run_validate
 
         return run_validate(config, tables, runner)
+    if stage == "report":
+        from clipaudit.stages.report import run_report
+
+        return run_report(config, tables)
     raise StageError(f"stage {stage!r} is not implemented")

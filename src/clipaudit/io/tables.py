@@ -32,12 +32,47 @@ class RunTables:
         """Whether table ``name`` exists."""
         return name in self.names()
 
-    def read(self, name: str, columns: Sequence[str] | None = None, where: str | None = None) -> pa.Table | None:
-        """Read a table (optionally some columns, optionally filtered by a SQL predicate); None if it does not exist."""
+    def read(self, name: str, columns: Sequence[str] | None = None, where: str | None = None,
+             version: int | str | None = None) -> pa.Table | None:
+        """Read a table (optionally some columns, optionally filtered by a SQL predicate); None if it does not exist.
+
+        ``version``: a table version number or a tag (a run id, see :mod:`clipaudit.runs`) to read the table as it
+        was then; None also when the table has no such tag (it did not exist when that run finished).
+        """
         if not self.exists(name):
             return None
         dataset = self.db.open_table(name).to_lance()
+        if version is not None:
+            if isinstance(version, str) and version not in self.tags(name):
+                return None
+            dataset = dataset.checkout_version(version)
         return dataset.to_table(columns=list(columns) if columns else None, filter=where)
+
+    def versions(self) -> dict[str, int]:
+        """The current version of every table."""
+        return {name: int(self.db.open_table(name).version) for name in sorted(self.names())}
+
+    def tags(self, name: str) -> dict[str, int]:
+        """The tags of table ``name`` and the versions they point at (empty if the table does not exist)."""
+        if not self.exists(name):
+            return {}
+        return {tag: int(info["version"]) for tag, info in self.db.open_table(name).tags.list().items()}
+
+    def tag_all(self, tag: str) -> dict[str, int]:
+        """Tag the current version of every table with ``tag`` (moved if it exists); returns the tagged versions.
+
+        Tags are letters, digits, ``.``, ``-`` and ``_``; a tagged version survives version clean-up.
+        """
+        tagged = {}
+        for name in sorted(self.names()):
+            table = self.db.open_table(name)
+            version = int(table.version)
+            if tag in table.tags.list():
+                table.tags.update(tag, version)
+            else:
+                table.tags.create(tag, version)
+            tagged[name] = version
+        return tagged
 
     def count(self, name: str) -> int:
         """Rows in a table (0 if it does not exist)."""

@@ -1,0 +1,204 @@
+"""``clipaudit diff A B``: what changed between two runs (nightly audits).
+
+A and B are run directories, or ``RUN_DIR@RUN_ID`` / ``RUN_DIR@previous`` for a finished run of a directory read
+back through the LanceDB tags it left (:mod:`clipaudit.runs`). The figures come from each run's summary
+(``summary.json``, ``history/<run_id>/summary.json``, or computed from the tables when the report stage did not
+run); the corpus overlap from the two ``samples`` tables. Failure types are matched by method and name (case,
+spacing and punctuation ignored; a name merged into a type as an alias matches it too).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from clipaudit.records import SAMPLES
+from clipaudit.report.summary import RunView, load_summary
+
+_COUNTS = ("in", "embedded", "rejected", "rejects", "captions_embedded")
+_DAF = ("mean_overlap", "median_overlap", "chance_overlap", "alignment_over_chance", "null_p_value", "cases",
+        "blind_pairs")
+_TCAC = ("mean_changed", "top1_changed_share", "recall_at_1_before", "recall_at_1_after", "mean_tv_distance",
+         "images", "cases")
+_EXAMPLES = 5
+
+
+def normalise_name(name: str) -> str:
+    """A failure type name for matching: lower case, letters and digits only, single spaces."""
+    return " ".join(re.findall(r"[a-z0-9]+", str(name).lower()))
+
+
+def _change(a: Any, b: Any) -> dict[str, Any]:
+    delta = b - a if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) else None
+    return {"a": a, "b": b, "delta": delta}
+
+
+def _changes(a: dict[str, Any] | None, b: dict[str, Any] | None, keys: Iterable[str]) -> dict[str, Any]:
+    a, b = a or {}, b or {}
+    return {key: _change(a.get(key), b.get(key)) for key in keys if a.get(key) is not None or b.get(key) is not None}
+
+
+def corpus_overlap(a: RunView, b: RunView) -> dict[str, Any] | None:
+    """Image ids in both runs' ``samples`` tables, only in one of them, and the Jaccard index; None when either run
+    has no samples table."""
+    ta, tb = a.read(SAMPLES, ["image_id"]), b.read(SAMPLES, ["image_id"])
+    if ta is None or tb is None:
+        return None
+    ids_a, ids_b = set(ta.column("image_id").to_pylist()), set(tb.column("image_id").to_pylist())
+    both, union = ids_a & ids_b, ids_a | ids_b
+    return {"a": len(ids_a), "b": len(ids_b), "both": len(both), "only_a": len(ids_a - ids_b),
+            "only_b": len(ids_b - ids_a), "jaccard": len(both) / len(union) if union else 1.0,
+            "examples_only_a": sorted(ids_a - ids_b)[:_EXAMPLES], "examples_only_b": sorted(ids_b - ids_a)[:_EXAMPLES]}
+
+
+def _type_keys(item: dict[str, Any]) -> set[tuple[str, str]]:
+    method = str(item.get("method") or "")
+    return {(method, normalise_name(n)) for n in [item["name"], *(item.get("aliases") or [])]}
+
+
+def failure_type_changes(a: list[dict[str, Any]] | None, b: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """New, gone and changed failure types between two taxonomies (None when neither run has one)."""
+    if a is None and b is None:
+        return None
+    in_a, in_b = a is not None, b is not None
+    a, b = a or [], b or []
+    index = {}
+    for item in a:
+        for key in _type_keys(item):
+            index.setdefault(key, item)
+    matched: set[int] = set()
+    new, changed, same = [], [], 0
+    for item in b:
+        previous = next((index[key] for key in sorted(_type_keys(item)) if key in index), None)
+        if previous is None:
+            new.append(_brief(item))
+            continue
+        matched.add(id(previous))
+        support = _change(previous.get("support"), item.get("support"))
+        rate = _change(previous.get("success_rate"), item.get("success_rate"))
+        if support["delta"] or (rate["a"] != rate["b"]):
+            changed.append({"method": item["method"], "name": item["name"], "name_a": previous["name"],
+                            "support": support, "success_rate": rate})
+        else:
+            same += 1
+    gone = [_brief(item) for item in a if id(item) not in matched]
+    return {"new": new, "gone": gone, "changed": changed, "unchanged": same, "a": len(a), "b": len(b),
+            "in_a": in_a, "in_b": in_b}
+
+
+def _brief(item: dict[str, Any]) -> dict[str, Any]:
+    return {key: item.get(key) for key in ("method", "name", "description", "support", "success_rate")}
+
+
+def _side(view: RunView, summary: dict[str, Any]) -> dict[str, Any]:
+    return {"label": view.label, "run_id": summary.get("run_id"), "models": summary.get("models") or {},
+            "random_models": summary.get("random_models")}
+
+
+def diff_runs(a: RunView, b: RunView) -> dict[str, Any]:
+    """Everything that changed from run ``a`` to run ``b`` as plain data (what ``--json`` writes)."""
+    sa, sb = load_summary(a), load_summary(b)
+    models_a, models_b = sa.get("models") or {}, sb.get("models") or {}
+    stages_a, stages_b = sa.get("stages") or {}, sb.get("stages") or {}
+    ta, tb = (sa.get("tcac") or {}).get("transforms") or {}, (sb.get("tcac") or {}).get("transforms") or {}
+    return {
+        "a": _side(a, sa),
+        "b": _side(b, sb),
+        "models_changed": {role: _change(models_a.get(role), models_b.get(role))
+                           for role in sorted(set(models_a) | set(models_b))
+                           if models_a.get(role) != models_b.get(role)},
+        "corpus": corpus_overlap(a, b),
+        "counts": _changes(sa.get("counts"), sb.get("counts"), _COUNTS),
+        "daf": None if sa.get("daf") is None and sb.get("daf") is None else {
+            "in_a": sa.get("daf") is not None, "in_b": sb.get("daf") is not None,
+            **_changes(sa.get("daf"), sb.get("daf"), _DAF)},
+        "tcac": None if not ta and not tb else {
+            "only_a": sorted(set(ta) - set(tb)), "only_b": sorted(set(tb) - set(ta)),
+            "transforms": {name: _changes(ta.get(name), tb.get(name), _TCAC) for name in [*ta, *[t for t in tb
+                                                                                               if t not in ta]]}},
+        "failure_types": failure_type_changes(sa.get("failure_types"), sb.get("failure_types")),
+        "stages": {"ran_in_a_only": sorted(s for s, i in stages_a.items() if i.get("ran") and s != "report"
+                                           and not (stages_b.get(s) or {}).get("ran")),
+                   "ran_in_b_only": sorted(s for s, i in stages_b.items() if i.get("ran") and s != "report"
+                                           and not (stages_a.get(s) or {}).get("ran"))},
+    }
+
+
+def _fmt(value: Any, share: bool = False) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{100 * value:.1f}%" if share else f"{value:.3f}"
+    return str(value)
+
+
+def _delta(change: dict[str, Any], share: bool = False) -> str:
+    text = f"{_fmt(change['a'], share)} -> {_fmt(change['b'], share)}"
+    delta = change.get("delta")
+    if delta is None:
+        return text
+    if share:
+        return f"{text} ({100 * delta:+.1f} pp)"
+    return f"{text} ({delta:+,})" if isinstance(delta, int) else f"{text} ({delta:+.3f})"
+
+
+def format_diff(d: dict[str, Any]) -> str:
+    """The diff as text for a terminal or a nightly log."""
+    a, b = d["a"], d["b"]
+    lines = [f"A: {a['label']} (run {a.get('run_id') or '-'})", f"B: {b['label']} (run {b.get('run_id') or '-'})"]
+    if d["models_changed"]:
+        lines.append("models changed: " + "; ".join(f"{role} {c['a']} -> {c['b']}"
+                                                    for role, c in d["models_changed"].items()))
+    else:
+        lines.append("models: same (" + ", ".join(f"{r} {s}" for r, s in (a.get("models") or {}).items()) + ")")
+    if a.get("random_models") or b.get("random_models"):
+        lines.append("WARNING: random models in " + " and ".join(x for x, s in (("A", a), ("B", b))
+                                                                 if s.get("random_models"))
+                     + ": their findings are meaningless")
+    corpus = d.get("corpus")
+    if corpus:
+        lines.append(f"corpus: A {corpus['a']:,} images, B {corpus['b']:,}; {corpus['both']:,} in both (Jaccard "
+                     f"{corpus['jaccard']:.3f}); {corpus['only_a']:,} only in A, {corpus['only_b']:,} only in B")
+    else:
+        lines.append("corpus: no samples table in one of the runs")
+    if d["counts"]:
+        lines.append("counts: " + "; ".join(f"{key} {_delta(c)}" for key, c in d["counts"].items()))
+    daf = d.get("daf")
+    if daf is None:
+        lines.append("DAF: missing in both runs")
+    else:
+        where = "" if daf["in_a"] and daf["in_b"] else f" (missing in {'A' if not daf['in_a'] else 'B'})"
+        lines.append("DAF" + where + ": " + "; ".join(f"{key} {_delta(daf[key])}" for key in _DAF if key in daf))
+    tcac = d.get("tcac")
+    if tcac is None:
+        lines.append("TCAC: missing in both runs")
+    else:
+        lines.append("TCAC per transform (mean changed; top-1 changed share):")
+        for name, figures in tcac["transforms"].items():
+            parts = [_delta(figures["mean_changed"]) if "mean_changed" in figures else "-",
+                     _delta(figures["top1_changed_share"], share=True) if "top1_changed_share" in figures else "-"]
+            only = " (only in A)" if name in tcac["only_a"] else " (only in B)" if name in tcac["only_b"] else ""
+            lines.append(f"  {name}{only}: {parts[0]}; {parts[1]}")
+    types = d.get("failure_types")
+    if types is None:
+        lines.append("failure types: missing in both runs")
+    else:
+        count_a = types["a"] if types["in_a"] else "missing"
+        count_b = types["b"] if types["in_b"] else "missing"
+        lines.append(f"failure types: A {count_a}, B {count_b}: {len(types['new'])} new, {len(types['gone'])} "
+                     f"gone, {len(types['changed'])} changed, {types['unchanged']} unchanged")
+        lines += [f"  + new   {t['method']}: {t['name']} (support {_fmt(t['support'])})" for t in types["new"]]
+        lines += [f"  - gone  {t['method']}: {t['name']} (support {_fmt(t['support'])})" for t in types["gone"]]
+        for t in types["changed"]:
+            lines.append(f"  ~ {t['method']}: {t['name']}: support {_delta(t['support'])}; success rate "
+                         f"{_delta(t['success_rate'], share=True)}")
+    stages = d["stages"]
+    for key, label in (("ran_in_a_only", "ran in A only"), ("ran_in_b_only", "ran in B only")):
+        if stages[key]:
+            lines.append(f"stages {label}: {', '.join(stages[key])}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,391 @@
+"""The HTML report of one run: overview, DAF, TCAC and the failure taxonomy, as one page with its folder.
+
+:class:`ReportBuilder` works in three passes: each section reads what it shows and asks for the thumbnails it
+needs; the thumbnails are made in parallel (:class:`clipaudit.report.images.Thumbnails`); then each section renders.
+Only the top cases are shown (``report.*`` in the config), so the page stays a few MB for any corpus size; the
+tables hold everything. Every string from the corpus, the LLM or the run goes through :func:`~.html.esc`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from clipaudit.config import ReportConfig
+from clipaudit.io import fs
+from clipaudit.records import BLIND_PAIRS, DAF_CASES, FAILURE_CHECKS, TCAC_CASES
+from clipaudit.report import charts
+from clipaudit.report.html import Markup, join, num, page, pct, seconds, table, tag
+from clipaudit.report.images import Thumbnails, write_bytes
+from clipaudit.report.summary import RunView
+from clipaudit.transforms import TransformParams
+
+log = logging.getLogger("clipaudit.report")
+
+CHARTS_DIR = "charts"
+Section = Callable[[], Markup]
+
+
+def missing(what: str, why: str, hint: str | None = None) -> Markup:
+    """The box that says a section has nothing to show because its stage did not run (or wrote nothing)."""
+    return tag("div", tag("strong", f"{what}: missing. "), why, (" " + hint) if hint else "", class_="missing",
+               data_missing=what)
+
+
+def figure(label: str, value: Any, note: str | None = None) -> Markup:
+    """One headline number."""
+    return tag("div", tag("b", value), tag("span", label), tag("div", note, class_="muted") if note else "",
+               class_="figure")
+
+
+class ReportBuilder:
+    """Builds ``report/index.html`` (and its ``thumbs/`` and ``charts/``) for the run ``view`` shows."""
+
+    def __init__(self, view: RunView, summary: dict[str, Any], cfg: ReportConfig, report_dir: str,
+                 tcac_params: TransformParams | None = None, max_pixels: int = 64_000_000) -> None:
+        self.view = view
+        self.summary = summary
+        self.cfg = cfg
+        self.report_dir = report_dir
+        self.thumbs = Thumbnails(report_dir, cfg.thumb_px, cfg.jpeg_quality, max_pixels, cfg.workers, tcac_params)
+        self.samples: dict[str, dict[str, Any]] = {}
+        self.charts: list[str] = []
+
+    # -- the page ---------------------------------------------------------------------------------------------
+
+    def build(self) -> str:
+        """Gather, make the thumbnails, render; returns the HTML text."""
+        sections = [self._overview(), self._daf(), self._tcac(), self._taxonomy()]
+        self.samples = self.view.samples(self.thumbs.image_ids())
+        self.thumbs.make(lambda image_id: (self.samples.get(image_id) or {}).get("uri"))
+        s = self.summary
+        nav = tag("nav", [tag("a", label, href=f"#{anchor}") for anchor, label in
+                          (("overview", "Overview"), ("daf", "DAF"), ("tcac", "TCAC"), ("taxonomy", "Failure types"))])
+        header = tag("header", tag("h1", "clipaudit report"),
+                     tag("div", "run ", tag("code", s.get("run_id") or "-"), " \u00b7 ", tag("code", s["run_dir"]),
+                         " \u00b7 generated ", s.get("generated_at"), class_="muted"), nav)
+        footer = tag("footer", "Tables: ", tag("code", fs.join(s["run_dir"], "lancedb")),
+                     f" (tagged {s.get('run_id')} when the run finished). Machine-readable figures: ",
+                     tag("code", "summary.json"), ". Every caption and LLM answer on this page is shown as text.")
+        body = join([header, *(section() for section in sections), footer])
+        return page(f"clipaudit report {s.get('run_id') or ''}".strip(), body)
+
+    def _chart(self, name: str, png: bytes, alt: str) -> Markup:
+        path = f"{CHARTS_DIR}/{name}.png"
+        write_bytes(fs.join(self.report_dir, CHARTS_DIR, f"{name}.png"), png)
+        self.charts.append(path)
+        return tag("img", src=path, alt=alt, class_="chart")
+
+    def _caption(self, image_id: str) -> str:
+        return str((self.samples.get(image_id) or {}).get("caption") or "")
+
+    def _cell(self, key: str, image_id: str, caption: str | None = None, class_: str = "") -> Markup:
+        text = caption if caption is not None else self._caption(image_id)
+        return tag("div", self.thumbs.img(key, alt=text, title=image_id), tag("div", text, class_="cap"),
+                   tag("div", image_id, class_="muted mono cap"), class_=f"cell {class_}".strip())
+
+    # -- overview -----------------------------------------------------------------------------------------------
+
+    def _overview(self) -> Section:
+        def render() -> Markup:
+            s = self.summary
+            c = s["counts"]
+            parts: list[Any] = [tag("h2", "Overview", id="overview")]
+            if s.get("random_models"):
+                models = ", ".join(f"{role} = {spec}" for role, spec in (s.get("models") or {}).items())
+                parts.append(tag("div", tag("strong", "RANDOM MODELS. "),
+                                 f"This run used models with random weights ({models}): its findings are "
+                                 "meaningless. It only shows that the pipeline works. Provide the real weights "
+                                 "(models.clip / models.reference) to audit a model.", class_="warning",
+                                 id="random-models"))
+            parts.append(tag("div", figure("images in", num(c.get("in"))), figure("embedded", num(c.get("embedded"))),
+                             figure("rejected by embed", num(c.get("rejected"))),
+                             figure("rejects (all stages)", num(c.get("rejects"))),
+                             figure("captions embedded", num(c.get("captions_embedded"))), class_="figures"))
+            if c.get("in") is not None and c.get("embedded") is not None and s["stages"].get("embed", {}).get("ran"):
+                balanced = c["in"] == c["embedded"] + c["rejected"]
+                parts.append(tag("p", f"{c['in']:,} in = {c['embedded']:,} embedded + {c['rejected']:,} rejected",
+                                 "" if balanced else " (does not add up: some images are neither embedded by both "
+                                 "models nor rejected; re-run the embed stage)", class_="muted"))
+            dataset = s.get("dataset") or {}
+            parts.append(tag("h3", "Corpus and models"))
+            rows = [("format", dataset.get("format", "-"))]
+            rows += [(key, dataset[key]) for key in ("captions", "images", "caption_choice", "num_images", "seed",
+                                                     "limit") if dataset.get(key) is not None]
+            parts.append(table(["dataset", ""], rows))
+            requested = s.get("models_requested") or {}
+            parts.append(table(["role", "model used", "asked for"],
+                               [(role, tag("code", spec or "-"), tag("code", requested.get(role) or "-"))
+                                for role, spec in (s.get("models") or {}).items()]))
+            if c.get("rejects_by_reason"):
+                parts.append(tag("h3", "Rejected inputs"))
+                parts.append(table(["stage", "reason", "count"],
+                                   [(*key.split("/", 1), num(n)) for key, n in c["rejects_by_reason"].items()]))
+            parts.append(tag("h3", "Stages"))
+            rows = []
+            for stage, info in s["stages"].items():
+                if stage == "report":
+                    rows.append((stage, "ran: this page", "-", ""))
+                    continue
+                if not info["ran"]:
+                    status = tag("strong", "missing (did not run)")
+                elif info.get("output") is False:
+                    status = "ran, wrote no table"
+                else:
+                    status = "ran"
+                rows.append((stage, status, tag("span", seconds(info.get("seconds")), class_="nowrap"),
+                             info.get("summary") or ""))
+            parts.append(table(["stage", "status", "time", "summary"], rows))
+            return join(parts)
+
+        return render
+
+    # -- DAF -------------------------------------------------------------------------------------------------------
+
+    def _daf(self) -> Section:
+        daf = self.summary.get("daf")
+        if daf is None:
+            return lambda: join([tag("h2", "DAF: CLIP against the reference model", id="daf"),
+                                 missing("DAF", "The daf stage has not run in this run directory (no daf_cases "
+                                         "table).", "Run: clipaudit daf --config CONFIG.")])
+        cases = self.view.read(DAF_CASES)
+        rows = sorted(cases.to_pylist(), key=lambda r: (r.get("rank") or 0, r["image_id"]))[: self.cfg.daf_cases]
+        for row in rows:
+            row["_key"] = self.thumbs.want(row["image_id"])
+            row["_clip"] = [(i, self.thumbs.want(i)) for i in row.get("clip_ids") or []]
+            row["_ref"] = [(i, self.thumbs.want(i)) for i in row.get("reference_ids") or []]
+        pairs_table = self.view.read(BLIND_PAIRS)
+        pairs = [] if pairs_table is None else sorted(pairs_table.to_pylist(),
+                                                      key=lambda r: -(r.get("gap") or 0.0))[: self.cfg.blind_pairs]
+        for pair in pairs:
+            pair["_a"], pair["_b"] = self.thumbs.want(pair["image_a"]), self.thumbs.want(pair["image_b"])
+
+        def render() -> Markup:
+            k = daf.get("k") or 10
+            parts: list[Any] = [tag("h2", "DAF: CLIP against the reference model", id="daf")]
+            alignment = daf.get("alignment_over_chance")
+            parts.append(tag("div",
+                             figure(f"mean overlap@{k}", num(daf.get("mean_overlap"))),
+                             figure("chance level", num(daf.get("chance_overlap")), f"k / (N - 1), N = "
+                                    f"{num(daf.get('images'))}"),
+                             figure("over chance", f"{num(alignment, 2)} \u00d7" if alignment else "-"),
+                             figure("permutation null p", num(daf.get("null_p_value"), 4)),
+                             figure("cases", num(daf.get("cases"))),
+                             figure("CLIP-blind pairs", num(daf.get("blind_pairs"))), class_="figures"))
+            parts.append(tag("p", f"For each image, overlap@{k} is the share of its {k} nearest neighbours under "
+                                  "CLIP that are also among its nearest neighbours under the reference model. Low "
+                                  "overlap means the two models see different images as similar: a candidate "
+                                  "failure of CLIP (or of the reference). Two unrelated lists share "
+                                  f"{num(daf.get('chance_overlap'))} on average (chance).", class_="muted"))
+            histogram = daf.get("overlap_histogram")
+            if histogram:
+                parts.append(self._chart("daf_overlap", charts.overlap_chart(
+                    histogram, k, daf.get("chance_overlap"), daf.get("mean_overlap"),
+                    daf.get("null_overlap_histogram")), f"overlap@{k} distribution against chance"))
+            parts.append(tag("h3", f"Most divergent cases ({len(rows)} of {num(daf.get('cases'))})"))
+            parts.append(tag("p", tag("span", "\u25a0 orange: CLIP neighbour the reference does not share",
+                                      style="color:#d9480f"), " \u00a0 ",
+                             tag("span", "\u25a0 green: reference neighbour CLIP does not share",
+                                 style="color:#1c7c54"), class_="legend"))
+            if not rows:
+                parts.append(tag("p", "No image met the case selection (daf.max_overlap / daf.top_n).",
+                                 class_="muted"))
+            for row in rows:
+                clip_only, ref_only = set(row.get("clip_only") or []), set(row.get("reference_only") or [])
+                head = tag("div", tag("strong", f"#{row.get('rank')} "), tag("code", row["image_id"]),
+                           f" \u00b7 overlap {num(row.get('overlap'), 2)} \u00b7 divergence (1 - RBO) "
+                           f"{num(row.get('score'), 3)} \u00b7 p {num(row.get('p_value'), 3)}", class_="case-head")
+                query = self._cell(row["_key"], row["image_id"], row.get("caption"), "query")
+                clip_cells = [self._cell(key, i, class_="only-clip" if i in clip_only else "") for i, key in
+                              row["_clip"]]
+                ref_cells = [self._cell(key, i, class_="only-ref" if i in ref_only else "") for i, key in row["_ref"]]
+                strips = tag("div",
+                             tag("div", tag("div", "CLIP neighbours", class_="strip-label clip"), clip_cells,
+                                 class_="strip"),
+                             tag("div", tag("div", "reference neighbours", class_="strip-label ref"), ref_cells,
+                                 class_="strip"), class_="strips")
+                parts.append(tag("div", head, tag("div", query, strips, class_="case-body"),
+                                 class_="case daf-case", data_image_id=row["image_id"]))
+            parts.append(tag("h3", f"CLIP-blind pairs ({len(pairs)} of {num(daf.get('blind_pairs'))})"))
+            rule = daf.get("blind_rule") or {}
+            parts.append(tag("p", "Pairs CLIP embeds as near-identical while the reference model sees them as "
+                                  "different (MMVP): rule ", tag("code", json.dumps(rule, sort_keys=True)),
+                             class_="muted"))
+            if pairs:
+                parts.append(table(["image a", "image b", "CLIP sim", "reference sim", "gap"],
+                                   [(self._cell(p["_a"], p["image_a"]), self._cell(p["_b"], p["image_b"]),
+                                     num(p.get("clip_sim")), num(p.get("reference_sim")), num(p.get("gap")))
+                                    for p in pairs], class_="blind-pairs"))
+            else:
+                parts.append(tag("p", "No CLIP-blind pairs under this rule.", class_="muted"))
+            return join(parts)
+
+        return render
+
+    # -- TCAC ------------------------------------------------------------------------------------------------------
+
+    def _tcac(self) -> Section:
+        tcac = self.summary.get("tcac")
+        if tcac is None:
+            return lambda: join([tag("h2", "TCAC: robustness to image transforms", id="tcac"),
+                                 missing("TCAC", "The tcac stage has not run in this run directory (no "
+                                         "tcac_summary table).", "Run: clipaudit tcac --config CONFIG.")])
+        n = self.cfg.tcac_cases
+        cases_table = self.view.read(TCAC_CASES, where=f"is_case = true AND rank <= {n}") if n else None
+        by_transform: dict[str, list[dict[str, Any]]] = {}
+        for row in ([] if cases_table is None else cases_table.to_pylist()):
+            by_transform.setdefault(row["transform"], []).append(row)
+        for rows in by_transform.values():
+            rows.sort(key=lambda r: (r.get("rank") or 0, r["image_id"]))
+            for row in rows:
+                row["_before"] = self.thumbs.want(row["image_id"])
+                row["_after"] = self.thumbs.want(row["image_id"], row["transform"], row.get("params"),
+                                                 row.get("settings"))
+
+        def render() -> Markup:
+            transforms = tcac["transforms"]
+            top_k = tcac.get("top_k")
+            parts: list[Any] = [tag("h2", "TCAC: robustness to image transforms", id="tcac")]
+            parts.append(tag("p", "Each image is transformed; CLIP ranks a pool of captions (the image's own and their "
+                                  "nearest corpus captions) before and after. A robust model keeps its top captions: "
+                                  "many changes mean CLIP's reading of the image moved.", class_="muted"))
+            names = list(transforms)
+            parts.append(table(
+                ["transform", "images", f"mean changed (top {top_k or 'k'})", "top-1 changed", "own caption R@1",
+                 "R@5", "R@10", "mean TV shift", "cases (DAF too)"],
+                [(name, num(t.get("images")), num(t.get("mean_changed"), 2), pct(t.get("top1_changed_share")),
+                  f"{pct(t.get('recall_at_1_before'))} \u2192 {pct(t.get('recall_at_1_after'))}",
+                  f"{pct(t.get('recall_at_5_before'))} \u2192 {pct(t.get('recall_at_5_after'))}",
+                  f"{pct(t.get('recall_at_10_before'))} \u2192 {pct(t.get('recall_at_10_after'))}",
+                  num(t.get("mean_tv_distance")), f"{num(t.get('cases'))} ({num(t.get('daf_cases'))})")
+                 for name, t in transforms.items()], class_="tcac-summary"))
+            if names:
+                parts.append(self._chart("tcac_transforms", charts.transform_chart(
+                    names, [transforms[t].get("mean_changed") for t in names],
+                    [transforms[t].get("top1_changed_share") for t in names], top_k), "per-transform robustness"))
+            for name in names:
+                rows = by_transform.get(name) or []
+                if not rows:
+                    continue
+                parts.append(tag("h3", f"{name}: top {len(rows)} case{'s' if len(rows) > 1 else ''}"))
+                parts.extend(self._tcac_case(row) for row in rows)
+            return join(parts)
+
+        return render
+
+    def _tcac_case(self, row: dict[str, Any]) -> Markup:
+        shown = self.cfg.top_captions
+        gt = row.get("gt_caption")
+
+        def ranked(captions: list[str] | None, probs: list[float] | None) -> Markup:
+            captions, probs = captions or [], probs or []
+            return tag("ol", [tag("li", caption, " ", tag("span", f"({pct(prob)})", class_="prob"),
+                                  class_="gt" if caption == gt else None)
+                              for caption, prob in zip(captions[:shown], list(probs)[:shown] + [None] * shown)])
+
+        head = tag("div", tag("strong", f"#{row.get('rank')} "), tag("code", row["image_id"]),
+                   f" \u00b7 {num(row.get('changed'))} of the top captions changed \u00b7 own caption rank "
+                   f"{num(row.get('gt_rank_before'))} \u2192 {num(row.get('gt_rank_after'))} \u00b7 TV shift "
+                   f"{num(row.get('tv_distance'))}", " \u00b7 also a DAF case" if row.get("daf_case") else "",
+                   class_="case-head")
+        before = tag("div", tag("div", self.thumbs.img(row["_before"], alt="original", title=row["image_id"]),
+                                class_="cell query"),
+                     tag("div", tag("strong", "before"), ranked(row.get("top_before"), row.get("probs_before"))),
+                     class_="side")
+        after = tag("div", tag("div", self.thumbs.img(row["_after"], alt=f"{row['transform']}", title=row["image_id"]),
+                               class_="cell query"),
+                    tag("div", tag("strong", f"after {row['transform']}"),
+                        ranked(row.get("top_after"), row.get("probs_after"))), class_="side")
+        params = tag("div", "own caption: ", tag("span", gt, class_="gt"), " \u00b7 drawn parameters ",
+                     tag("code", row.get("params") or "{}"), class_="muted")
+        return tag("div", head, tag("div", before, after, class_="pair"), params, class_="case tcac-case",
+                   data_image_id=row["image_id"], data_transform=row["transform"])
+
+    # -- taxonomy ---------------------------------------------------------------------------------------------------
+
+    def _taxonomy(self) -> Section:
+        types = self.summary.get("failure_types")
+        title = "Failure types (LLM taxonomy) and their validation"
+        if types is None:
+            summarize = self.view.stats("summarize")
+            dry = summarize is not None and "nothing sent" in str((summarize.get("notes") or {}).get("summary", ""))
+            why = ("The summarize stage ran as a dry run: its prompts are in run_dir/llm/ and nothing was sent, so "
+                   "there is no failure_types table." if dry else
+                   "The summarize stage has not run in this run directory (no failure_types table).")
+            return lambda: join([tag("h2", title, id="taxonomy"),
+                                 missing("Failure taxonomy", why, "Run: clipaudit summarize --config CONFIG "
+                                         "(needs an OpenAI-compatible endpoint, see llm.base_url).")])
+        examples = [[(i, self.thumbs.want(i)) for i in item["example_ids"][: self.cfg.examples_per_type]]
+                    for item in types]
+        checks_table = self.view.read(FAILURE_CHECKS)
+        checks = [] if checks_table is None else checks_table.to_pylist()
+
+        def render() -> Markup:
+            parts: list[Any] = [tag("h2", title, id="taxonomy")]
+            if not types:
+                parts.append(tag("p", "The LLM named no failure types.", class_="muted"))
+            if checks_table is None:
+                parts.append(missing("Validation", "The validate stage has not run (no failure_checks table): no "
+                                     "success rates.", "Run: clipaudit validate --config CONFIG."))
+            for method in sorted({t["method"] for t in types}):
+                items = [(t, shown) for t, shown in zip(types, examples) if t["method"] == method]
+                parts.append(tag("h3", f"{method}: {len(items)} failure types"))
+                parts.append(table(
+                    ["#", "failure type", "support", "validated: CLIP cannot tell the pairs apart", "examples"],
+                    [(num(t.get("rank")), join([tag("strong", t["name"]), tag("div", t.get("description") or "",
+                                                                               class_="muted")]),
+                      f"{num(t.get('support'))} cases (named in {num(t.get('batches'))} answers)",
+                      "not validated" if t.get("n_pairs") is None and t.get("success_rate") is None else
+                      f"{pct(t.get('success_rate'))} of {num(t.get('n_pairs'))} pairs",
+                      tag("div", [self.thumbs.img(key, alt=self._caption(i), title=f"{i}: {self._caption(i)}")
+                                  for i, key in shown], class_="examples"))
+                     for t, shown in items], class_="taxonomy"))
+            if types:
+                parts.append(self._chart("failure_support", charts.support_chart(
+                    [f"{t['method']}: {t['name']}" for t in types], [int(t.get("support") or 0) for t in types],
+                    [t.get("success_rate") for t in types]), "support of each failure type"))
+            if checks:
+                parts.append(tag("h3", "Validation pairs"))
+                parts.append(tag("p", "For each failure type the LLM wrote caption pairs that should look different; "
+                                      "a pair counts when CLIP's text tower still finds them near-identical "
+                                      "(similarity at least the threshold).", class_="muted"))
+                rows = []
+                for check in sorted(checks, key=lambda c: (str(c.get("method")), str(c["name"]))):
+                    try:
+                        pairs = json.loads(check.get("pairs") or "[]")
+                    except ValueError:
+                        pairs = []
+                    sims = list(check.get("sims") or [])
+                    shown = [tag("div", str(a), " \u2194 ", str(b), " ",
+                                 tag("span", f"({num(sims[i])})" if i < len(sims) else "", class_="prob"))
+                             for i, (a, b) in enumerate(p for p in pairs[:3] if isinstance(p, list) and len(p) == 2)]
+                    rows.append((check.get("method") or "-", check["name"], check.get("status") or "-",
+                                 pct(check.get("success_rate")), num(check.get("threshold")), shown))
+                parts.append(table(["method", "failure type", "status", "success rate", "threshold",
+                                    "pairs (similarity)"],
+                                   rows, class_="checks"))
+            llm = self.summary.get("llm")
+            if llm:
+                cost = llm.get("cost_usd")
+                parts.append(tag("p", f"LLM calls: {llm['calls']:,} ",
+                                 json.dumps(llm.get("by_status") or {}, sort_keys=True),
+                                 f", {llm.get('tokens', 0):,} tokens",
+                                 f", ${cost:.4f}" if cost is not None else ", cost unknown (unpriced model)",
+                                 class_="muted"))
+            return join(parts)
+
+        return render
+
+
+def unused_thumbs(report_dir: str, keep: set[str]) -> list[str]:
+    """Local thumbnail files no longer referenced (a re-run shows other cases); [] for remote report folders."""
+    if fs.is_remote(report_dir):
+        return []
+    folder = os.path.join(report_dir, "thumbs")
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, name) for name in os.listdir(folder) if f"thumbs/{name}" not in keep]
+
