@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from clipaudit import knn
-from clipaudit.knn import cross_topk, self_topk
+from clipaudit.knn import cross_topk, self_topk, self_topk_work
 
 
 def _normalised(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -160,6 +160,12 @@ def test_cross_topk_whole_corpus() -> None:
     queries, corpus = _normalised(rng, 10, 8), _normalised(rng, 30, 8)
     ids, _ = cross_topk(queries, corpus, 30)
     assert (np.sort(ids, axis=1) == np.arange(30)).all()
+
+
+def test_self_topk_work_is_about_half_the_matrix() -> None:
+    assert self_topk_work(100, block_size=64) == 64 * 64 + 64 * 64 + 64 * 64
+    for n in (20_000, 100_000):
+        assert 0.5 < self_topk_work(n) / n**2 < 0.55
 
 
 def test_keys_order_by_value_then_index() -> None:
