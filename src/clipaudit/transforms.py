@@ -116,8 +116,9 @@ class AffineParams:
 
 
 @dataclass(frozen=True)
-class HflipParams:
-    """``v2.RandomHorizontalFlip``: mirror left-right with probability ``p``."""
+class ProbabilityParams:
+    """A transform with no parameter but its probability ``p``: ``v2.RandomHorizontalFlip`` (mirror left-right),
+    ``v2.RandomInvert`` (``255 - pixel``)."""
 
     p: float = 1.0
 
@@ -128,17 +129,8 @@ class HflipParams:
         return problems
 
 
-@dataclass(frozen=True)
-class InvertParams:
-    """``v2.RandomInvert``: ``255 - pixel`` with probability ``p``."""
-
-    p: float = 1.0
-
-    def problems(self) -> Problems:
-        """Out-of-range fields as (field, message)."""
-        problems: Problems = []
-        _check_range(problems, "p", self.p, 0.0, 1.0)
-        return problems
+HflipParams = ProbabilityParams
+InvertParams = ProbabilityParams
 
 
 @dataclass(frozen=True)
