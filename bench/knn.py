@@ -1,8 +1,13 @@
-"""Exact self k-NN on CPU: clipaudit.knn.self_topk against faiss and dense numpy.
+"""Exact self k-NN on CPU: clipaudit.knn.self_topk in-process and on Ray against faiss and dense numpy.
 
 For each (N, d) it times, on the same random L2-normalised float32 vectors:
 
-* ours:  ``self_topk(x, k)`` (blocked, symmetric, exact float32);
+* ours:  ``self_topk(x, k)`` (blocked, symmetric, exact float32), in-process;
+* ray:   the same search on a local Ray of ``--threads`` CPUs through ``TopkSearch`` (``clipaudit.runtime``):
+  ``--ray-workers`` single-threaded actors share the block pairs and the driver merges their N x k results.
+  ``ray`` counts everything after ``ray.init`` (actor start, ``ray.put``, merge); ``ray warm`` reuses a
+  started pool (the second role of a neighbours stage). ``ours/ray`` is in-process time over Ray time (the
+  goal: at least 0.9); ``ray ids = ours`` the share of identical neighbour ids;
 * faiss: ``IndexFlatIP.search(x, k + 1)`` then dropping each row itself, the
   exact brute-force peer (``pip install faiss-cpu``; the column is skipped if
   faiss is missing);
@@ -14,13 +19,15 @@ machine's matmul peak measured in the same run on a ``(block x d) @ (d x C)``
 product with ``C = min(N, 32768)`` (best of ``torch.mm``, i.e. MKL, and
 numpy's OpenBLAS; faiss bundles its own OpenBLAS); the ratios ours/faiss (time) and ours/peak
 (GFLOP/s); the peak resident memory each method added (sampled RSS); and the
-share of ours' neighbour ids that equal faiss's. ``self_topk`` multiplies only
+share of ours' neighbour ids that equal faiss's. A Ray run's CPU share is the driver's and its
+Ray processes' (all its descendants). ``self_topk`` multiplies only
 the upper triangle of block pairs, so its effective GFLOP/s can exceed the
 peak; "ours work/peak" counts the flops it actually does
 (``2 d self_topk_work(N)``, about ``N^2 d``)::
 
     .venv/bin/python bench/knn.py --quick                 # < 60 s
     .venv/bin/python bench/knn.py --sizes 20000,50000,100000 --dims 512,768
+    .venv/bin/python bench/knn.py --sizes 100000 --dims 512 --tries 1 --skip dense
 """
 
 from __future__ import annotations
@@ -37,7 +44,9 @@ import numpy as np
 import psutil
 import torch
 
+from clipaudit.config import NeighboursConfig
 from clipaudit.knn import auto_block_size, self_topk, self_topk_work
+from clipaudit.runtime import TopkSearch
 
 try:
     import faiss
@@ -63,7 +72,10 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--dense-limit-gb", type=float, default=4.0, help="largest N x N float32 matrix to try")
     parser.add_argument("--data", choices=["gaussian", "clustered"], default="gaussian")
     parser.add_argument("--quick", action="store_true", help="N = 5000, 10000 and d = 512 only (< 60 s)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for torch, BLAS and faiss")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="threads for torch, BLAS and faiss; CPUs of the local Ray")
+    parser.add_argument("--ray-workers", type=int, default=2, help="top-k actors of the Ray columns")
+    parser.add_argument("--skip", default="", help="comma-separated methods to leave out (faiss, dense, ray)")
     return parser.parse_args()
 
 
@@ -98,8 +110,14 @@ class _Probe:
     def _cpu(self) -> tuple[float, float]:
         machine = psutil.cpu_times()
         busy = sum(getattr(machine, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
-        own = self._proc.cpu_times()
-        return busy, own.user + own.system
+        own = 0.0
+        for proc in (self._proc, *self._proc.children(recursive=True)):
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            own += times.user + times.system
+        return busy, own
 
     def __enter__(self) -> _Probe:
         self.base = self.peak = self._proc.memory_info().rss
@@ -136,13 +154,16 @@ def _measure(method: str, n: int, d: int, args: argparse.Namespace) -> _Timing:
     ``args.tries`` runs): the fastest clean run, else the least contended,
     with the largest resident memory any run added."""
     _set_threads(args.threads)
+    _RAY_SETTINGS.update(cpus=args.threads, workers=args.ray_workers)
     fn = METHODS[method]
     fn(_vectors(1000, d, "gaussian", seed=3), args.k)
+    _close_cold_pools()
     x = _vectors(n, d, args.data)
     runs, ids = [], None
     for _ in range(args.tries):
         with _Probe() as probe:
             ids = fn(x, args.k)
+        _close_cold_pools()
         runs.append(probe)
         if sum(r.contention <= args.max_contention for r in runs) >= args.repeats:
             break
@@ -198,7 +219,42 @@ def _dense(x: np.ndarray, k: int) -> np.ndarray:
     return ids
 
 
-METHODS = {"ours": _ours, "faiss": _faiss, "dense": _dense}
+_RAY_SETTINGS: dict[str, int] = {}
+_COLD: list[TopkSearch] = []
+_WARM: list[TopkSearch] = []
+
+
+def _ray_search() -> TopkSearch:
+    """A top-k pool on a local Ray (started on first use, outside the timed runs' share of set-up)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=_RAY_SETTINGS["cpus"], include_dashboard=False, logging_level="WARNING")
+    cfg = NeighboursConfig(ray_min_images=0, ray_workers=_RAY_SETTINGS["workers"])
+    return TopkSearch(cfg, lambda: None).__enter__()
+
+
+def _ray(x: np.ndarray, k: int) -> np.ndarray:
+    """A fresh pool per run: actor start, ``ray.put``, the search and the merge (the pool is stopped after the
+    timed run by :func:`_close_cold_pools`)."""
+    _COLD.append(_ray_search())
+    return _COLD[-1].self_topk(x, k)[0]
+
+
+def _ray_warm(x: np.ndarray, k: int) -> np.ndarray:
+    """One pool for all runs (started by the untimed warm-up call)."""
+    if not _WARM:
+        _WARM.append(_ray_search())
+        _WARM[0].self_topk(_vectors(20000, x.shape[1], "gaussian", seed=4), k)
+    return _WARM[0].self_topk(x, k)[0]
+
+
+def _close_cold_pools() -> None:
+    while _COLD:
+        _COLD.pop().close()
+
+
+METHODS = {"ours": _ours, "faiss": _faiss, "dense": _dense, "ray": _ray, "ray_warm": _ray_warm}
 
 
 def _matmul_peak(n: int, d: int, args: argparse.Namespace) -> _Timing:
@@ -227,21 +283,30 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 HEADER = (
-    "| N | d | ours s | faiss s | dense s | ours GF/s | faiss GF/s | peak GF/s "
-    "| ours/faiss time | ours/peak | ours work/peak | ours MB | faiss MB | dense MB | ids = faiss | noise |"
+    "| N | d | ours s | ray s | ray warm s | faiss s | dense s | ours/ray time | ours/ray warm time "
+    "| ray ids = ours | ours GF/s | faiss GF/s | peak GF/s "
+    "| ours/faiss time | ours/peak | ours work/peak | ours MB | ray MB | faiss MB | dense MB | ids = faiss | noise |"
 )
 
 
-def _row(n: int, d: int, ours: _Timing, fai: _Timing | None, dense: _Timing | None, peak: _Timing) -> str:
+def _row(n: int, d: int, timings: dict[str, _Timing | None], peak: _Timing) -> str:
+    ours, fai, dense = timings["ours"], timings["faiss"], timings["dense"]
+    ray, warm = timings["ray"], timings["ray_warm"]
     flops = 2 * n * n * d / 1e9
     agree = None if fai is None else float((ours.ids == fai.ids).mean())
-    noise = max(t.contention for t in (ours, fai, dense, peak) if t is not None)
+    ray_agree = None if ray is None else float(min((ray.ids == ours.ids).mean(), (warm.ids == ours.ids).mean()))
+    noise = max(t.contention for t in (*timings.values(), peak) if t is not None)
     cells = [
         str(n),
         str(d),
         _fmt(ours.seconds, ".2f"),
+        _fmt(ray and ray.seconds, ".2f"),
+        _fmt(warm and warm.seconds, ".2f"),
         _fmt(fai and fai.seconds, ".2f"),
         _fmt(dense and dense.seconds, ".2f"),
+        _fmt(ray and ours.seconds / ray.seconds, ".2f"),
+        _fmt(warm and ours.seconds / warm.seconds, ".2f"),
+        _fmt(ray_agree, ".4f"),
         _fmt(flops / ours.seconds, ".0f"),
         _fmt(fai and flops / fai.seconds, ".0f"),
         _fmt(peak.seconds, ".0f"),
@@ -249,6 +314,7 @@ def _row(n: int, d: int, ours: _Timing, fai: _Timing | None, dense: _Timing | No
         _fmt(flops / ours.seconds / peak.seconds, ".2f"),
         _fmt(2 * d * self_topk_work(n) / 1e9 / ours.seconds / peak.seconds, ".2f"),
         _fmt(ours.added_mb, ".0f"),
+        _fmt(ray and ray.added_mb, ".0f"),
         _fmt(fai and fai.added_mb, ".0f"),
         _fmt(dense and dense.added_mb, ".0f"),
         _fmt(agree, ".4f"),
@@ -262,6 +328,7 @@ def main() -> None:
     args.tries = args.tries or (2 if args.quick else 4)
     sizes = [5000, 10000] if args.quick else [int(s) for s in args.sizes.split(",")]
     dims = [512] if args.quick else [int(s) for s in args.dims.split(",")]
+    skip = {s for s in args.skip.split(",") if s}
     _set_threads(args.threads)
     if faiss is None:
         print("faiss is not installed: `.venv/bin/pip install faiss-cpu` to add the faiss column.")
@@ -276,20 +343,24 @@ def main() -> None:
     for d in dims:
         for n in sizes:
             peak = _matmul_peak(n, d, args)
-            ours = _measure_in_child("ours", n, d, args)
-            fai = None if faiss is None else _measure_in_child("faiss", n, d, args)
-            dense = None
-            if n * n * 4 <= args.dense_limit_gb * 2**30:
-                dense = _measure_in_child("dense", n, d, args)
-            else:
+            timings: dict[str, _Timing | None] = {"ours": _measure_in_child("ours", n, d, args)}
+            for method in ("ray", "ray_warm"):
+                timings[method] = None if "ray" in skip else _measure_in_child(method, n, d, args)
+            timings["faiss"] = None if faiss is None or "faiss" in skip else _measure_in_child("faiss", n, d, args)
+            timings["dense"] = None
+            if "dense" not in skip and n * n * 4 <= args.dense_limit_gb * 2**30:
+                timings["dense"] = _measure_in_child("dense", n, d, args)
+            elif "dense" not in skip:
                 notes.append(
                     f"dense skipped from N={n}: its N x N matrix ({n * n * 4 / 2**30:.1f} GB) exceeds --dense-limit-gb"
                 )
-            print(_row(n, d, ours, fai, dense, peak), flush=True)
+            print(_row(n, d, timings, peak), flush=True)
     for note in notes[:1]:
         print(note)
     print(
-        "ours/faiss < 1: ours is faster. ours/peak uses the effective 2 N^2 d flops; self_topk computes "
+        f"ray: {args.ray_workers} actors on a local Ray of {args.threads} CPUs, timed after ray.init (ray warm: a "
+        "started pool); ours/ray >= 1: Ray is as fast. ours/faiss < 1: ours is faster. "
+        "ours/peak uses the effective 2 N^2 d flops; self_topk computes "
         "about half of them (symmetry): ours work/peak uses the flops it does compute. "
         "noise: largest CPU share other processes took during the reported runs."
     )

@@ -1,17 +1,19 @@
-"""TCAC throughput: transformed images scored per second through the pipeline (Ray: decode once and transform
-as CPU tasks, the CLIP actor pool for the forwards) against a bare in-process loop with the same model, in one
-run; and the text encodings the pipeline needed against the unique captions (goal: equal, each caption once).
+"""TCAC transforms, old path against new, per transform, in one run; then each transform's share of the stage.
 
-Both sides start from the same run directory state: samples ingested (the shared Flickr8k sample with its real
-captions where present, else generated scenes) and embedded by the embed stage (image and caption vectors),
-so both reuse the stored original and caption vectors. The bare loop builds the same caption pools, then reads,
-decodes, transforms, preprocesses, embeds (batches of --batch-size) and scores one image after another with
---threads torch threads, the same as the pipeline's CLIP actor (default: half the CPUs; the pipeline's CPU tasks
-run beside the actor, which is the overlap it exists for). The pipeline is timed on two corpus sizes, so its
-fixed start-up (actor start, model load) and its steady-state throughput separate:
-time(n) = start-up + n / throughput. Timings on a shared machine move with its load: the load average is printed.
+Old path (before the transforms moved to the model actor): per image and transform, the
+``torchvision.transforms.v2.functional`` kernel on the full-size decoded image, then the model's preprocessing
+(resize, crop, normalise) of the result. New path: the image resized once for the model (before the crop; its
+time shared by the image's rows), then per transform one batched call of
+:func:`clipaudit.transform_kernels.transform_batch` over the images of that size, the crop, and the model's
+normalisation. Both start from the same decoded images (the shared Flickr8k sample where present, else generated
+scenes of 500 x 375), on this process's CPU with --threads torch threads, and both yield the same model inputs
+up to the resolution change. Reported: transformed images per second per transform, and new / old.
 
-    python bench/tcac.py [--images N] [--small N] [--batch-size B] [--clip SPEC] [--cpus N] [--threads N]
+Then the tcac stage runs in-process (LocalRunner) with the CLIP model (default: ViT-B-32 with random weights, the
+real compute) on --stage-images images, and each transform's seconds are given as a share of the stage's wall
+time (goal: none above 25%). Timings on a shared machine move with its load: the load average is printed.
+
+    python bench/tcac.py [--images N] [--stage-images N] [--batch-size B] [--clip SPEC] [--threads N]
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,155 +34,183 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 
 
-def dataset_config(count: int, scratch: Path):
-    """The shared Flickr8k sample (first ``count`` images) where present, else ``count`` synthetic scenes."""
-    from clipaudit.config import DatasetConfig
+def load_images(count: int, scratch: Path) -> list[tuple[str, str]]:
+    """(image_id, path) of ``count`` images: the Flickr8k sample's first ones, else generated 500 x 375 scenes."""
+    folder = FLICKR / "images"
+    if folder.is_dir():
+        names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:count]
+        if len(names) == count:
+            return [(name, str(folder / name)) for name in names]
+    from PIL import Image
 
-    token = FLICKR / "Flickr8k.token.txt"
-    if token.is_file() and (FLICKR / "images").is_dir():
-        return DatasetConfig(format="flickr8k", captions=str(token), images=str(FLICKR / "images"), limit=count)
-    return DatasetConfig(format="synthetic", num_images=count, images=str(scratch / "synthetic"))
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(count):
+        pixels = np.empty((375, 500, 3), dtype=np.uint8)
+        pixels[:] = rng.integers(0, 256, 3)
+        for _ in range(4):
+            x, y = int(rng.integers(0, 400)), int(rng.integers(0, 300))
+            pixels[y:y + 80, x:x + 100] = rng.integers(0, 256, 3)
+        path = scratch / f"scene_{i:03d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        out.append((path.name, str(path)))
+    return out
 
 
-def prepare(config, model, ray_config):
-    """Ingest and embed (CLIP images and captions) a run directory; returns its tables and the embed stats."""
-    from clipaudit.io.tables import RunTables
-    from clipaudit.runtime import RayRunner
-    from clipaudit.stages.embed import run_embed
-    from clipaudit.stages.ingest import run_ingest
+def old_apply(image, name: str, drawn: dict, params):
+    """The per-image v2 functional kernels at full resolution, as TCAC applied them before this change."""
+    import torch
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
 
-    tables = RunTables(config.run_dir)
-    run_ingest(config, tables)
-    stats = run_embed(tables, RayRunner(ray_config, config.embed), {"clip": model}, config.embed)
-    return tables, stats
+    config = params.of(name)
+    if name == "grayscale":
+        return F.rgb_to_grayscale(image, num_output_channels=3)
+    if name == "hflip":
+        return F.horizontal_flip(image) if drawn["applied"] else image
+    if name == "invert":
+        return F.invert(image) if drawn["applied"] else image
+    mode, fill = InterpolationMode(config.interpolation), [float(config.fill)] * 3
+    if name == "rotation":
+        return F.rotate(image, drawn["angle"], interpolation=mode, expand=config.expand, fill=fill)
+    if name == "affine":
+        return F.affine(image, angle=drawn["angle"], translate=drawn["translate"], scale=drawn["scale"],
+                        shear=drawn["shear"], interpolation=mode, fill=fill)
+    if name == "perspective":
+        if not drawn["applied"]:
+            return image
+        return F.perspective(image, drawn["startpoints"], drawn["endpoints"], interpolation=mode, fill=fill)
+    height, width = image.shape[-2:]
+    generator = torch.Generator().manual_seed(drawn["field_seed"])
+    kernel = int(8 * config.sigma + 1)
+    kernel += 1 - kernel % 2
+    parts = []
+    for extent in (width, height):
+        d = torch.rand(1, 1, height, width, generator=generator) * 2 - 1
+        parts.append(F.gaussian_blur(d, [kernel, kernel], [config.sigma, config.sigma]) * config.alpha / extent)
+    return F.elastic(image, torch.concat(parts, 1).permute([0, 2, 3, 1]), interpolation=mode, fill=fill)
 
 
-def bare_loop(tables, model, config, threads: int) -> tuple[float, int]:
-    """Seconds and (image, transform) pairs for pools + read + decode + transform + preprocess + forward + scoring,
-    in this process, batch after batch."""
+def old_path(images, preprocess, tcac, name: str) -> float:
+    """Seconds for the old path of transform ``name`` over ``images`` (id, PIL image)."""
+    from torchvision.transforms.v2 import functional as F
+
+    from clipaudit.transforms import generator_for, sample_params
+
+    start = time.perf_counter()
+    for image_id, image in images:
+        tensor = F.pil_to_tensor(image)
+        drawn = sample_params(name, tcac.params, tensor.shape[-2], tensor.shape[-1],
+                              generator_for(tcac.seed, image_id, name))
+        preprocess(F.to_pil_image(old_apply(tensor, name, drawn, tcac.params).contiguous()))
+    return time.perf_counter() - start
+
+
+def new_path(resized, preprocess, tcac, name: str, batch_size: int) -> float:
+    """Seconds for the new path of transform ``name``: batched transform + crop + normalisation of the resized
+    images (id, H x W x 3 uint8), grouped by size in batches of ``batch_size``."""
     import torch
 
-    from clipaudit.records import SAMPLES, StageStats
+    from clipaudit.model_view import center_crop_or_pad, model_inputs, style_of
+    from clipaudit.transform_kernels import transform_batch
+    from clipaudit.transforms import generator_for, sample_params
+
+    start = time.perf_counter()
+    groups: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
+    for image_id, pixels in resized:
+        groups.setdefault(pixels.shape, []).append((image_id, pixels))
+    for shape, members in groups.items():
+        for first in range(0, len(members), batch_size):
+            chunk = members[first:first + batch_size]
+            drawn = [sample_params(name, tcac.params, shape[0], shape[1], generator_for(tcac.seed, i, name))
+                     for i, _ in chunk]
+            stack = torch.from_numpy(np.stack([p for _, p in chunk])).permute(0, 3, 1, 2)
+            outputs = transform_batch(stack, name, drawn, tcac.params)
+            squares = torch.stack([center_crop_or_pad(o, preprocess.image_size, style_of(preprocess))
+                                   for o in outputs])
+            model_inputs(squares.permute(0, 2, 3, 1).numpy(), preprocess)
+    return time.perf_counter() - start
+
+
+def stage_shares(paths, clip: str, batch_size: int, threads: int, scratch: Path) -> dict[str, float]:
+    """Run the tcac stage in-process over ``paths``; each transform's seconds as a share of its wall time."""
+    from clipaudit.config import Config, EmbedConfig, ModelsConfig
+    from clipaudit.io.tables import RunTables
+    from clipaudit.models import resolve_model
+    from clipaudit.records import SAMPLES, SAMPLES_SCHEMA, Sample, samples_to_table
     from clipaudit.runtime import LocalRunner
-    from clipaudit.stages.embed_batches import decode_image, read_image_bytes
-    from clipaudit.stages.tcac import load_corpus, load_originals
-    from clipaudit.tcac_scoring import caption_pools, compare, pool_probabilities
-    from clipaudit.transforms import transform_image
-
-    torch.set_num_threads(threads)
-    tcac = config.tcac
-    loaded = model.load("cpu")
-    samples = tables.read(SAMPLES, ["image_id", "uri", "captions", "caption"]).to_pylist()
-    first = decode_image(read_image_bytes(samples[0]["uri"]), 10**9)
-    loaded.encode_images(model.preprocess(first)[None])
-    start = time.perf_counter()
-    corpus = load_corpus(tables, tables.read(SAMPLES), LocalRunner(), model, config.embed, StageStats("bench"))
-    pools = caption_pools(corpus, {s["image_id"]: corpus.rows(s["captions"]) for s in samples}, tcac.pool_neighbours)
-    originals = load_originals(tables, model.spec, {s["image_id"] for s in samples})
-    pending: list[tuple[str, np.ndarray]] = []
-    pairs = 0
-
-    def score(rows: list[tuple[str, np.ndarray]]) -> int:
-        vectors = loaded.encode_images(np.stack([pixels for _, pixels in rows]))
-        for (image_id, _), vector in zip(rows, vectors):
-            pool = pools[image_id]
-            probs = pool_probabilities(np.stack([originals[image_id], vector]), corpus.vectors[pool],
-                                       loaded.logit_scale)
-            compare(probs[0], probs[1], tcac.top_k, 0)
-        return len(rows)
-
-    for sample in samples:
-        image = decode_image(read_image_bytes(sample["uri"]), config.embed.max_pixels)
-        for name in tcac.transforms:
-            transformed, _ = transform_image(image, name, tcac.params, tcac.seed, sample["image_id"])
-            pending.append((sample["image_id"], model.preprocess(transformed)))
-            if len(pending) == config.embed.batch_size:
-                pairs += score(pending)
-                pending = []
-    if pending:
-        pairs += score(pending)
-    return time.perf_counter() - start, pairs
-
-
-def pipeline(tables, model, config, ray_config) -> tuple[float, object]:
-    """Seconds for the tcac stage through Ray, start-up included, and its stats."""
-    from clipaudit.runtime import RayRunner
+    from clipaudit.stages.embed import run_embed
     from clipaudit.stages.tcac import run_tcac
+    from clipaudit.transforms import TRANSFORM_NAMES
 
-    start = time.perf_counter()
-    stats = run_tcac(config, tables, RayRunner(ray_config, config.embed), model)
-    return time.perf_counter() - start, stats
+    embed = EmbedConfig(batch_size=batch_size, torch_threads=threads, write_every=4096)
+    config = Config(run_dir=str(scratch / "stage"), models=ModelsConfig(clip=clip), embed=embed)
+    tables = RunTables(config.run_dir)
+    samples = [Sample(image_id=i, uri=p, captions=[f"a photo number {n}", f"picture {n} of something"],
+                      caption=f"a photo number {n}", source="bench") for n, (i, p) in enumerate(paths)]
+    tables.insert_new(SAMPLES, samples_to_table(samples), "image_id", SAMPLES_SCHEMA)
+    model = resolve_model(clip, "clip")
+    run_embed(tables, LocalRunner(), {"clip": model}, embed)
+    stats = run_tcac(config, tables, LocalRunner(), model)
+    wall = stats.seconds["wall"]
+    shares = {name: stats.seconds.get(f"transform_{name}", 0.0) / wall for name in TRANSFORM_NAMES}
+    shares.update(resize=stats.seconds.get("resize", 0.0) / wall, forward=stats.seconds.get("infer_clip", 0.0) / wall,
+                  wall_s=wall, pairs=stats.counts.get("pairs_written", 0))
+    return shares
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=40)
-    parser.add_argument("--small", type=int, default=12, help="the smaller corpus, for the start-up cost")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--stage-images", type=int, default=24, help="images for the stage-share run (0: skip)")
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--clip", default="open_clip:ViT-B-32/random")
-    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads of the bare loop and of the pipeline's CLIP actor (0: half the CPUs)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: half the CPUs)")
     args = parser.parse_args()
-    threads = args.threads or max(1, args.cpus // 2)
+    threads = args.threads or max(1, (os.cpu_count() or 2) // 2)
 
-    import ray
+    import torch
 
-    from clipaudit.config import Config, EmbedConfig, RayConfig
+    from clipaudit.config import TcacConfig
+    from clipaudit.model_view import resize_for_model
     from clipaudit.models import resolve_model
+    from clipaudit.stages.embed_batches import decode_image, read_image_bytes
+    from clipaudit.transforms import TRANSFORM_NAMES
 
-    model = resolve_model(args.clip, "clip")
-    embed = EmbedConfig(batch_size=args.batch_size, cpus_per_actor=min(0.5, args.cpus / 4), write_every=4096,
-                        torch_threads=threads)
-    ray_config = RayConfig(num_cpus=args.cpus)
+    torch.set_num_threads(threads)
+    preprocess = resolve_model(args.clip, "clip").preprocess
+    tcac = TcacConfig()
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
-        ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        runs = {}
-        for name, count in (("small", args.small), ("full", args.images)):
-            config = Config(run_dir=str(scratch / name), dataset=dataset_config(count, scratch), embed=embed)
-            config = replace(config, models=replace(config.models, clip=args.clip))
-            tables, embed_stats = prepare(config, model, ray_config)
-            runs[name] = (config, tables, embed_stats)
-        small_s, _ = pipeline(runs["small"][1], model, runs["small"][0], ray_config)
-        full_s, stats = pipeline(runs["full"][1], model, runs["full"][0], ray_config)
-        ray.shutdown()
-        config, tables, embed_stats = runs["full"]
-        bare_s, bare_pairs = bare_loop(tables, model, config, threads)
-        caption_rows = sum(len(c or []) for c in tables.read("samples", ["captions"]).column("captions").to_pylist())
-
-    transforms = len(config.tcac.transforms)
-    pairs = stats.counts["pairs_written"]
-    small_pairs = args.small * transforms
-    bare_rate = bare_pairs / bare_s
-    steady_rate = (pairs - small_pairs) / max(full_s - small_s, 1e-9)
-    end_to_end_rate = pairs / full_s
-    startup_s = max(small_s - small_pairs / steady_rate, 0.0)
-    embed_texts = embed_stats.counts.get("captions_todo", 0)
-    tcac_texts = stats.counts["text_encodings"]
-    unique = stats.counts["unique_captions"]
-    result = {
-        "images": args.images, "transforms": transforms, "pairs": pairs, "bare_pairs": bare_pairs,
-        "source": "flickr8k" if config.dataset.format == "flickr8k" else "synthetic", "model": args.clip,
-        "cpus": args.cpus, "torch_threads": threads, "load_average": round(os.getloadavg()[0], 2),
-        "batch_size": args.batch_size, "bare_img_per_s": round(bare_rate, 2),
-        "pipeline_steady_img_per_s": round(steady_rate, 2), "pipeline_end_to_end_img_per_s": round(end_to_end_rate, 2),
-        "steady_ratio": round(steady_rate / bare_rate, 3), "end_to_end_ratio": round(end_to_end_rate / bare_rate, 3),
-        "pipeline_startup_s": round(startup_s, 1),
-        "text_encodings_embed": embed_texts, "text_encodings_tcac": tcac_texts, "unique_captions": unique,
-        "caption_rows": caption_rows,
-    }
-    print(f"tcac benchmark: {args.images} images ({result['source']}) x {transforms} transforms = {pairs} "
-          f"transformed images, {args.clip}, {args.cpus} CPUs, batch {args.batch_size}")
-    print(f"  bare in-process loop        {bare_rate:8.2f} transformed img/s  ({threads} torch threads)")
-    print(f"  Ray pipeline, steady state  {steady_rate:8.2f} transformed img/s  ratio {result['steady_ratio']:.2f}")
-    print(f"  Ray pipeline, end to end    {end_to_end_rate:8.2f} transformed img/s  ratio "
-          f"{result['end_to_end_ratio']:.2f}")
-    print(f"  fixed start-up per run      {startup_s:8.1f} s   (1-min load average at the end: "
-          f"{result['load_average']} on {os.cpu_count()} cores)")
-    print(f"  text encodings: embed stage {embed_texts} + tcac stage {tcac_texts} = {embed_texts + tcac_texts} "
-          f"for {unique} unique captions (goal: equal; {caption_rows} caption rows)")
+        paths = load_images(args.images, scratch)
+        images = [(i, decode_image(read_image_bytes(p), 10**9)) for i, p in paths]
+        start = time.perf_counter()
+        resized = [(i, resize_for_model(image, preprocess)) for i, image in images]
+        resize_share = (time.perf_counter() - start) / (len(TRANSFORM_NAMES) + 1)
+        new_path(resized[:2], preprocess, tcac, "elastic", args.batch_size)
+        rows = {}
+        for name in TRANSFORM_NAMES:
+            old_s = old_path(images, preprocess, tcac, name)
+            new_s = new_path(resized, preprocess, tcac, name, args.batch_size) + resize_share
+            rows[name] = {"old_img_per_s": round(len(images) / old_s, 1),
+                          "new_img_per_s": round(len(images) / new_s, 1), "speedup": round(old_s / new_s, 2)}
+        shares = stage_shares(paths[:args.stage_images], args.clip, args.batch_size, threads, scratch) \
+            if args.stage_images else {}
+    source = "flickr8k" if paths[0][1].startswith(str(FLICKR)) else "synthetic"
+    result = {"images": len(images), "source": source, "model_input": preprocess.image_size, "clip": args.clip,
+              "torch_threads": threads, "batch_size": args.batch_size, "load_average": round(os.getloadavg()[0], 2),
+              "per_transform": rows, "stage_shares": {k: round(v, 4) for k, v in shares.items()}}
+    print(f"tcac transforms: {len(images)} images ({source}), model input {preprocess.image_size} px, "
+          f"{threads} torch threads, batch {args.batch_size}")
+    print(f"  {'transform':12s} {'old img/s':>10s} {'new img/s':>10s} {'new/old':>8s}")
+    for name, row in rows.items():
+        print(f"  {name:12s} {row['old_img_per_s']:10.1f} {row['new_img_per_s']:10.1f} {row['speedup']:7.2f}x")
+    if shares:
+        print(f"  stage ({shares['pairs']} transformed images, {args.clip}, {shares['wall_s']:.1f} s wall), "
+              "share of the stage's time:")
+        print("   " + ", ".join(f"{name} {shares[name]:.1%}" for name in TRANSFORM_NAMES)
+              + f"; resize {shares['resize']:.1%}; forward {shares['forward']:.1%}")
+    print(f"  1-min load average at the end: {result['load_average']} on {os.cpu_count()} cores")
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "tcac.json").write_text(json.dumps(result, indent=2) + "\n")

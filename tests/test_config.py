@@ -79,3 +79,41 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(write(tmp_path, config.to_dict()))
     assert again == config
     assert isinstance(again, Config)
+
+
+@pytest.mark.parametrize(("dataset", "key"), [
+    ({"format": "flickr8k", "templates": ["a {label}"]}, "templates"),
+    ({"format": "synthetic", "images": "imgs"}, "images"),
+    ({"format": "imagefolder", "caption_columns": ["text"]}, "caption_columns"),
+    ({"format": "webdataset", "num_images": 5}, "num_images"),
+    ({"format": "flickr8k", "id_column": "id"}, "id_column"),
+])
+def test_a_key_the_format_does_not_read_is_an_error_naming_key_and_format(tmp_path, dataset, key):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "caps.txt").write_text("a.jpg#0\tx\n")
+    data = {"dataset": {"captions": "caps.txt", "images": "imgs", **dataset}}
+    if dataset["format"] in ("synthetic", "imagefolder", "webdataset"):
+        del data["dataset"]["captions"]
+    if dataset["format"] == "synthetic" and key != "images":
+        del data["dataset"]["images"]
+    with pytest.raises(ConfigError, match=rf"dataset\.{key}: format {dataset['format']} does not read this key"):
+        load_config(write(tmp_path, data))
+
+
+def test_keys_left_at_their_defaults_and_common_keys_are_not_errors(tmp_path):
+    (tmp_path / "caps.txt").write_text("a.jpg#0\tx\n")
+    (tmp_path / "imgs").mkdir()
+    config = load_config(write(tmp_path, {"dataset": {
+        "format": "flickr8k", "captions": "caps.txt", "images": "imgs", "seed": 0, "num_images": 64, "limit": 3,
+        "caption_choice": "first", "duplicate_check": "uri"}}))
+    assert config.dataset.limit == 3
+
+
+def test_manifest_images_is_the_base_folder_and_must_exist(tmp_path):
+    (tmp_path / "m.csv").write_text("image,caption\na.jpg,x\n")
+    (tmp_path / "pictures").mkdir()
+    config = load_config(write(tmp_path, {"dataset": {"format": "manifest", "captions": "m.csv",
+                                                      "images": "pictures"}}))
+    assert config.dataset.images == str(tmp_path / "pictures")
+    with pytest.raises(ConfigError, match="dataset.images: folder not found: .*nowhere"):
+        load_config(write(tmp_path, {"dataset": {"format": "manifest", "captions": "m.csv", "images": "nowhere"}}))

@@ -121,3 +121,22 @@ def test_missing_column_is_an_error_naming_file_and_column(folder, name):
 def test_unknown_extension_is_an_error(folder):
     with pytest.raises(IngestError, match="m.xml"):
         _read(write_lines(folder / "m.xml", ["<x/>"]))
+
+
+def test_dataset_images_is_the_base_folder_of_relative_paths(folder, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("lists")
+    manifest = write_lines(elsewhere / "m.csv", ["image,caption", "a.jpg,a dog", "missing.jpg,a ghost",
+                                                  f"{folder / 'imgs' / 'b.png'},an absolute path"])
+    samples, rejects = _read(manifest, images=str(folder / "imgs"))
+    got = {s.image_id: s.uri for s in samples}
+    assert got["a.jpg"] == os.path.join(str(folder), "imgs", "a.jpg")
+    assert got[str(folder / "imgs" / "b.png")] == str(folder / "imgs" / "b.png")
+    (missing,) = rejects
+    assert missing.reason == "missing_image" and os.path.join(str(folder), "imgs", "missing.jpg") in missing.detail
+
+
+def test_without_dataset_images_a_missing_image_says_where_paths_are_taken_from(folder):
+    manifest = write_lines(folder / "m.csv", ["image,caption", "a.jpg,a dog"])
+    _, (missing,) = _read(manifest)
+    assert missing.reason == "missing_image"
+    assert "relative paths are taken from the manifest's folder unless dataset.images" in missing.detail

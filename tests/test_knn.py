@@ -202,3 +202,127 @@ def test_nan_is_rejected() -> None:
     x[3, 1] = np.nan
     with pytest.raises(ValueError, match="NaN or infinite values in 1 row\\(s\\), first row 3"):
         self_topk(x, 2)
+
+
+def _coverage(n: int, pairs: list[knn.Pair]) -> np.ndarray:
+    count = np.zeros((n, n), dtype=np.int64)
+    for (r0, r1), (c0, c1) in pairs:
+        count[r0:r1, c0:c1] += 1
+        if (r0, r1) != (c0, c1):
+            count[c0:c1, r0:r1] += 1
+    return count
+
+
+def test_self_pairs_offer_every_entry_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(knn, "_MIN_SPLIT", 64)
+    for n, block in ((300, 64), (1000, 256), (777, 512)):
+        pairs = knn.self_pairs(n, block)
+        assert (_coverage(n, pairs) == 1).all()
+        assert any(rows != cols and rows[1] > cols[0] for rows, cols in pairs) is False
+
+
+@pytest.mark.parametrize("data", ["gaussian", "ties"])
+def test_shares_of_the_pairs_merge_to_self_topk(monkeypatch: pytest.MonkeyPatch, data: str) -> None:
+    """Pairs dealt to three searches in a scrambled order (so off-diagonal blocks come first and are seeded
+    from their run maxima) merge to exactly the in-process result."""
+    monkeypatch.setattr(knn, "_MIN_SPLIT", 64)
+    rng = np.random.default_rng(21)
+    x = _normalised(rng, 900, 24) if data == "gaussian" else _tie_heavy(rng, 900)
+    k, block = 8, 192
+    pairs = knn.self_pairs(len(x), block)
+    order = rng.permutation(len(pairs))
+    shares = [[pairs[i] for i in order[w::3]] for w in range(3)]
+    merged = None
+    for share in shares:
+        search = knn.SelfSearch(x, k, block)
+        search.run(share)
+        merged = search.result() if merged is None else knn.merge_topk(merged, search.result())
+    ids, sims = self_topk(x, k, block_size=block)
+    np.testing.assert_array_equal(merged[0], ids)
+    np.testing.assert_array_equal(merged[1], sims)
+
+
+def test_merge_topk_orders_by_similarity_then_smaller_id() -> None:
+    a = (np.array([[4, 9, knn._SENTINEL_ID]]), np.array([[0.5, 0.25, -np.inf]], dtype=np.float32))
+    b = (np.array([[2, 7, 1]]), np.array([[0.5, 0.75, 0.25]], dtype=np.float32))
+    ids, sims = knn.merge_topk(a, b)
+    assert ids.tolist() == [[7, 2, 4]]
+    assert sims.tolist() == [[0.75, 0.5, 0.5]]
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_low_precision_search_is_made_exact(dtype_name: str) -> None:
+    """Forced low-precision products on CPU, re-scored in float32: the float32 ids, and rows without a clear
+    gap are searched again."""
+    torch = pytest.importorskip("torch")
+    dtype = getattr(torch, dtype_name)
+    x = _normalised(np.random.default_rng(31), 800, 32)
+    expected_ids, expected_sims = self_topk(x, 6, block_size=128)
+    ids, sims, again = knn.self_topk_exact(x, 6, margin=6, dtype=dtype, block_size=128)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(sims, expected_sims, atol=2e-6)
+    lowp_ids, _ = self_topk(x, 6, block_size=128, dtype=dtype)
+    assert (lowp_ids != expected_ids).any()
+    _, _, again_narrow = knn.self_topk_exact(x, 6, margin=0, dtype=dtype, block_size=128)
+    assert again < again_narrow <= len(x)
+
+
+def test_low_precision_ties_fall_back_to_float32() -> None:
+    torch = pytest.importorskip("torch")
+    x = _tie_heavy(np.random.default_rng(32), 500)
+    ids, sims, again = knn.self_topk_exact(x, 9, margin=4, dtype=torch.bfloat16, block_size=128)
+    ref_ids, ref_sims = _reference(x, x, 9, exclude=np.arange(len(x)))
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(sims, ref_sims.astype(np.float32))
+    assert again > 0
+
+
+def test_cross_topk_exact_with_exclusion() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(33)
+    corpus = _normalised(rng, 600, 16)
+    exclude = np.arange(150)
+    exclude[::5] = -1
+    ids, sims, _ = knn.cross_topk_exact(corpus[:150], corpus, 7, margin=5, exclude=exclude, dtype=torch.float16)
+    expected = cross_topk(corpus[:150], corpus, 7, exclude=exclude)
+    np.testing.assert_array_equal(ids, expected[0])
+    np.testing.assert_allclose(sims, expected[1], atol=2e-6)
+
+
+def test_refine_searches_uncertified_rows_again() -> None:
+    """refine trusts the candidate lists only as far as the error bound proves them complete: with a bound
+    wider than the gap every row is searched again (and these lists, missing each row's best neighbour, are
+    corrected); with a gap wider than the bound the re-scored candidates are kept as they are."""
+    rng = np.random.default_rng(34)
+    x = _normalised(rng, 200, 8)
+    true_ids, true_sims = cross_topk(x[:3], x, 4, exclude=np.arange(3))
+    wrong, lowp = true_ids[:, 1:].copy(), true_sims[:, 1:].copy()
+    ids, sims, again = knn.refine(x[:3], x, wrong, lowp, 2, 1.0, exclude=np.arange(3))
+    assert again == 3
+    np.testing.assert_array_equal(ids, true_ids[:, :2])
+    np.testing.assert_array_equal(sims, true_sims[:, :2])
+    lowp[:, -1] = -1.0
+    ids, _, again = knn.refine(x[:3], x, wrong, lowp, 2, 1e-3, exclude=np.arange(3))
+    assert again == 0
+    np.testing.assert_array_equal(ids, true_ids[:, 1:3])
+
+
+def test_lowp_error_bound_grows_with_the_roundoff() -> None:
+    torch = pytest.importorskip("torch")
+    f32 = knn.lowp_error_bound(torch.float32, 512)
+    f16 = knn.lowp_error_bound(torch.float16, 512)
+    bf16 = knn.lowp_error_bound(torch.bfloat16, 512)
+    assert f32 < 1e-4 < f16 < bf16 < 0.02
+    assert knn.lowp_error_bound(torch.float16, 512, max_norm=2.0) == pytest.approx(4 * f16)
+
+
+def test_self_tasks_hold_every_pair_once_diagonals_first() -> None:
+    n, block = 5000, 512
+    tasks = knn.self_tasks(n, block, workers=2, per_worker=4)
+    flat = [pair for task in tasks for pair in task]
+    assert sorted(flat) == sorted(knn.self_pairs(n, block))
+    n_spans = len(knn.row_spans(n, block))
+    assert all(rows[0] < cols[1] and rows[1] > cols[0] or rows == cols for task in tasks[:n_spans]
+               for rows, cols in task)
+    assert all(rows[1] <= cols[0] for task in tasks[n_spans:] for rows, cols in task)
+    assert len(tasks) - n_spans <= 2 * 4 + n_spans

@@ -1,4 +1,7 @@
-"""Preprocess: shapes, dtypes, validation, and the same pixels as open_clip's (torchvision) inference transform."""
+"""Preprocess: shapes, dtypes, validation, the same pixels as torchvision's transforms, hf processor configs.
+
+Identity with transformers' processors and open_clip's transform on many shapes: test_preprocess_reference.py.
+"""
 
 from __future__ import annotations
 
@@ -95,7 +98,8 @@ def test_is_picklable_data():
 
 
 @pytest.mark.parametrize("kwargs", [{"interpolation": "nearest"}, {"kind": "tensor"}, {"image_size": 0},
-                                    {"resize_mode": "crop"}, {"std": (1.0, 0.0, 1.0)}])
+                                    {"resize_mode": "crop"}, {"std": (1.0, 0.0, 1.0)}, {"style": "pil"},
+                                    {"style": "transformers", "resize_mode": "longest"}])
 def test_bad_fields_are_errors(kwargs):
     fields = {"image_size": 8, "resize_size": 8, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0),
               "interpolation": "bicubic"}
@@ -108,12 +112,20 @@ def test_hf_processor_configs():
     legacy_clip = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
                    "image_mean": list(OPENAI_MEAN), "image_std": list(OPENAI_STD), "resample": 3, "size": 224}
     assert preprocess_from_processor_config(legacy_clip, "clip") == Preprocess(224, 224, OPENAI_MEAN, OPENAI_STD,
-                                                                               "bicubic")
+                                                                               "bicubic", style="transformers")
     dino = {"crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "image_mean": list(IMAGENET_MEAN),
             "image_std": list(IMAGENET_STD), "resample": 3, "size": {"shortest_edge": 256}}
     assert preprocess_from_processor_config(dino, "dinov2") == Preprocess(224, 256, IMAGENET_MEAN, IMAGENET_STD,
-                                                                          "bicubic")
+                                                                          "bicubic", style="transformers")
     squash = {"size": {"height": 256, "width": 256}, "do_center_crop": False, "resample": 2,
               "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
     assert preprocess_from_processor_config(squash, "clip") == Preprocess(
-        256, 256, (0.5,) * 3, (0.5,) * 3, "bilinear", resize_mode="squash")
+        256, 256, (0.5,) * 3, (0.5,) * 3, "bilinear", resize_mode="squash", style="transformers")
+
+
+@pytest.mark.parametrize("fields", [{"do_rescale": False}, {"rescale_factor": 1 / 127.5}])
+def test_hf_processor_config_with_another_rescale_is_an_error(fields):
+    from clipaudit.models import ModelSpecError
+
+    with pytest.raises(ModelSpecError, match="rescale"):
+        preprocess_from_processor_config({"size": {"shortest_edge": 256}, **fields}, "dinov2")

@@ -109,11 +109,16 @@ def test_equal_to_torchvision_v2_under_the_same_seed(image, name, reference):
 
 
 def test_elastic_field_equals_torchvision_v2_for_its_recorded_seed(image):
+    """The same noise and filter as ``v2.ElasticTransform``; the blur runs separably (rows, then columns), so a
+    rare pixel rounds to the neighbouring grey level."""
     tensor = F.pil_to_tensor(image)
-    drawn = transform_image(image, "elastic", PARAMS, 0, "e.jpg")[1]
     reference = v2.ElasticTransform(alpha=50.0, sigma=5.0, interpolation=BILINEAR, fill=[0.0] * 3)
-    assert torch.equal(apply_params(tensor, "elastic", drawn, PARAMS),
-                       _v2_under_seed(reference, tensor, drawn["field_seed"]))
+    for image_id in ("e.jpg", "f.jpg", "g.jpg"):
+        drawn = transform_image(image, "elastic", PARAMS, 0, image_id)[1]
+        ours = apply_params(tensor, "elastic", drawn, PARAMS).int()
+        theirs = _v2_under_seed(reference, tensor, drawn["field_seed"]).int()
+        differ = (ours - theirs).abs()
+        assert int(differ.max()) <= 1 and float((differ > 0).float().mean()) < 0.002
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

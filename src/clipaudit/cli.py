@@ -87,11 +87,18 @@ def _llm_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def configure_logging(verbose: bool) -> None:
+    """clipaudit's own messages from INFO up; other libraries' (open_clip logs on the root logger, matplotlib...)
+    only from WARNING up, unless ``verbose``: then everything from DEBUG up."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("clipaudit").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``clipaudit`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging(args.verbose)
     try:
         if args.command == "diff":
             return _diff(args)

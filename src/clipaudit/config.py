@@ -35,10 +35,11 @@ class DatasetConfig:
     """flickr8k: ``Flickr8k.token.txt`` or the CSV ``image,caption`` file. manifest: the CSV/JSONL/Parquet file."""
     images: str | None = None
     """flickr8k: the image folder. imagefolder: the root with one folder per class.
-    webdataset: a folder of .tar shards or one .tar."""
+    webdataset: a folder of .tar shards or one .tar. manifest (optional): the folder relative image paths are
+    taken from (default: the manifest's own folder)."""
     caption_choice: Literal["longest", "first"] = "longest"
     image_column: str = "image"
-    """manifest: column holding an image path (relative to the manifest's folder) or URL."""
+    """manifest: column holding an image path (relative to ``images``, else to the manifest's folder) or URL."""
     caption_columns: list[str] = field(default_factory=lambda: ["caption"])
     """manifest: one or more caption columns; a column may hold a string or a list of strings."""
     id_column: str | None = None
@@ -57,6 +58,41 @@ class DatasetConfig:
     """synthetic: how many scenes to generate."""
     seed: int = 0
     """synthetic: the generator seed."""
+
+    def __post_init__(self) -> None:
+        unread = unread_dataset_keys(self)
+        if unread:
+            key = unread[0]
+            raise ConfigError(f"dataset.{key}: format {self.format} does not read this key (it reads: "
+                              f"{', '.join(sorted(FORMAT_KEYS[self.format] | COMMON_DATASET_KEYS))}); "
+                              f"remove dataset.{key} or change dataset.format")
+
+
+COMMON_DATASET_KEYS = frozenset({"format", "caption_choice", "limit", "duplicate_check"})
+"""Dataset keys that every format reads (the ingest stage applies them after the reader)."""
+FORMAT_KEYS: dict[str, frozenset[str]] = {
+    "flickr8k": frozenset({"captions", "images"}),
+    "manifest": frozenset({"captions", "images", "image_column", "caption_columns", "id_column"}),
+    "imagefolder": frozenset({"images", "templates", "class_names"}),
+    "webdataset": frozenset({"images"}),
+    "synthetic": frozenset({"num_images", "seed"}),
+}
+"""The dataset keys each format's reader reads, besides :data:`COMMON_DATASET_KEYS`."""
+
+
+def unread_dataset_keys(dataset: DatasetConfig) -> list[str]:
+    """Keys of ``dataset`` set to something other than their default that its format does not read, in field
+    order (a key left at its default is not an error: it changes nothing either way)."""
+    defaults = DatasetConfig.__dataclass_fields__
+    read = FORMAT_KEYS.get(dataset.format, frozenset()) | COMMON_DATASET_KEYS
+    unread = []
+    for name, spec in defaults.items():
+        if name in read:
+            continue
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        if getattr(dataset, name) != default:
+            unread.append(name)
+    return unread
 
 
 @dataclass(frozen=True)
@@ -106,6 +142,14 @@ class RayConfig:
     """``auto``: GPU actors with fp16 when the cluster has GPUs, CPU otherwise."""
     runner: Literal["ray", "local"] = "ray"
     """``local``: run the batch work in-process without Ray (debugging, tiny corpora)."""
+    actor_start_timeout_s: int = 900
+    """A stage whose model actors have not all started after this long fails (a backstop: the placement check
+    refuses plans that cannot fit before any work; this covers nodes that never come, e.g. an autoscaler out of
+    quota). Leave room for an autoscaler to launch GPU nodes."""
+
+    def __post_init__(self) -> None:
+        if self.actor_start_timeout_s < 1:
+            raise ConfigError(f"ray.actor_start_timeout_s: must be at least 1, got {self.actor_start_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -132,6 +176,17 @@ class NeighboursConfig:
     """ann: images whose ANN lists are compared with exact search (recall@k in the stats); 0: not measured."""
     seed: int = 0
     """Seeds the recall sample."""
+    ray_min_images: int = 50_000
+    """Exact searches over at least this many rows (images; captions for the TCAC pools) run on Ray workers
+    when ``ray.runner`` is ``ray``; smaller ones, and every search under ``ray.runner: local``, in-process."""
+    ray_workers: int | None = None
+    """Ray top-k actors; None: one per GPU when the search runs on GPUs, else as many as the nodes' CPUs hold
+    at ``ray_cpus_per_worker`` each."""
+    ray_cpus_per_worker: float = 1.0
+    """CPUs each top-k actor reserves (fractions allowed; capped at the smallest node's CPUs); it runs
+    ``max(1, floor(cpus))`` torch threads."""
+    lowp_margin: int = 10
+    """Extra candidates per row searched in fp16 on a GPU before the exact fp32 re-score keeps k."""
 
     def __post_init__(self) -> None:
         problems = [f"neighbours.{key}: must be at least {low}, got {value}"
@@ -139,8 +194,13 @@ class NeighboursConfig:
                                             ("ann_partitions", self.ann_partitions, 1),
                                             ("ann_nprobes", self.ann_nprobes, 1),
                                             ("ann_refine_factor", self.ann_refine_factor, 0),
-                                            ("recall_sample", self.recall_sample, 0))
+                                            ("recall_sample", self.recall_sample, 0),
+                                            ("ray_min_images", self.ray_min_images, 0),
+                                            ("ray_workers", self.ray_workers, 1),
+                                            ("lowp_margin", self.lowp_margin, 0))
                     if value is not None and value < low]
+        if not self.ray_cpus_per_worker > 0:
+            problems.append(f"neighbours.ray_cpus_per_worker: must be above 0, got {self.ray_cpus_per_worker}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -574,6 +634,10 @@ def _check_files(config: Config) -> None:
             raise ConfigError(f"dataset.{name} is required for format {ds.format}")
         if not _is_remote(value) and not os.path.exists(value):
             raise ConfigError(f"dataset.{name}: file not found: {value}")
+    if ds.format == "manifest" and ds.images is not None and not _is_remote(ds.images) \
+            and not os.path.isdir(ds.images):
+        raise ConfigError(f"dataset.images: folder not found: {ds.images} (manifest: the base folder of relative "
+                          "image paths)")
     if ds.class_names is not None and not os.path.exists(ds.class_names):
         raise ConfigError(f"dataset.class_names: file not found: {ds.class_names}")
     if not ds.caption_columns:

@@ -30,12 +30,24 @@ default to float16 inputs (cuBLAS accumulates in float32 but rounds each
 similarity to float16, about 3 significant digits), which is much faster;
 pass ``dtype=torch.float32`` for float32 results there. The ordering is then
 exact with respect to the similarities that were computed.
+
+Exact results from low-precision products (:func:`self_topk_exact`,
+:func:`cross_topk_exact`, :func:`refine`): search ``k + margin`` candidates
+in float16, re-score them in float32 (float64 sums) and keep k. A row is
+certified when its k-th re-scored similarity exceeds the ``k + margin``-th
+low-precision one by more than :func:`lowp_error_bound`: no row left out can
+then reach it. The rows that are not certified (many near-ties) are searched
+again in float32.
+
+Distributed self search: :func:`self_pairs` lists the block products, any
+share of them runs through a :class:`SelfSearch`, and :func:`merge_topk`
+combines the partial results (each entry is offered by exactly one share).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -44,7 +56,26 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TILE", "DEFAULT_MEMORY_BUDGET", "auto_block_size", "cross_topk", "self_topk", "self_topk_work"]
+__all__ = [
+    "TILE",
+    "DEFAULT_MEMORY_BUDGET",
+    "Pair",
+    "SelfSearch",
+    "Span",
+    "auto_block_size",
+    "cross_topk",
+    "cross_topk_exact",
+    "lowp_error_bound",
+    "merge_topk",
+    "pair_work",
+    "refine",
+    "row_spans",
+    "self_block_edge",
+    "self_pairs",
+    "self_topk",
+    "self_topk_exact",
+    "self_topk_work",
+]
 
 TILE = 64
 """Length of the row runs whose maxima pre-filter a block; blocks are padded to it."""
@@ -111,8 +142,10 @@ def self_topk(
         block_size: rows per block (rounded up to a multiple of
             :data:`TILE`); chosen by :func:`auto_block_size` if None.
         device: torch device for the products, default CPU.
-        dtype: dtype of the products: float32 on CPU (the only choice there);
-            float16 by default on CUDA, or bfloat16 / float32.
+        dtype: dtype of the products: float32 by default on CPU, float16 by
+            default on CUDA; float16, bfloat16 and float32 everywhere (low
+            precision on a CPU is slow: it is there to test that path, see
+            :func:`self_topk_exact`).
         memory_budget: bytes for one similarity block when ``block_size`` is
             None.
 
@@ -128,29 +161,218 @@ def self_topk(
     x = _as_matrix(vectors, "vectors")
     n = x.shape[0]
     k = _check_k(k, n - 1, f"k={k} must be smaller than N={n}: each row excludes itself")
+    block = self_block_edge(n, block_size=block_size, device=device, dtype=dtype, memory_budget=memory_budget)
+    search = SelfSearch(x, k, block, device=device, dtype=dtype)
+    search.run(self_pairs(n, block))
+    return search.result()
+
+
+def self_inputs(vectors: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+    """The checked inputs of :func:`self_topk`: float32 C-contiguous vectors and k (ValueError as there)."""
+    x = _as_matrix(vectors, "vectors")
+    n = x.shape[0]
+    return x, _check_k(k, n - 1, f"k={k} must be smaller than N={n}: each row excludes itself")
+
+
+def cross_inputs(
+    queries: np.ndarray, corpus: np.ndarray, k: int, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+    """The checked inputs of :func:`cross_topk`: ``(queries, corpus, k, exclude)`` (ValueError as there)."""
+    q = _as_matrix(queries, "queries")
+    c = _as_matrix(corpus, "corpus")
+    if q.shape[1] != c.shape[1]:
+        raise ValueError(f"dimension mismatch: queries have d={q.shape[1]} but corpus has d={c.shape[1]}")
+    m = c.shape[0]
+    excl = _as_exclude(exclude, q.shape[0], m)
+    if excl is None:
+        k = _check_k(k, m, f"k={k} must be at most the corpus size M={m}")
+    else:
+        k = _check_k(k, m - 1, f"k={k} must be smaller than M={m} when an index is excluded")
+    return q, c, k, excl
+
+
+def cross_block_edge(
+    n_queries: int,
+    n_corpus: int,
+    *,
+    block_size: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> int:
+    """The block edge :func:`cross_topk` uses with these arguments. Searching the queries of each
+    :func:`row_spans` span separately with it gives the same products, hence the same result."""
     dev, mm_dtype = _resolve_device(device, dtype)
-    block = _block_edge(block_size, n, n, dev, mm_dtype, memory_budget)
-    blocks = _split(_to_device(x, dev, mm_dtype), block)
-    state = _Running(n, k, dev)
-    buffer = _Buffer(blocks, blocks, dev, mm_dtype)
-    for row_blk, col_blk in _self_schedule(blocks):
-        if row_blk is col_blk:
-            prod = buffer.product(row_blk, col_blk, diagonal=True)
-            _offer_rows(state, prod, row_blk, col_blk, seed=True)
-        else:
-            prod = buffer.product(row_blk, col_blk, col_runs=True)
-            _offer_rows(state, prod, row_blk, col_blk)
-            _offer_cols(state, prod, row_blk, col_blk)
-    return state.result()
+    return _block_edge(block_size, n_queries, n_corpus, dev, mm_dtype, memory_budget)
 
 
 def self_topk_work(n: int, *, block_size: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
     """Number of similarities :func:`self_topk` computes for ``n`` rows on CPU
     (padding included): about ``n**2 / 2``, against ``n**2`` for a one-sided
     search. Its matmul flops are ``2 * d`` times this."""
-    block = _block_edge(block_size, n, n, _torch().device("cpu"), _torch().float32, memory_budget)
-    blocks = _split(_torch().empty((n, 1)), block)
-    return sum(rows.padded * cols.padded for rows, cols in _self_schedule(blocks))
+    block = self_block_edge(n, block_size=block_size, memory_budget=memory_budget)
+    return sum(pair_work(pair) for pair in self_pairs(n, block))
+
+
+Span = tuple[int, int]
+"""Rows ``start:stop`` of the matrix."""
+
+Pair = tuple[Span, Span]
+"""One block product of a self search: ``(rows, cols)``; ``rows == cols`` is a diagonal block."""
+
+
+def self_block_edge(
+    n: int,
+    *,
+    block_size: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> int:
+    """The block edge :func:`self_topk` uses for ``n`` rows with these arguments."""
+    dev, mm_dtype = _resolve_device(device, dtype)
+    return _block_edge(block_size, n, n, dev, mm_dtype, memory_budget)
+
+
+def row_spans(n: int, block: int) -> list[Span]:
+    """``range(n)`` cut into near-equal spans of at most ``block`` rows, each but
+    the last a multiple of :data:`TILE` (the first is never smaller than a later one)."""
+    edge = _round_up(_ceil_div(n, _ceil_div(n, block)), TILE)
+    return [(start, min(start + edge, n)) for start in range(0, n, edge)]
+
+
+def self_pairs(n: int, block: int) -> list[Pair]:
+    """The block products of a self search of ``n`` rows, in :func:`self_topk`'s
+    order: first each diagonal block with itself (seeding the thresholds), then
+    every pair above the diagonal once. Together they cover every (row, column)
+    entry exactly once, whichever of its two sides reads it.
+
+    A diagonal block of at least ``2 * _MIN_SPLIT`` rows is halved into two
+    diagonal blocks and the product of the halves, so that three quarters of
+    the symmetric ``blk @ blk.T`` are computed instead of all of it.
+    """
+    spans = row_spans(n, block)
+    pairs = [pair for span in spans for pair in _diagonal_pairs(span)]
+    pairs.extend((rows, cols) for i, rows in enumerate(spans) for cols in spans[i + 1 :])
+    return pairs
+
+
+def self_tasks(n: int, block: int, workers: int, per_worker: int = 32) -> list[list[Pair]]:
+    """:func:`self_pairs` cut into units of work for ``workers`` workers: first one unit per row block with
+    its diagonal products, then the pairs above the diagonal of each row block in units of equal count, about
+    ``per_worker`` units per worker in all, so that workers that pull units as they finish stay balanced."""
+    spans = row_spans(n, block)
+    tasks = [list(_diagonal_pairs(span)) for span in spans]
+    above = [[(rows, cols) for cols in spans[i + 1 :]] for i, rows in enumerate(spans)]
+    size = max(1, _ceil_div(sum(map(len, above)), max(1, workers) * per_worker))
+    for row_pairs in above:
+        tasks.extend(row_pairs[i : i + size] for i in range(0, len(row_pairs), size))
+    return tasks
+
+
+def pair_work(pair: Pair) -> int:
+    """Similarities one block product computes (padding included)."""
+    (r0, r1), (c0, c1) = pair
+    return _round_up(r1 - r0, TILE) * _round_up(c1 - c0, TILE)
+
+
+def _diagonal_pairs(span: Span) -> Iterator[Pair]:
+    start, stop = span
+    half = _round_up(stop - start, TILE) // 2 // TILE * TILE
+    if half < _MIN_SPLIT or stop - start <= half:
+        yield span, span
+        return
+    head, tail = (start, start + half), (start + half, stop)
+    yield from _diagonal_pairs(head)
+    yield from _diagonal_pairs(tail)
+    yield head, tail
+
+
+class SelfSearch:
+    """The running top-k of a self search over any subset of its block products.
+
+    :func:`self_topk` runs every pair of :func:`self_pairs` through one search.
+    A distributed search gives each worker its own ``SelfSearch`` over the same
+    vectors and block edge and a share of the pairs; each entry is then offered
+    by exactly one worker, so :func:`merge_topk` of the workers' results is the
+    result of the whole search, ids, similarities and tie order included.
+
+    A row block first met off the diagonal has no threshold yet; it is seeded
+    from the k-th largest maximum of the block's row (or column) runs, a valid
+    lower bound of the row's k-th similarity, so the filter works at once.
+    """
+
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        block: int,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """``vectors``: ``(N, d)`` float32 (a read-only array is not copied on CPU); ``k``: neighbours per row
+        (``1 <= k < N``); ``block``: the block edge of :func:`self_pairs`; device and dtype as in
+        :func:`self_topk`."""
+        x = _as_matrix(vectors, "vectors")
+        n = x.shape[0]
+        self.k = _check_k(k, n - 1, f"k={k} must be smaller than N={n}: each row excludes itself")
+        self.dev, self.dtype = _resolve_device(device, dtype)
+        self.x = _to_device(x, self.dev, self.dtype)
+        self.state = _Running(n, self.k, self.dev)
+        self.seeded = _torch().zeros(n, dtype=_torch().bool, device=self.dev)
+        first = row_spans(n, block)[0]
+        edge = _round_up(first[1] - first[0], TILE)
+        self._buffer = _Buffer(edge * edge, self.dev, self.dtype)
+        self._blocks: dict[Span, _Block] = {}
+
+    def run(self, pairs: Iterable[Pair]) -> None:
+        """Offer the entries of each block product in ``pairs`` to their rows' (and columns') top-k."""
+        for rows_span, cols_span in pairs:
+            rows = self._block(rows_span)
+            if rows_span == cols_span:
+                prod = self._buffer.product(rows, rows, diagonal=True)
+                _offer_rows(self.state, prod, rows, rows, seed="full")
+                self.seeded[rows.start : rows.stop] = True
+                continue
+            cols = self._block(cols_span)
+            prod = self._buffer.product(rows, cols, col_runs=True)
+            _offer_rows(self.state, prod, rows, cols, seed=None if self._is_seeded(rows) else "runs")
+            _offer_cols(self.state, prod, rows, cols, seed=not self._is_seeded(cols))
+            self.seeded[rows.start : rows.stop] = True
+            self.seeded[cols.start : cols.stop] = True
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, sims)`` of shape ``(N, k)`` on the host; rows not reached by any pair hold ids ``2**31 - 1``
+        and similarities ``-inf``."""
+        return self.state.result()
+
+    def _is_seeded(self, blk: _Block) -> bool:
+        return bool(self.seeded[blk.start : blk.stop].all())
+
+    def _block(self, span: Span) -> _Block:
+        blk = self._blocks.get(span)
+        if blk is None:
+            start, stop = span
+            data = self.x[start:stop]
+            pad = -(stop - start) % TILE
+            if pad:
+                data = _torch().nn.functional.pad(data, (0, 0, 0, pad))
+            blk = self._blocks[span] = _Block(data, start, stop)
+        return blk
+
+
+def merge_topk(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], k: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k of two partial results ``(ids, sims)`` of the same rows: similarity descending, ties by
+    smaller id; ``k`` defaults to the width of ``a``. The two must not both hold the same (row, id)."""
+    torch = _torch()
+    ids = torch.from_numpy(np.concatenate([a[0], b[0]], axis=1).astype(np.int64, copy=False))
+    vals = torch.from_numpy(np.concatenate([a[1], b[1]], axis=1).astype(np.float32, copy=False))
+    width = a[0].shape[1] if k is None else k
+    order = torch.topk(_keys(vals, ids), width, dim=1).indices
+    return ids.gather(1, order).numpy(), vals.gather(1, order).numpy()
 
 
 def cross_topk(
@@ -186,29 +408,155 @@ def cross_topk(
         ValueError: inputs not 2-D, empty, not finite, of different
             dimensions, ``k`` out of range, or a bad ``exclude``.
     """
-    q = _as_matrix(queries, "queries")
-    c = _as_matrix(corpus, "corpus")
-    if q.shape[1] != c.shape[1]:
-        raise ValueError(f"dimension mismatch: queries have d={q.shape[1]} but corpus has d={c.shape[1]}")
+    q, c, k, excl = cross_inputs(queries, corpus, k, exclude)
     m = c.shape[0]
-    excl = _as_exclude(exclude, q.shape[0], m)
-    if excl is None:
-        k = _check_k(k, m, f"k={k} must be at most the corpus size M={m}")
-    else:
-        k = _check_k(k, m - 1, f"k={k} must be smaller than M={m} when an index is excluded")
     dev, mm_dtype = _resolve_device(device, dtype)
     block = _block_edge(block_size, q.shape[0], m, dev, mm_dtype, memory_budget)
     q_blocks = _split(_to_device(q, dev, mm_dtype), block)
     c_blocks = _split(_to_device(c, dev, mm_dtype), block)
     excl_t = None if excl is None else _torch().from_numpy(excl).to(dev)
     state = _Running(q.shape[0], k, dev)
-    buffer = _Buffer(q_blocks, c_blocks, dev, mm_dtype)
+    buffer = _Buffer(q_blocks[0].padded * c_blocks[0].padded, dev, mm_dtype)
     for row_blk in q_blocks:
         for j, col_blk in enumerate(c_blocks):
             pairs = None if excl_t is None else _excluded_pairs(excl_t, row_blk, col_blk)
             prod = buffer.product(row_blk, col_blk, exclude=pairs)
-            _offer_rows(state, prod, row_blk, col_blk, seed=j == 0)
+            _offer_rows(state, prod, row_blk, col_blk, seed="full" if j == 0 else None)
     return state.result()
+
+
+ExactTopk = Callable[[np.ndarray, np.ndarray, int, np.ndarray | None], tuple[np.ndarray, np.ndarray]]
+"""``(queries, corpus, k, exclude) -> (ids, sims)``: an exact float32 search (:func:`cross_topk` by default)."""
+
+_UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24}
+
+
+def lowp_error_bound(dtype: torch.dtype, dim: int, max_norm: float = 1.0) -> float:
+    """A bound on ``|low-precision product - exact inner product|`` for rows of norm at most ``max_norm``:
+    both inputs rounded to ``dtype`` (``2u``), the result rounded to it (``u``), ``dim`` float32
+    accumulations, and the float32 rounding of the re-scored value. Assumes float32 accumulation (on CUDA,
+    set ``torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False``)."""
+    u = _UNIT_ROUNDOFF[str(dtype).removeprefix("torch.")]
+    scale = max_norm * max_norm
+    return scale * (3 * u + u * u + (dim + 2) * 2.0**-24)
+
+
+def refine(
+    queries: np.ndarray,
+    corpus: np.ndarray,
+    candidates: np.ndarray,
+    lowp_sims: np.ndarray,
+    k: int,
+    eps: float,
+    *,
+    exclude: np.ndarray | None = None,
+    exact: ExactTopk | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The exact top-k from a low-precision top-``k + margin`` (``candidates``, ``lowp_sims``, best first).
+
+    Each candidate is re-scored (float64 sums of the float32 vectors, rounded to float32) and the best k are
+    kept, ties by smaller id. A row is certified when its ``k + margin``-th low-precision similarity plus
+    ``eps`` (:func:`lowp_error_bound`) is below its k-th re-scored one, or when its candidates are all the
+    corpus rows it may have; the other rows go through ``exact`` (default :func:`cross_topk` on CPU) with
+    their ``exclude`` entry.
+
+    Returns:
+        ``(ids, sims, searched_again)``: ``(Q, k)`` int64 and float32, and how many rows were not certified.
+    """
+    q = _as_matrix(queries, "queries")
+    c = _as_matrix(corpus, "corpus")
+    n_rows, width = candidates.shape
+    available = c.shape[0] - (0 if exclude is None else 1)
+    ids = np.empty((n_rows, k), dtype=np.int64)
+    sims = np.empty((n_rows, k), dtype=np.float32)
+    certified = np.empty(n_rows, dtype=bool)
+    step = max(1, _CHUNK_ENTRIES // max(1, width * c.shape[1]))
+    for lo in range(0, n_rows, step):
+        hi = min(lo + step, n_rows)
+        cand = candidates[lo:hi]
+        valid = (cand >= 0) & (cand < c.shape[0]) & np.isfinite(lowp_sims[lo:hi])
+        safe = np.where(valid, cand, 0)
+        exact_sims = np.einsum("qd,qld->ql", q[lo:hi].astype(np.float64), c[safe].astype(np.float64))
+        exact_sims = np.where(valid, exact_sims.astype(np.float32), -np.inf).astype(np.float32)
+        keyed = np.where(valid, cand, np.iinfo(np.int64).max)
+        order = np.lexsort((keyed, -exact_sims), axis=-1)[:, :k]
+        ids[lo:hi] = np.take_along_axis(keyed, order, 1)
+        sims[lo:hi] = np.take_along_axis(exact_sims, order, 1)
+        last = lowp_sims[lo:hi, -1].astype(np.float64)
+        complete = valid.sum(axis=1) >= available
+        certified[lo:hi] = complete | (last + eps < sims[lo:hi, -1])
+    again = np.flatnonzero(~certified)
+    if again.size:
+        run = exact or _float32_on(_torch().device("cpu"))
+        ids[again], sims[again] = run(q[again], c, k, None if exclude is None else exclude[again])
+    return ids, sims, int(again.size)
+
+
+def self_topk_exact(
+    vectors: np.ndarray,
+    k: int,
+    *,
+    margin: int,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    block_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`self_topk` with low-precision products made exact: ``k + margin`` candidates, then
+    :func:`refine` (uncertified rows searched in float32 on the same device). Returns ``(ids, sims,
+    searched_again)``; the ids and order are those of a float32 search up to float32 rounding of the sums."""
+    x = _as_matrix(vectors, "vectors")
+    n = x.shape[0]
+    _check_k(k, n - 1, f"k={k} must be smaller than N={n}: each row excludes itself")
+    wide = min(n - 1, k + _check_margin(margin))
+    dev, mm_dtype = _resolve_device(device, dtype)
+    cand, lowp = self_topk(x, wide, block_size=block_size, device=dev, dtype=mm_dtype, memory_budget=memory_budget)
+    return refine(x, x, cand, lowp, k, lowp_error_bound(mm_dtype, x.shape[1], _max_norm(x)),
+                  exclude=np.arange(n), exact=_float32_on(dev))
+
+
+def cross_topk_exact(
+    queries: np.ndarray,
+    corpus: np.ndarray,
+    k: int,
+    *,
+    margin: int,
+    exclude: np.ndarray | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    block_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`cross_topk` with low-precision products made exact (see :func:`self_topk_exact`)."""
+    q = _as_matrix(queries, "queries")
+    c = _as_matrix(corpus, "corpus")
+    m = c.shape[0] - (0 if exclude is None else 1)
+    wide = max(k, min(m, k + _check_margin(margin)))
+    dev, mm_dtype = _resolve_device(device, dtype)
+    cand, lowp = cross_topk(q, c, wide, exclude=exclude, block_size=block_size, device=dev, dtype=mm_dtype,
+                            memory_budget=memory_budget)
+    excl = _as_exclude(exclude, q.shape[0], c.shape[0])
+    eps = lowp_error_bound(mm_dtype, q.shape[1], max(_max_norm(q), _max_norm(c)))
+    return refine(q, c, cand, lowp, k, eps, exclude=excl, exact=_float32_on(dev))
+
+
+def _check_margin(margin: int) -> int:
+    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
+        raise ValueError(f"margin must be a non-negative integer; got {margin!r}")
+    return int(margin)
+
+
+def _max_norm(x: np.ndarray) -> float:
+    return float(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64).max()))
+
+
+def _float32_on(dev: torch.device) -> ExactTopk:
+    """An exact float32 :func:`cross_topk` on ``dev``."""
+
+    def run(queries: np.ndarray, corpus: np.ndarray, k: int, exclude: np.ndarray | None) -> tuple[np.ndarray, ...]:
+        return cross_topk(queries, corpus, k, exclude=exclude, device=dev, dtype=_torch().float32)
+
+    return run
 
 
 def _torch() -> ModuleType:
@@ -271,13 +619,9 @@ def _resolve_device(device: str | torch.device | None, dtype: torch.dtype | None
     """The torch device and the dtype of the products on it."""
     torch = _torch()
     dev = torch.device("cpu" if device is None else device)
-    if dev.type == "cpu":
-        if dtype not in (None, torch.float32):
-            raise ValueError(f"on CPU only dtype=torch.float32 is supported; got {dtype}")
-        return dev, torch.float32
     allowed = (torch.float16, torch.bfloat16, torch.float32)
     if dtype is None:
-        return dev, torch.float16
+        return dev, torch.float32 if dev.type == "cpu" else torch.float16
     if dtype not in allowed:
         raise ValueError(f"dtype must be one of {allowed} on {dev.type}; got {dtype}")
     return dev, dtype
@@ -325,13 +669,9 @@ class _Block:
 
 
 def _split(x: torch.Tensor, block: int) -> list[_Block]:
-    """Split rows into near-equal blocks of at most ``block`` rows (the first
-    block is never smaller than a later one)."""
-    n = x.shape[0]
-    edge = _round_up(_ceil_div(n, _ceil_div(n, block)), TILE)
+    """Split rows into the blocks of :func:`row_spans`, zero-padded to TILE rows."""
     blocks = []
-    for start in range(0, n, edge):
-        stop = min(start + edge, n)
+    for start, stop in row_spans(x.shape[0], block):
         data = x[start:stop]
         pad = -(stop - start) % TILE
         if pad:
@@ -352,9 +692,9 @@ class _Product:
 class _Buffer:
     """Reused storage for a similarity block and its run maxima."""
 
-    def __init__(self, rows: list[_Block], cols: list[_Block], dev: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, size: int, dev: torch.device, dtype: torch.dtype) -> None:
+        """Room for ``size`` similarities (the largest block: the first row block by the first column block)."""
         torch = _torch()
-        size = rows[0].padded * cols[0].padded
         self.flat = torch.empty(size, device=dev, dtype=dtype)
         self.row_flat = torch.empty(size // TILE, device=dev, dtype=dtype)
         self.col_flat = torch.empty(size // COL_TILE, device=dev, dtype=dtype)
@@ -499,34 +839,6 @@ def _keys(vals: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (bits << 32) | (_LOW_BITS - ids)
 
 
-def _self_schedule(blocks: list[_Block]) -> Iterator[tuple[_Block, _Block]]:
-    """The block products of a self search, in order: first each diagonal
-    block with itself (``rows is cols``, seeding the thresholds), then every
-    pair above the diagonal once.
-
-    A diagonal block of at least ``2 * _MIN_SPLIT`` rows is halved into two
-    diagonal blocks and the product of the halves, so that three quarters of
-    the symmetric ``blk @ blk.T`` are computed instead of all of it.
-    """
-    for blk in blocks:
-        yield from _diagonal_schedule(blk)
-    for i, rows in enumerate(blocks):
-        for cols in blocks[i + 1 :]:
-            yield rows, cols
-
-
-def _diagonal_schedule(blk: _Block) -> Iterator[tuple[_Block, _Block]]:
-    half = blk.padded // 2 // TILE * TILE
-    if half < _MIN_SPLIT or blk.size <= half:
-        yield blk, blk
-        return
-    head = _Block(blk.data[:half], blk.start, blk.start + half)
-    tail = _Block(blk.data[half:], blk.start + half, blk.stop)
-    yield from _diagonal_schedule(head)
-    yield from _diagonal_schedule(tail)
-    yield head, tail
-
-
 def _seed_thresholds(s: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest value of each row of ``s`` (-inf if it has fewer than k)."""
     torch = _torch()
@@ -535,15 +847,29 @@ def _seed_thresholds(s: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(s, k, dim=1, sorted=False).values.amin(dim=1).to(torch.float32)
 
 
-def _offer_rows(state: _Running, prod: _Product, rows: _Block, cols: _Block, *, seed: bool = False) -> None:
+def _runs_kth(run_max: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """The k-th largest run maximum along ``dim`` (-inf if there are fewer than k runs): k distinct entries of
+    the row (or column) reach it, so it is a lower bound of the row's k-th similarity."""
+    torch = _torch()
+    if k > run_max.shape[dim]:
+        other = run_max.shape[1 - dim]
+        return torch.full((other,), -math.inf, dtype=torch.float32, device=run_max.device)
+    return torch.topk(run_max, k, dim=dim, sorted=False).values.amin(dim=dim).to(torch.float32)
+
+
+def _offer_rows(state: _Running, prod: _Product, rows: _Block, cols: _Block, *, seed: str | None = None) -> None:
     """Merge the entries of the block that can enter their row's top-k.
 
+    ``seed``: ``full`` raises the rows' bars to their k-th similarity in this block, ``runs`` to the k-th
+    largest maximum of their runs (cheaper, a little lower); None leaves them as they are.
     Runs whose maximum reaches the row's bar are gathered, in chunks of rows
     holding at most ``_CHUNK_ENTRIES`` run entries, and checked entry by entry.
     """
     bar = state.bar(rows)
-    if seed:
+    if seed == "full":
         bar.raise_to(_seed_thresholds(prod.s, state.k))
+    elif seed == "runs":
+        bar.raise_to(_runs_kth(prod.row_max, state.k, dim=1))
     b, c = prod.s.shape
     runs = prod.s.view(b, c // TILE, TILE)
     hit = prod.row_max >= bar.thr[:, None]
@@ -555,9 +881,12 @@ def _offer_rows(state: _Running, prod: _Product, rows: _Block, cols: _Block, *, 
         _admit(state, bar, r[h], t[h] * TILE + j + cols.start, runs_hit[h, j], rows.start)
 
 
-def _offer_cols(state: _Running, prod: _Product, rows: _Block, cols: _Block) -> None:
-    """Merge the entries of the block that can enter their column's top-k."""
+def _offer_cols(state: _Running, prod: _Product, rows: _Block, cols: _Block, *, seed: bool = False) -> None:
+    """Merge the entries of the block that can enter their column's top-k (``seed``: first raise the columns'
+    bars to the k-th largest maximum of their runs)."""
     bar = state.bar(cols)
+    if seed:
+        bar.raise_to(_runs_kth(prod.col_max, state.k, dim=0))
     b, c = prod.s.shape
     runs = prod.s.view(b // COL_TILE, COL_TILE, c)
     hit = prod.col_max >= bar.thr[None, :]

@@ -1,21 +1,30 @@
 """Run ids and the run log: every pipeline invocation over a run directory is one *run*.
 
 A run gets an id when it starts (:func:`new_run_id`: a UTC timestamp and a short random suffix, e.g.
-``20261124T171547Z-3fa2c1``, sortable and valid as a LanceDB tag). ``run_dir/runs.jsonl`` holds one line per
-event (``started``, then ``finished`` or ``failed``). When a run finishes, the current version of every table in
-``run_dir/lancedb`` is tagged with the run id (:meth:`clipaudit.io.tables.RunTables.tag_all`), so the tables as
-that run left them can be read back later with ``RunTables.read(name, version=run_id)``, even after later runs
-in the same run directory changed them (nightly audits re-run one run directory).
+``20261124T171547Z-3fa2c1``, sortable and valid as a LanceDB tag). Each run keeps its own record,
+``run_dir/runs/<run_id>.json``, holding its events (``started``, then ``finished`` or ``failed``); only that run
+writes it, each time whole (one object put on an object store, temp file and rename on a local disk), so runs
+that share a run directory, even at the same time, never lose each other's events. Run directories written
+before this layout keep their ``run_dir/runs.jsonl`` (one event per line): it is still read, before the records.
+When a run finishes, the current version of every table in ``run_dir/lancedb`` is tagged with the run id
+(:meth:`clipaudit.io.tables.RunTables.tag_all`), so the tables as that run left them can be read back later with
+``RunTables.read(name, version=run_id)``, even after later runs in the same run directory changed them (nightly
+audits re-run one run directory).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import posixpath
+import time
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+
+import pyarrow.fs as pafs
 
 from clipaudit.io import fs
 
@@ -24,8 +33,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("clipaudit.runs")
 
-RUNS_FILE = "runs.jsonl"
-"""The run log, one JSON object per line, in ``run_dir``."""
+RUNS_DIR = "runs"
+"""The folder of per-run records (``<run_id>.json``) in ``run_dir``."""
+LEGACY_RUNS_FILE = "runs.jsonl"
+"""The run log of older run directories, one JSON event per line; read, never written."""
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -34,13 +45,27 @@ def new_run_id(now: datetime | None = None) -> str:
     return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}"
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+def _event(kind: str, run_id: str, **fields: Any) -> dict[str, Any]:
+    return {"event": kind, "run_id": run_id, "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "at_ns": time.time_ns(), **fields}
+
+
+def record_path(run_dir: str, run_id: str) -> str:
+    """Where run ``run_id`` keeps its record."""
+    return fs.join(run_dir, RUNS_DIR, f"{run_id}.json")
 
 
 def read_runs(run_dir: str) -> list[dict[str, Any]]:
-    """The events of ``run_dir/runs.jsonl`` in order (empty when there is no log); unreadable lines are skipped."""
-    path = fs.join(run_dir, RUNS_FILE)
+    """Every run event of ``run_dir``, oldest first: those of a legacy ``runs.jsonl`` in file order, then those of
+    the per-run records by time. Empty when nothing was recorded; unreadable lines and records are skipped."""
+    events = _legacy_events(run_dir)
+    recorded = [event for path in _record_files(run_dir) for event in _record_events(path)]
+    recorded.sort(key=lambda e: (int(e.get("at_ns") or 0), str(e["run_id"])))
+    return events + recorded
+
+
+def _legacy_events(run_dir: str) -> list[dict[str, Any]]:
+    path = fs.join(run_dir, LEGACY_RUNS_FILE)
     if not fs.exists(path):
         return []
     events = []
@@ -54,19 +79,43 @@ def read_runs(run_dir: str) -> list[dict[str, Any]]:
     return events
 
 
-def _append(run_dir: str, event: dict[str, Any]) -> None:
-    """Append one event line (read and rewrite: object stores have no append)."""
-    path = fs.join(run_dir, RUNS_FILE)
-    text = fs.read_text(path) if fs.exists(path) else ""
-    if text and not text.endswith("\n"):
-        text += "\n"
-    fs.write_text(path, text + json.dumps(event, sort_keys=True) + "\n")
+def _record_files(run_dir: str) -> list[str]:
+    """Paths (or URIs) of the ``*.json`` records under ``run_dir/runs`` (temp files of a write in progress are
+    not records)."""
+    folder = fs.join(run_dir, RUNS_DIR)
+    if fs.is_remote(folder):
+        filesystem, inner = pafs.FileSystem.from_uri(folder)
+        prefix = folder.split("://", 1)[0] + "://"
+    else:
+        filesystem, inner, prefix = pafs.LocalFileSystem(), os.path.abspath(folder), ""
+    if filesystem.get_file_info(inner).type != pafs.FileType.Directory:
+        return []
+    infos = filesystem.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    return sorted(prefix + info.path for info in infos
+                  if info.type == pafs.FileType.File and posixpath.basename(info.path).endswith(".json"))
+
+
+def _record_events(path: str) -> list[dict[str, Any]]:
+    try:
+        record = fs.read_json(path)
+    except (OSError, ValueError):
+        log.warning("run record %s cannot be read; skipped", path)
+        return []
+    events = record.get("events") if isinstance(record, dict) else None
+    return [e for e in events or [] if isinstance(e, dict) and "run_id" in e]
+
+
+def _record(run_dir: str, event: dict[str, Any]) -> None:
+    """Add ``event`` to its run's record (read and rewritten whole: only this run writes it)."""
+    path = record_path(run_dir, event["run_id"])
+    events = _record_events(path) if fs.exists(path) else []
+    fs.write_json(path, {"run_id": event["run_id"], "events": [*events, event]})
 
 
 def start_run(run_dir: str, stages: Iterable[str], run_id: str | None = None) -> str:
     """Record that a run of ``stages`` starts; returns its run id."""
     run_id = run_id or new_run_id()
-    _append(run_dir, {"event": "started", "run_id": run_id, "at": _now(), "stages": list(stages)})
+    _record(run_dir, _event("started", run_id, stages=list(stages)))
     return run_id
 
 
@@ -83,10 +132,8 @@ def finish_run(run_dir: str, run_id: str, tables: RunTables | None, versions_bef
         tags = tables.tag_all(run_id)
     versions = tags or (tables.versions() if tables is not None else {})
     written = sorted(name for name, version in versions.items() if versions_before.get(name) != version)
-    event: dict[str, Any] = {"event": status, "run_id": run_id, "at": _now(), "tags": tags, "written": written}
-    if error:
-        event["error"] = error
-    _append(run_dir, event)
+    event = _event(status, run_id, tags=tags, written=written, **({"error": error} if error else {}))
+    _record(run_dir, event)
     return tags
 
 

@@ -16,26 +16,18 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
-from clipaudit.stages.embed_batches import Batch, ImageEncoder, TextEncoder, prepare_images, torch_threads_for
+from clipaudit.placement import MAX_INSTANCES, NodeShape, Placement, PlacementError, plan_placement
+from clipaudit.stages.embed_batches import Batch, ImageEncoder, TextEncoder, prepare_images
 
 if TYPE_CHECKING:
-    from clipaudit.config import Config, EmbedConfig, LLMConfig, RayConfig, TcacConfig
+    from clipaudit.config import Config, EmbedConfig, LLMConfig, NeighboursConfig, RayConfig, TcacConfig
     from clipaudit.llm import LLMRequest, LLMResult, LLMWorker, RateLimiter, RateLimits
     from clipaudit.models import ResolvedModel
 
 log = logging.getLogger("clipaudit.runtime")
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where model forwards run and what each actor reserves."""
-
-    device: str
-    cpus_per_actor: float
-    gpus_per_actor: float
-    threads: int
 
 
 def _chunks(table: pa.Table, rows: int) -> list[pa.Table]:
@@ -51,6 +43,10 @@ class LocalRunner:
     """Runs the batch functions in this process, one batch after another (no Ray)."""
 
     device = "cpu"
+
+    def topk(self, neighbours: NeighboursConfig) -> TopkSearch:
+        """Exact top-k searches, all in-process (see :class:`TopkSearch`)."""
+        return TopkSearch(neighbours, None)
 
     def map_llm(self, requests: Sequence[LLMRequest], llm: LLMConfig, api_key: str,
                 validator: Callable[[str], object] | None = None) -> Iterator[list[LLMResult]]:
@@ -76,25 +72,38 @@ class LocalRunner:
 
     def map_transformed(self, todo: pa.Table, model: ResolvedModel, tcac: TcacConfig,
                         embed: EmbedConfig) -> Iterator[Batch]:
-        """tcac: decode each image of ``todo`` (image_id, uri, transforms) once, transform, embed with CLIP."""
-        from clipaudit.stages.tcac_batches import TransformedEncoder, images_per_task, prepare_transformed
+        """tcac: decode and resize each image of ``todo`` (image_id, uri, transforms) once, then transform in
+        batches, crop and embed with CLIP."""
+        from clipaudit.stages.tcac_batches import TransformedEncoder, images_per_task, prepare_resized
 
-        encoder = TransformedEncoder(model, "cpu", embed.torch_threads)
+        encoder = TransformedEncoder(model, tcac, "cpu", embed.torch_threads)
         per_task = images_per_task(embed.batch_size, len(tcac.transforms) + 1)
         for batch in _to_numpy_batches(todo, per_task):
-            yield encoder(prepare_transformed(batch, model.preprocess, tcac, embed.max_pixels))
+            yield encoder(prepare_resized(batch, model.preprocess, tcac, embed.max_pixels))
 
 
 class RayRunner:
     """Runs the batch functions on Ray Data: CPU tasks for decoding, actor pools for the models."""
 
     def __init__(self, ray_config: RayConfig, embed: EmbedConfig) -> None:
-        import ray
-
-        self.placement = _placement(ray_config, embed, ray.cluster_resources())
+        self.ray_config = ray_config
+        self.nodes = cluster_nodes()
+        self.placement = self.plan(embed, pools=1)
         self.device = self.placement.device
-        log.info("model actors on %s (%s CPU, %s GPU each)", self.device,
-                 self.placement.cpus_per_actor, self.placement.gpus_per_actor)
+        log.info("model actors on %s (%s CPU, %s GPU each); %d node shape(s): %s", self.device,
+                 self.placement.cpus_per_actor, self.placement.gpus_per_actor, len(self.nodes),
+                 "; ".join(node.describe() for node in self.nodes))
+
+    def plan(self, embed: EmbedConfig, pools: int) -> Placement:
+        """The placement of ``pools`` model actor pools running at once, checked against what each node has
+        (PlacementError, before any work is submitted, when they cannot be placed)."""
+        return plan_placement(self.nodes, device_setting=self.ray_config.device, pools=pools,
+                              actors_per_pool=embed.actors_per_model, cpus_per_actor=embed.cpus_per_actor,
+                              gpus_per_actor=embed.gpus_per_actor, torch_threads=embed.torch_threads)
+
+    def topk(self, neighbours: NeighboursConfig) -> TopkSearch:
+        """Exact top-k searches: on Ray actors from ``neighbours.ray_min_images`` rows (see :class:`TopkSearch`)."""
+        return TopkSearch(neighbours, lambda: None)
 
     def map_llm(self, requests: Sequence[LLMRequest], llm: LLMConfig, api_key: str,
                 validator: Callable[[str], object] | None = None) -> Iterator[list[LLMResult]]:
@@ -102,37 +111,39 @@ class RayRunner:
         actor); yield the results chunk by chunk as they finish (see :func:`_map_llm_ray`)."""
         return _map_llm_ray(requests, llm, api_key, validator)
 
-    def _actor_args(self, embed: EmbedConfig) -> dict[str, object]:
+    @staticmethod
+    def _actor_args(placement: Placement, embed: EmbedConfig) -> dict[str, object]:
         import ray
 
         args: dict[str, object] = {
             "compute": ray.data.ActorPoolStrategy(size=embed.actors_per_model),
-            "num_cpus": self.placement.cpus_per_actor,
+            "num_cpus": placement.cpus_per_actor,
         }
-        if self.placement.gpus_per_actor:
-            args["num_gpus"] = self.placement.gpus_per_actor
+        if placement.gpus_per_actor:
+            args["num_gpus"] = placement.gpus_per_actor
         return args
 
     def map_images(self, todo: pa.Table, models: dict[str, ResolvedModel], embed: EmbedConfig) -> Iterator[Batch]:
         """Prepare ``todo`` as CPU tasks, embed it in one actor pool per model, stream the batches back."""
         import ray
 
+        placement = self.plan(embed, pools=len(models))
         preprocessors = {role: model.preprocess for role, model in models.items()}
         dataset = ray.data.from_arrow(_chunks(todo, embed.batch_size)).map_batches(
             prepare_images,
             fn_kwargs={"preprocessors": preprocessors, "max_pixels": embed.max_pixels},
             batch_size=embed.batch_size,
             batch_format="numpy",
-            num_cpus=1,
+            num_cpus=placement.task_cpus,
         )
         for role, model in models.items():
             dataset = dataset.map_batches(
                 ImageEncoder,
                 fn_constructor_kwargs={"model": model, "role": role, "device": self.device,
-                                       "threads": self.placement.threads},
+                                       "threads": placement.threads},
                 batch_size=embed.batch_size,
                 batch_format="numpy",
-                **self._actor_args(embed),
+                **self._actor_args(placement, embed),
             )
         yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
 
@@ -140,36 +151,40 @@ class RayRunner:
         """Embed the ``text`` column in an actor pool of the CLIP model, stream the batches back."""
         import ray
 
+        placement = self.plan(embed, pools=1)
         dataset = ray.data.from_arrow(_chunks(texts, embed.text_batch_size)).map_batches(
             TextEncoder,
-            fn_constructor_kwargs={"model": model, "device": self.device, "threads": self.placement.threads},
+            fn_constructor_kwargs={"model": model, "device": self.device, "threads": placement.threads},
             batch_size=embed.text_batch_size,
             batch_format="numpy",
-            **self._actor_args(embed),
+            **self._actor_args(placement, embed),
         )
         yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
 
     def map_transformed(self, todo: pa.Table, model: ResolvedModel, tcac: TcacConfig,
                         embed: EmbedConfig) -> Iterator[Batch]:
-        """tcac: CPU tasks decode each image of ``todo`` (image_id, uri, transforms) once and apply its transforms;
-        the CLIP actor pool embeds the (image, transform) rows; the batches stream back."""
+        """tcac: CPU tasks read, decode and resize each image of ``todo`` (image_id, uri, transforms) once and draw
+        its transforms' parameters; the CLIP actor pool applies the transforms in batches on its device, crops and
+        embeds the (image, transform) rows; the batches stream back."""
         import ray
 
-        from clipaudit.stages.tcac_batches import TransformedEncoder, images_per_task, prepare_transformed
+        from clipaudit.stages.tcac_batches import TransformedEncoder, images_per_task, prepare_resized
 
+        placement = self.plan(embed, pools=1)
         per_task = images_per_task(embed.batch_size, len(tcac.transforms) + 1)
         dataset = ray.data.from_arrow(_chunks(todo, per_task)).map_batches(
-            prepare_transformed,
+            prepare_resized,
             fn_kwargs={"preprocess": model.preprocess, "tcac": tcac, "max_pixels": embed.max_pixels},
             batch_size=per_task,
             batch_format="numpy",
-            num_cpus=1,
+            num_cpus=placement.task_cpus,
         ).map_batches(
             TransformedEncoder,
-            fn_constructor_kwargs={"model": model, "device": self.device, "threads": self.placement.threads},
-            batch_size=embed.batch_size,
+            fn_constructor_kwargs={"model": model, "tcac": tcac, "device": self.device,
+                                   "threads": placement.threads},
+            batch_size=per_task,
             batch_format="numpy",
-            **self._actor_args(embed),
+            **self._actor_args(placement, embed),
         )
         yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
 
@@ -198,6 +213,11 @@ class LazyRunner:
         """Where model forwards run (starts the runner)."""
         return self.get().device
 
+    def topk(self, neighbours: NeighboursConfig) -> TopkSearch:
+        """Exact top-k searches; Ray starts only when a search is large enough to use it (see
+        :class:`TopkSearch`)."""
+        return TopkSearch(neighbours, self.get if self._config.ray.runner == "ray" else None)
+
     def map_images(self, *args: Any, **kwargs: Any) -> Iterator[Batch]:
         """See :meth:`RayRunner.map_images`."""
         return self.get().map_images(*args, **kwargs)
@@ -219,15 +239,66 @@ class LazyRunner:
         self._stack.close()
 
 
-def _placement(ray_config: RayConfig, embed: EmbedConfig, resources: dict[str, float]) -> Placement:
-    """GPU actors (fp16) when the cluster has GPUs and the config allows; CPU actors with a CPU share otherwise."""
-    has_gpu = resources.get("GPU", 0) > 0
-    if ray_config.device == "cuda" and not has_gpu:
-        raise RuntimeError("ray.device is cuda but the Ray cluster has no GPU")
-    if has_gpu and ray_config.device != "cpu":
-        return Placement("cuda", min(embed.cpus_per_actor, 1.0), embed.gpus_per_actor, embed.torch_threads or 1)
-    threads = torch_threads_for(embed.cpus_per_actor, embed.torch_threads)
-    return Placement("cpu", embed.cpus_per_actor, 0.0, threads)
+def cluster_nodes() -> list[NodeShape]:
+    """The shapes work can be placed on: every alive node that offers CPU or GPU, plus each node type the
+    cluster's autoscaler may still launch (up to its max count). Raises PlacementError when two nodes share one
+    session folder (see :func:`check_private_session_dirs`)."""
+    import ray
+
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    check_private_session_dirs(alive)
+    shapes = [NodeShape(f"node {node['NodeManagerAddress']} {node['NodeID'][:8]}", node["Resources"].get("CPU", 0.0),
+                        node["Resources"].get("GPU", 0.0))
+              for node in alive if node["Resources"].get("CPU", 0.0) or node["Resources"].get("GPU", 0.0)]
+    return shapes + _autoscaled_shapes()
+
+
+def _autoscaled_shapes() -> list[NodeShape]:
+    """The node types of the autoscaler's cluster config (none without an autoscaler)."""
+    from ray._private.state import state
+
+    try:
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler state on this cluster: nothing to add
+        return []
+    if config is None:
+        return []
+    return [NodeShape(f"node type {group.name} (autoscaled)", group.resources.get("CPU", 0.0),
+                      group.resources.get("GPU", 0.0), count=group.max_count if group.max_count >= 0 else MAX_INSTANCES)
+            for group in config.node_group_configs if group.max_count != 0
+            and (group.resources.get("CPU", 0.0) or group.resources.get("GPU", 0.0))]
+
+
+def check_private_session_dirs(nodes: Sequence[dict[str, Any]]) -> None:
+    """Refuse to run a job with a working_dir (``ray job submit --working-dir``) on a cluster whose nodes share one
+    Ray session folder (several ``ray start`` on one host with one ``--temp-dir``).
+
+    Each node's runtime-env agent deletes the job's working_dir from that folder once its own workers are done
+    with it, while the driver still runs in it on another node; the driver then dies in its next native call
+    (seen: oneMKL ``Cannot load libtorch_cpu.so`` and a segfault at the neighbours stage, after the embed stage's
+    actors on the second node ended)."""
+    import ray
+
+    runtime_env = ray.get_runtime_context().runtime_env
+    if not (runtime_env.get("working_dir") or runtime_env.get("py_modules")):
+        return
+    shared = shared_session_dirs(nodes)
+    if shared:
+        session_dir, ids = next(iter(shared.items()))
+        raise PlacementError(
+            f"Ray nodes {', '.join(ids)} share the session folder {session_dir}: a node's runtime-env agent "
+            "would delete the job's working_dir under a driver running on another node. Start each node on "
+            "this host with its own `ray start --temp-dir DIR`")
+
+
+def shared_session_dirs(nodes: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """Session folders used by more than one of ``nodes`` (``ray.nodes()`` entries) -> those nodes' short ids."""
+    by_dir: dict[str, list[str]] = {}
+    for node in nodes:
+        session_dir = os.path.dirname(os.path.dirname(node.get("ObjectStoreSocketName", "")))
+        if session_dir:
+            by_dir.setdefault(session_dir, []).append(node["NodeID"][:8])
+    return {session_dir: ids for session_dir, ids in by_dir.items() if len(ids) > 1}
 
 
 @contextmanager
@@ -252,6 +323,7 @@ def ray_session(ray_config: RayConfig) -> Iterator[None]:
     else:
         ray.init(num_cpus=ray_config.num_cpus, **kwargs)
     context = ray.data.DataContext.get_current()
+    context.wait_for_min_actors_s = ray_config.actor_start_timeout_s
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -459,3 +531,342 @@ def _map_llm_ray(requests: Sequence[LLMRequest], llm: LLMConfig, api_key: str,
     finally:
         for handle in [*workers, budget]:
             ray.kill(handle)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Exact top-k on the workers (the neighbours stage, the TCAC caption pools): `topk` of each runner.
+# The kernel is clipaudit.knn; this section only places actors, hands out work and merges what comes back.
+# ------------------------------------------------------------------------------------------------------------------
+
+TOPK_START_TIMEOUT_S = 120.0
+"""Seconds to wait for the first top-k actor to start before failing with what the actors ask for."""
+
+
+@dataclass(frozen=True)
+class TopkPlacement:
+    """How many top-k actors run where, and what each reserves."""
+
+    device: str
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    threads: int
+
+
+def topk_placement(nodes: Sequence[dict[str, float]], neighbours: NeighboursConfig) -> TopkPlacement:
+    """Top-k actors sized from what each node has (``nodes``: each alive node's resources): one per GPU when
+    the cluster has GPUs and ``neighbours.device`` allows, else one per ``ray_cpus_per_worker`` CPUs of each
+    node; never more CPU per actor than the smallest node has; at most ``neighbours.ray_workers``."""
+    gpu_nodes = [node for node in nodes if node.get("GPU", 0) >= 1]
+    if neighbours.device == "cuda" and not gpu_nodes:
+        raise RuntimeError("neighbours.device is cuda but the Ray cluster has no GPU")
+    if gpu_nodes and neighbours.device != "cpu":
+        cpus = min(neighbours.ray_cpus_per_worker, *(node.get("CPU", 0.0) for node in gpu_nodes))
+        capacity = sum(int(node["GPU"]) for node in gpu_nodes)
+        device, gpus = "cuda", 1.0
+    else:
+        node_cpus = [node["CPU"] for node in nodes if node.get("CPU", 0) > 0]
+        if not node_cpus:
+            raise RuntimeError("the Ray cluster has no CPU for the top-k actors")
+        cpus = min(neighbours.ray_cpus_per_worker, *node_cpus)
+        capacity = sum(int(c / cpus + 1e-9) for c in node_cpus)
+        device, gpus = "cpu", 0.0
+    workers = min(neighbours.ray_workers or capacity, capacity)
+    return TopkPlacement(device, workers, cpus, gpus, max(1, int(cpus)))
+
+
+class TopkSearch:
+    """Exact top-k for a stage: in-process below ``neighbours.ray_min_images`` rows or without Ray, else on a
+    pool of Ray actors (:class:`_TopkPool`). Used as a context manager, one pool serves every call and is
+    stopped on exit; called outside one, each call starts and stops its own pool.
+
+    ``notes`` says where the last search ran, on how many workers, and how many rows the fp16 path searched
+    again in fp32.
+    """
+
+    def __init__(self, neighbours: NeighboursConfig, ensure_ray: Callable[[], object] | None) -> None:
+        """``ensure_ray``: called before the first Ray search (starts or joins Ray); None: never use Ray."""
+        self.neighbours = neighbours
+        self._ensure_ray = ensure_ray
+        self._shared = False
+        self._pool: _TopkPool | None = None
+        self.notes: dict[str, object] = {}
+
+    def __enter__(self) -> TopkSearch:
+        self._shared = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the shared pool, if one was started."""
+        self._shared = False
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def self_topk(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k of every row among the other rows: :func:`clipaudit.knn.self_topk`'s ids and order."""
+        from clipaudit import knn
+
+        x, k = knn.self_inputs(vectors, k)
+        cfg = self.neighbours
+        if not self._on_ray(len(x)):
+            device = _local_device(cfg.device)
+            self.notes = {"where": "in-process", "device": device}
+            if device == "cuda":
+                ids, sims, again = knn.self_topk_exact(x, k, margin=cfg.lowp_margin, device=device,
+                                                       block_size=cfg.block_size)
+                self.notes["searched_again"] = again
+                return ids, sims
+            return knn.self_topk(x, k, block_size=cfg.block_size)
+        with self._pool_for_call() as pool:
+            return pool.self_topk(x, k, cfg, self.notes)
+
+    def cross_topk(self, queries: np.ndarray, corpus: np.ndarray, k: int,
+                   exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k of each query among the corpus rows (``exclude``: a corpus row to leave out per query, -1
+        for none): :func:`clipaudit.knn.cross_topk`'s ids and order."""
+        from clipaudit import knn
+
+        q, c, k, excl = knn.cross_inputs(queries, corpus, k, exclude)
+        cfg = self.neighbours
+        if not self._on_ray(len(c)):
+            device = _local_device(cfg.device)
+            self.notes = {"where": "in-process", "device": device}
+            if device == "cuda":
+                ids, sims, again = knn.cross_topk_exact(q, c, k, margin=cfg.lowp_margin, exclude=excl,
+                                                        device=device, block_size=cfg.block_size)
+                self.notes["searched_again"] = again
+                return ids, sims
+            return knn.cross_topk(q, c, k, exclude=excl, block_size=cfg.block_size)
+        with self._pool_for_call() as pool:
+            return pool.cross_topk(q, c, k, excl, cfg, self.notes)
+
+    def _on_ray(self, rows: int) -> bool:
+        return self._ensure_ray is not None and rows >= self.neighbours.ray_min_images
+
+    @contextmanager
+    def _pool_for_call(self) -> Iterator[_TopkPool]:
+        import ray
+
+        if self._pool is None:
+            self._ensure_ray()
+            nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+            pool = _TopkPool(topk_placement(nodes, self.neighbours))
+            if not self._shared:
+                try:
+                    yield pool
+                finally:
+                    pool.close()
+                return
+            self._pool = pool
+        yield self._pool
+
+
+def _local_device(setting: str) -> str:
+    """``cpu`` or ``cuda`` for an in-process search (``auto``: CUDA when torch sees a GPU)."""
+    if setting == "cpu":
+        return "cpu"
+    import torch
+
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("neighbours.device is cuda but torch sees no GPU")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _TopkActor:
+    """A top-k worker: holds a corpus (from the object store; on CPU not copied) and runs shares of a self
+    search (:class:`clipaudit.knn.SelfSearch`) or blocks of queries of a cross search, on its device: fp32 on
+    CPU; on CUDA fp16 products with fp32 accumulation, made exact by the caller or by :func:`knn.refine`."""
+
+    def __init__(self, device: str, threads: int) -> None:
+        import warnings
+
+        import torch
+
+        torch.set_num_threads(threads)
+        if device == "cuda":
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        self.device = device
+        self.corpus: np.ndarray | None = None
+        self.search: object | None = None
+
+    def load(self, corpus: np.ndarray) -> str:
+        """Hold ``corpus``; returns this actor's node id."""
+        import ray
+
+        self.corpus = corpus
+        self.search = None
+        return ray.get_runtime_context().get_node_id()
+
+    def start_self(self, corpus: np.ndarray, k: int, block: int) -> str:
+        """Start a share of a self search of ``corpus``; returns this actor's node id."""
+        from clipaudit import knn
+
+        node = self.load(corpus)
+        self.search = knn.SelfSearch(corpus, k, block, device=self.device)
+        return node
+
+    def run_pairs(self, pairs: list[tuple[tuple[int, int], tuple[int, int]]]) -> int:
+        self.search.run(pairs)
+        return len(pairs)
+
+    def self_result(self) -> tuple[np.ndarray, np.ndarray]:
+        result = self.search.result()
+        self.search = None
+        return result
+
+    def cross(self, queries: np.ndarray, k: int, exclude: np.ndarray | None, block: int,
+              margin: int) -> tuple[np.ndarray, np.ndarray, int]:
+        from clipaudit import knn
+
+        if self.device == "cuda":
+            return knn.cross_topk_exact(queries, self.corpus, k, margin=margin, exclude=exclude,
+                                        device="cuda", block_size=block)
+        ids, sims = knn.cross_topk(queries, self.corpus, k, exclude=exclude, block_size=block)
+        return ids, sims, 0
+
+
+class _TopkPool:
+    """Top-k actors placed by :func:`topk_placement` (spread over the nodes); work is handed out unit by unit
+    to whichever actor is free, starting as soon as the first actor is up."""
+
+    def __init__(self, placement: TopkPlacement) -> None:
+        import ray
+
+        self.placement = placement
+        options: dict[str, object] = {"num_cpus": placement.cpus_per_worker, "scheduling_strategy": "SPREAD"}
+        if placement.gpus_per_worker:
+            options["num_gpus"] = placement.gpus_per_worker
+        actor_class = ray.remote(_TopkActor).options(**options)
+        self.actors = [actor_class.remote(placement.device, placement.threads) for _ in range(placement.workers)]
+        log.info("top-k: %d actors on %s (%s CPU, %s GPU, %d threads each)", placement.workers, placement.device,
+                 placement.cpus_per_worker, placement.gpus_per_worker, placement.threads)
+
+    def close(self) -> None:
+        """Stop the actors."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def self_topk(self, x: np.ndarray, k: int, cfg: NeighboursConfig,
+                  notes: dict[str, object]) -> tuple[np.ndarray, np.ndarray]:
+        """The symmetric search: the block pairs of :func:`knn.self_tasks` go to the actors, each keeps the
+        running top-k of every row over its pairs, and the driver merges one (N, k) result per actor."""
+        import ray
+
+        from clipaudit import knn
+
+        n = len(x)
+        device = self.placement.device
+        block = knn.self_block_edge(n, block_size=cfg.block_size, device=device)
+        wide = k if device == "cpu" else min(n - 1, k + cfg.lowp_margin)
+        corpus = ray.put(x)
+        starts = [actor.start_self.remote(corpus, wide, block) for actor in self.actors]
+        tasks = knn.self_tasks(n, block, len(self.actors))
+        active, nodes = self._run(starts, tasks, lambda actor, pairs: actor.run_pairs.remote(pairs),
+                                  lambda *_: None)
+        merged: tuple[np.ndarray, np.ndarray] | None = None
+        for ref in [actor.self_result.remote() for actor in active]:
+            part = ray.get(ref)
+            merged = part if merged is None else knn.merge_topk(merged, part)
+            del part
+        notes.update(where="ray", device=device, workers=len(active), nodes=nodes, units=len(tasks))
+        if device == "cpu":
+            return merged
+        eps = knn.lowp_error_bound(_lowp_dtype(), x.shape[1], float(np.sqrt((x * x).sum(axis=1).max())))
+        ids, sims, again = knn.refine(x, x, merged[0], merged[1], k, eps, exclude=np.arange(n))
+        notes["searched_again"] = again
+        return ids, sims
+
+    def cross_topk(self, q: np.ndarray, c: np.ndarray, k: int, exclude: np.ndarray | None, cfg: NeighboursConfig,
+                   notes: dict[str, object]) -> tuple[np.ndarray, np.ndarray]:
+        """Blocks of queries go to the actors, each searching the whole corpus (in the object store once)."""
+        import ray
+
+        from clipaudit import knn
+
+        device = self.placement.device
+        block = knn.cross_block_edge(len(q), len(c), block_size=cfg.block_size, device=device)
+        corpus = ray.put(c)
+        starts = [actor.load.remote(corpus) for actor in self.actors]
+        ids = np.empty((len(q), k), dtype=np.int64)
+        sims = np.empty((len(q), k), dtype=np.float32)
+        again = [0]
+
+        def submit(actor: object, span: tuple[int, int]) -> object:
+            part = None if exclude is None else exclude[span[0] : span[1]]
+            return actor.cross.remote(q[span[0] : span[1]], k, part, block, cfg.lowp_margin)
+
+        def done(span: tuple[int, int], result: tuple[np.ndarray, np.ndarray, int]) -> None:
+            ids[span[0] : span[1]], sims[span[0] : span[1]], searched = result
+            again[0] += searched
+
+        spans = knn.row_spans(len(q), block)
+        active, nodes = self._run(starts, spans, submit, done)
+        notes.update(where="ray", device=device, workers=len(active), nodes=nodes, units=len(spans),
+                     searched_again=again[0])
+        return ids, sims
+
+    def _run(self, starts: list[object], units: Sequence[object], submit: Callable[[object, object], object],
+             done: Callable[[object, object], None]) -> tuple[list[object], int]:
+        """Hand ``units`` to the actors whose ``starts`` finished, two in flight per actor, and pass each result
+        to ``done``; returns the actors that started and on how many nodes. Fails when no actor starts within
+        :data:`TOPK_START_TIMEOUT_S` (the cluster cannot place one)."""
+        import time
+        from collections import deque
+
+        import ray
+
+        waiting = dict(zip(starts, self.actors))
+        in_flight: dict[object, tuple[object, object]] = {}
+        todo = deque(units)
+        active: list[object] = []
+        nodes: set[str] = set()
+        deadline = time.monotonic() + TOPK_START_TIMEOUT_S
+
+        def give(actor: object) -> None:
+            if todo:
+                unit = todo.popleft()
+                in_flight[submit(actor, unit)] = (actor, unit)
+
+        while todo or in_flight:
+            timeout = None if active else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait([*in_flight, *waiting], num_returns=1, timeout=timeout)
+            if not ready:
+                raise RuntimeError(self._unplaced_message())
+            ref = ready[0]
+            if ref in waiting:
+                actor = waiting.pop(ref)
+                nodes.add(ray.get(ref))
+                active.append(actor)
+                give(actor)
+                give(actor)
+            else:
+                actor, unit = in_flight.pop(ref)
+                done(unit, ray.get(ref))
+                give(actor)
+        return active, len(nodes)
+
+    def _unplaced_message(self) -> str:
+        import ray
+
+        p = self.placement
+        asks = f"{p.cpus_per_worker} CPU" + (f" and {p.gpus_per_worker} GPU" if p.gpus_per_worker else "")
+        return (f"no top-k actor started within {TOPK_START_TIMEOUT_S:.0f} s: each asks for {asks}; the cluster "
+                f"has {ray.available_resources()} free of {ray.cluster_resources()}. Free resources or set "
+                "neighbours.ray_cpus_per_worker / neighbours.ray_workers lower")
+
+
+def _lowp_dtype() -> object:
+    """The dtype of the GPU products (the knn default on CUDA)."""
+    import torch
+
+    return torch.float16

@@ -9,7 +9,7 @@ and a pool holds each of them once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,24 +69,38 @@ def build_corpus(texts: Sequence[str], vectors: np.ndarray) -> CaptionCorpus:
     return CaptionCorpus([str(texts[i]) for i in keep], np.ascontiguousarray(kept), index)
 
 
-def caption_neighbours(corpus: CaptionCorpus, rows: Sequence[int], k: int) -> dict[int, list[int]]:
-    """The ``k`` nearest other captions of each corpus row in ``rows`` by cosine (exact, :func:`knn.cross_topk`),
-    most similar first, ties by the smaller row. ``k`` is capped at ``len(corpus) - 1``."""
+CrossTopk = Callable[[np.ndarray, np.ndarray, int, "np.ndarray | None"], tuple[np.ndarray, np.ndarray]]
+"""``(queries, corpus, k, exclude) -> (ids, sims)`` with :func:`knn.cross_topk`'s result, e.g. a runner's
+``topk(config.neighbours).cross_topk``, which runs large searches on Ray workers."""
+
+
+def _in_process(queries: np.ndarray, corpus: np.ndarray, k: int,
+                exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    return knn.cross_topk(queries, corpus, k, exclude=exclude)
+
+
+def caption_neighbours(corpus: CaptionCorpus, rows: Sequence[int], k: int,
+                       topk: CrossTopk | None = None) -> dict[int, list[int]]:
+    """The ``k`` nearest other captions of each corpus row in ``rows`` by cosine (exact: ``topk``, by default
+    :func:`knn.cross_topk` in this process), most similar first, ties by the smaller row. ``k`` is capped at
+    ``len(corpus) - 1``."""
     queries = np.asarray(sorted(set(rows)), dtype=np.int64)
     k = min(k, len(corpus) - 1)
     if len(queries) == 0 or k < 1:
         return {int(q): [] for q in queries}
-    ids, _ = knn.cross_topk(corpus.vectors[queries], corpus.vectors, k, exclude=queries)
+    ids, _ = (topk or _in_process)(corpus.vectors[queries], corpus.vectors, k, queries)
     return {int(q): [int(i) for i in row] for q, row in zip(queries, ids)}
 
 
-def caption_pools(corpus: CaptionCorpus, own: Mapping[str, Sequence[int]], k: int) -> dict[str, np.ndarray]:
+def caption_pools(corpus: CaptionCorpus, own: Mapping[str, Sequence[int]], k: int,
+                  topk: CrossTopk | None = None) -> dict[str, np.ndarray]:
     """Each image's caption pool, as the paper builds it: its own captions, then for each of them its ``k``
     nearest captions in the corpus; deduplicated (first occurrence kept), as int64 corpus rows.
 
-    ``own`` maps an image_id to the corpus rows of its captions.
+    ``own`` maps an image_id to the corpus rows of its captions; ``topk`` runs the exact search (see
+    :func:`caption_neighbours`).
     """
-    neighbours = caption_neighbours(corpus, [row for rows in own.values() for row in rows], k)
+    neighbours = caption_neighbours(corpus, [row for rows in own.values() for row in rows], k, topk)
     pools: dict[str, np.ndarray] = {}
     for image_id, rows in own.items():
         pool = list(dict.fromkeys(int(r) for r in rows))

@@ -9,9 +9,15 @@ Randomness never touches torch's global generator. For every (seed, image_id, tr
 :class:`torch.Generator` is seeded from a stable hash (:func:`seed_for`) and the transform's parameters are
 drawn from it with the same distributions as the ``torchvision.transforms.v2`` classes (``RandomRotation``,
 ``RandomAffine``, ``RandomHorizontalFlip``, ``RandomInvert``, ``RandomPerspective``, ``ElasticTransform``,
-``Grayscale``); :func:`sample_params` returns them as JSON-able data and :func:`apply_params` applies them with
-the ``torchvision.transforms.v2.functional`` kernels. The drawn parameters alone determine the output (the
-elastic displacement field is drawn from a recorded ``field_seed``), so a re-run gives the same pixels.
+``Grayscale``); :func:`sample_params` returns them as JSON-able data. They are applied by the batched tensor
+kernels of :mod:`clipaudit.transform_kernels` (``torchvision.transforms.v2.functional`` ops and per-row sampling
+grids, on the device the pixels are on); :func:`apply_params` is that same kernel on one image. The drawn
+parameters alone determine the output (the elastic displacement field is drawn from a recorded ``field_seed``),
+so a re-run gives the same pixels.
+
+TCAC draws and applies them at the CLIP model's input resolution: on the image resized as the model's
+preprocessing resizes it, before its centre crop (see :mod:`clipaudit.model_view`). Pixel-valued parameters
+(``translate``, the perspective corners, the elastic ``alpha`` and ``sigma``) are therefore pixels of that image.
 
 Nothing here imports torch at module import (the config imports this module).
 """
@@ -270,51 +276,13 @@ def sample_params(name: str, params: TransformParams, height: int, width: int,
     raise KeyError(name)
 
 
-def elastic_displacement(height: int, width: int, alpha: float, sigma: float, field_seed: int) -> torch.Tensor:
-    """The ``1 x H x W x 2`` displacement field of ``v2.ElasticTransform``, drawn from ``field_seed``."""
-    import torch
-    from torchvision.transforms.v2 import functional as F
-
-    generator = torch.Generator().manual_seed(field_seed)
-    kernel = int(8 * sigma + 1)
-    kernel += 1 - kernel % 2
-    parts = []
-    for extent in (width, height):
-        d = torch.rand(1, 1, height, width, generator=generator) * 2 - 1
-        d = F.gaussian_blur(d, [kernel, kernel], [sigma, sigma])
-        parts.append(d * alpha / extent)
-    return torch.concat(parts, 1).permute([0, 2, 3, 1])
-
-
 def apply_params(image: torch.Tensor, name: str, drawn: dict[str, Any], params: TransformParams) -> torch.Tensor:
-    """Apply transform ``name`` with the parameters ``drawn`` by :func:`sample_params` to a uint8
-    ``(3, H, W)`` tensor, with the ``torchvision.transforms.v2.functional`` kernels."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
+    """Apply transform ``name`` with the parameters ``drawn`` by :func:`sample_params` to one uint8 ``(3, H, W)``
+    tensor: :func:`clipaudit.transform_kernels.transform_batch` on a stack of one, on the tensor's device (the
+    function the TCAC model actor applies to its batches)."""
+    from clipaudit.transform_kernels import transform_batch
 
-    config = params.of(name)
-    if name == "grayscale":
-        return F.rgb_to_grayscale(image, num_output_channels=3)
-    if name == "hflip":
-        return F.horizontal_flip(image) if drawn["applied"] else image
-    if name == "invert":
-        return F.invert(image) if drawn["applied"] else image
-    mode = InterpolationMode(config.interpolation)
-    fill = [float(config.fill)] * 3
-    if name == "rotation":
-        return F.rotate(image, drawn["angle"], interpolation=mode, expand=config.expand, fill=fill)
-    if name == "affine":
-        return F.affine(image, angle=drawn["angle"], translate=drawn["translate"], scale=drawn["scale"],
-                        shear=drawn["shear"], interpolation=mode, fill=fill)
-    if name == "perspective":
-        if not drawn["applied"]:
-            return image
-        return F.perspective(image, drawn["startpoints"], drawn["endpoints"], interpolation=mode, fill=fill)
-    if name == "elastic":
-        height, width = image.shape[-2:]
-        displacement = elastic_displacement(height, width, config.alpha, config.sigma, drawn["field_seed"])
-        return F.elastic(image, displacement, interpolation=mode, fill=fill)
-    raise KeyError(name)
+    return transform_batch(image.unsqueeze(0), name, [drawn], params)[0]
 
 
 def transform_image(image: Image.Image, name: str, params: TransformParams, seed: int,

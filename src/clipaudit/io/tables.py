@@ -14,13 +14,21 @@ import pyarrow as pa
 from clipaudit.io import fs
 
 
+def quiet_lance_logs() -> None:
+    """Keep lance's and LanceDB's Rust loggers to errors (they warn ``No existing dataset ... it will be created``
+    for every new table); the variables are read once, when the library is imported. A value already set wins."""
+    os.environ.setdefault("LANCE_LOG", "error")
+    os.environ.setdefault("LANCEDB_LOG", "error")
+
+
 class RunTables:
     """The tables of one run directory."""
 
     def __init__(self, run_dir: str) -> None:
-        os.environ.setdefault("LANCE_LOG", "error")
+        quiet_lance_logs()
         import lancedb
 
+        self.run_dir = run_dir
         self.uri = fs.join(run_dir, "lancedb")
         self.db = lancedb.connect(self.uri)
 

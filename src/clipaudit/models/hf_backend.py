@@ -16,7 +16,9 @@ Embeddings:
 
 Preprocessing comes from the model's ``preprocessor_config.json`` when present, else the family's defaults:
 CLIP: resize the shorter side to the model's image size (224), center crop, bicubic, OpenAI mean/std;
-DINOv2: resize the shorter side to 256, center crop 224, bicubic, ImageNet mean/std.
+DINOv2: resize the shorter side to 256, center crop 224, bicubic, ImageNet mean/std. Either way the pixels are
+those of transformers' own image processor (``CLIPImageProcessor`` / ``BitImageProcessor``, torchvision backend:
+what ``AutoImageProcessor`` gives): a ``Preprocess`` of style ``"transformers"``.
 
 Tokenizers (CLIP) load from the model's own files; a tokenizer of fewer than 1000 tokens (what transformers
 returns when the files are missing) is an error, never used.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -101,8 +104,8 @@ class HfTarget:
 def family_defaults(family: str, image_size: int = 224) -> Preprocess:
     """Preprocessing of a family when the model has no ``preprocessor_config.json``."""
     if family == "dinov2":
-        return Preprocess(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
-    return Preprocess(image_size, image_size, OPENAI_MEAN, OPENAI_STD, "bicubic")
+        return Preprocess(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bicubic", style="transformers")
+    return Preprocess(image_size, image_size, OPENAI_MEAN, OPENAI_STD, "bicubic", style="transformers")
 
 
 def _square(value: Any, what: str) -> int:
@@ -121,8 +124,15 @@ def _square(value: Any, what: str) -> int:
 
 
 def preprocess_from_processor_config(pc: dict[str, Any], family: str, image_size: int = 224) -> Preprocess:
-    """A Preprocess from a ``preprocessor_config.json`` (CLIPImageProcessor / BitImageProcessor fields)."""
+    """A Preprocess from a ``preprocessor_config.json`` (CLIPImageProcessor / BitImageProcessor fields).
+
+    The result gives the same pixels as transformers' processor built from the same fields; fields it cannot
+    reproduce (a rescale other than 1/255, a non-square size) are a ModelSpecError.
+    """
     base = family_defaults(family, image_size)
+    if not pc.get("do_rescale", True) or not math.isclose(float(pc.get("rescale_factor", 1 / 255)), 1 / 255):
+        raise ModelSpecError(f"unsupported preprocessing: do_rescale={pc.get('do_rescale')}, "
+                             f"rescale_factor={pc.get('rescale_factor')} (only a rescale by 1/255 is supported)")
     resample = pc.get("resample", 3)
     interpolation = "bilinear" if resample in (2, "bilinear", "BILINEAR") else "bicubic"
     if pc.get("do_normalize", True):
@@ -137,8 +147,8 @@ def preprocess_from_processor_config(pc: dict[str, Any], family: str, image_size
     if squash:
         if crop != resize:
             raise ModelSpecError(f"unsupported preprocessing: resize to {size} then crop {crop}")
-        return Preprocess(resize, resize, mean, std, interpolation, resize_mode="squash")
-    return Preprocess(crop, resize, mean, std, interpolation)
+        return Preprocess(resize, resize, mean, std, interpolation, resize_mode="squash", style="transformers")
+    return Preprocess(crop, resize, mean, std, interpolation, style="transformers")
 
 
 def is_local_spec(body: str) -> bool:

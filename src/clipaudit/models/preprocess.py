@@ -1,7 +1,18 @@
-"""Image preprocessing as data: a small, picklable description applied with PIL and numpy only.
+"""Image preprocessing as data: a small, picklable description of how one model wants its images.
 
-The geometry follows torchvision / open_clip inference transforms exactly (the same PIL resize calls, the same
-crop offsets), so a `Preprocess` built from a model's config gives the pixels that model was evaluated with.
+Two styles, each identical (the same uint8 pixels, the same float32 arithmetic) to a reference implementation:
+
+- ``"torchvision"``: torchvision's transforms applied to a PIL image, as open_clip's inference transform does
+  (and DINOv2's own repository): PIL resize, center crop offsets rounded (``round((h - s) / 2)``),
+  ``ToTensor`` (``x / 255``) then ``Normalize`` (``(x - mean) / std``).
+- ``"transformers"``: transformers' image processors (``CLIPImageProcessor``, ``BitImageProcessor`` for DINOv2)
+  with their default torchvision backend: the uint8 tensor resized by torchvision (antialiased), center crop
+  offsets truncated (``int((h - s) / 2)``), rescale fused into normalisation (``(x - 255 mean) / (255 std)``).
+
+The two differ by a pixel where the resized side minus the crop is odd (the crop offset) and by one or two
+levels at some pixels (PIL's resampling against torch's): enough to move an embedding (cosine 0.99), so each
+model is fed the style it was evaluated with. The ``"torchvision"`` style uses PIL and numpy only; the
+``"transformers"`` style imports torch and torchvision to resize.
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 KINDS = ("normalize", "rgb")
 INTERPOLATIONS = ("bicubic", "bilinear")
 RESIZE_MODES = ("shortest", "longest", "squash")
+STYLES = ("torchvision", "transformers")
+_RESCALE_FACTOR = 1 / 255
 
 
 @dataclass(frozen=True)
@@ -33,12 +46,14 @@ class Preprocess:
         resize_size: ``resize_mode="shortest"``: the shorter side is resized to this, then the center
             ``image_size`` square is cropped (DINOv2: 256 then 224; CLIP: 224 then 224).
         mean, std: per-channel normalisation of pixel values scaled to [0, 1].
-        interpolation: ``"bicubic"`` or ``"bilinear"`` (PIL resampling, antialiased like torchvision on PIL).
+        interpolation: ``"bicubic"`` or ``"bilinear"`` (antialiased when shrinking, in both styles).
         kind: ``"normalize"``: a float32 CHW array, normalised; ``"rgb"``: a uint8 HWC RGB array of
             ``image_size x image_size`` (for ``python:`` plug-ins, which receive PIL images).
         resize_mode: ``"shortest"`` (resize the shorter side, center crop), ``"squash"`` (resize both sides to
             ``image_size``, aspect ratio not kept) or ``"longest"`` (resize the longer side to ``image_size``,
-            pad with black to a square), as in open_clip's ``resize_mode``.
+            pad with black to a square; ``"torchvision"`` style only), as in open_clip's ``resize_mode``.
+        style: whose implementation the pixels are identical to: ``"torchvision"`` (open_clip, torchvision
+            transforms on PIL images) or ``"transformers"`` (transformers' image processors); see the module.
     """
 
     image_size: int
@@ -48,6 +63,7 @@ class Preprocess:
     interpolation: str
     kind: str = "normalize"
     resize_mode: str = "shortest"
+    style: str = "torchvision"
 
     def __post_init__(self) -> None:
         if int(self.image_size) <= 0 or int(self.resize_size) <= 0:
@@ -58,6 +74,10 @@ class Preprocess:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
+        if self.style == "transformers" and self.resize_mode == "longest":
+            raise ValueError("resize_mode 'longest' exists in the 'torchvision' style only")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
             raise ValueError(f"mean and std need 3 values (std > 0), got {self.mean}, {self.std}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
@@ -74,45 +94,69 @@ class Preprocess:
         """float32 for ``normalize``, uint8 for ``rgb``."""
         return np.dtype(np.float32) if self.kind == "normalize" else np.dtype(np.uint8)
 
-    def geometry(self, image: Image.Image) -> Image.Image:
-        """Resize and crop (or pad) an RGB image to ``image_size x image_size``."""
-        from PIL import Image
-
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        resample = Image.Resampling.BICUBIC if self.interpolation == "bicubic" else Image.Resampling.BILINEAR
-        w, h = image.size
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of an image of this size after the resize, before the crop (or pad)."""
         s = self.image_size
         if self.resize_mode == "squash":
-            new_w, new_h = s, s
-        elif self.resize_mode == "longest":
-            ratio = max(h / s, w / s)
-            new_w, new_h = round(w / ratio), round(h / ratio)
-        else:
-            target = self.resize_size
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = target, int(target * long / short)
-            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), resample)
-        return _center_crop_or_pad(image, s)
+            return s, s
+        if self.resize_mode == "longest":
+            ratio = max(height / s, width / s)
+            return round(width / ratio), round(height / ratio)
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.resize_size, int(self.resize_size * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+
+    def geometry(self, image: Image.Image) -> np.ndarray:
+        """Resize and crop (or pad) an image: the uint8 (S, S, 3) RGB pixels the model sees."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if self.style == "transformers":
+            return _transformers_geometry(image, self.resized_size(*image.size), self.image_size, self.interpolation)
+        return _torchvision_geometry(image, self.resized_size(*image.size), self.image_size, self.interpolation)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        """Preprocess one RGB PIL image: a float32 (3, S, S) normalised array, or a uint8 (S, S, 3) RGB array."""
-        pixels = np.asarray(self.geometry(image), dtype=np.uint8)
+        """Preprocess one PIL image: a float32 (3, S, S) normalised array, or a uint8 (S, S, 3) RGB array."""
+        pixels = self.geometry(image)
         if self.kind == "rgb":
-            return np.ascontiguousarray(pixels)
-        scale = np.asarray([1.0 / (255.0 * sd) for sd in self.std], dtype=np.float32)
-        shift = np.asarray([m / sd for m, sd in zip(self.mean, self.std, strict=True)], dtype=np.float32)
-        out = pixels.astype(np.float32) * scale - shift
-        return np.ascontiguousarray(out.transpose(2, 0, 1))
+            return pixels
+        chw = pixels.transpose(2, 0, 1).astype(np.float32)
+        mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.std, dtype=np.float32)[:, None, None]
+        if self.style == "transformers":
+            scale = np.float32(1.0 / _RESCALE_FACTOR)
+            out = (chw - mean * scale) / (std * scale)
+        else:
+            out = (chw / np.float32(255.0) - mean) / std
+        return np.ascontiguousarray(out)
 
 
-def _center_crop_or_pad(image: Image.Image, size: int) -> Image.Image:
-    """torchvision's center crop: pad with black where the image is smaller, then crop the center square."""
+def _torchvision_geometry(image: Image.Image, size: tuple[int, int], crop: int, interpolation: str) -> np.ndarray:
+    """torchvision's ``Resize`` + ``CenterCrop`` on a PIL image: PIL resampling, crop offsets rounded."""
+    from PIL import Image
+
+    if size != image.size:
+        resample = Image.Resampling.BICUBIC if interpolation == "bicubic" else Image.Resampling.BILINEAR
+        image = image.resize(size, resample)
     w, h = image.size
-    if (w, h) == (size, size):
-        return image
-    left = -((size - w) // 2) if size > w else round((w - size) / 2.0)
-    top = -((size - h) // 2) if size > h else round((h - size) / 2.0)
-    return image.crop((left, top, left + size, top + size))
+    if (w, h) != (crop, crop):
+        left = -((crop - w) // 2) if crop > w else round((w - crop) / 2.0)
+        top = -((crop - h) // 2) if crop > h else round((h - crop) / 2.0)
+        image = image.crop((left, top, left + crop, top + crop))
+    return np.array(image, dtype=np.uint8)
+
+
+def _transformers_geometry(image: Image.Image, size: tuple[int, int], crop: int, interpolation: str) -> np.ndarray:
+    """transformers' torchvision backend: the uint8 CHW tensor resized by torchvision, crop offsets truncated."""
+    import torch
+    from torchvision.transforms.v2 import functional as tvF
+
+    mode = tvF.InterpolationMode.BICUBIC if interpolation == "bicubic" else tvF.InterpolationMode.BILINEAR
+    tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    tensor = tvF.resize(tensor[None], [size[1], size[0]], interpolation=mode, antialias=True)[0]
+    h, w = tensor.shape[-2:]
+    if crop > h or crop > w:
+        pad_w, pad_h = max(crop - w, 0), max(crop - h, 0)
+        tensor = torch.nn.functional.pad(tensor, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
+        h, w = tensor.shape[-2:]
+    top, left = int((h - crop) / 2.0), int((w - crop) / 2.0)
+    return np.ascontiguousarray(tensor[:, top:top + crop, left:left + crop].permute(1, 2, 0).numpy())

@@ -3,10 +3,13 @@
 Images are read and decoded as the embed stage does (:func:`clipaudit.stages.embed_batches.read_image_bytes`,
 :func:`~clipaudit.stages.embed_batches.decode_image`: EXIF orientation, RGB, pixel bound). A TCAC image is
 re-created from the recorded parameters: the ``params`` column (what was drawn) and the ``settings`` column (the
-configured ranges, interpolation and fill) of ``tcac_cases``, applied with :func:`clipaudit.transforms.apply_params`
-to the full-size image, the pixels TCAC scored; only then is it shrunk. Work runs in a thread pool (reads from
-object stores wait on the network, not the CPU). An image that cannot be read is shown as a grey box, not a broken
-image.
+configured ranges, interpolation and fill, and under ``input`` the model's resize) of ``tcac_cases``. The image is
+resized as TCAC resized it (:func:`clipaudit.model_view.resize_for_model`, the model's resolution before its
+crop) and transformed by :func:`clipaudit.transforms.apply_params`, the kernel the TCAC actor applies to its
+batches: the pixels TCAC scored, shown whole (before the crop); only then is it shrunk. Rows written before
+``settings`` recorded the input were transformed at full size, and are re-created so. Work runs in a thread pool
+(reads from object stores wait on the network, not the CPU). An image that cannot be read is shown as a grey box,
+not a broken image.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from clipaudit.transforms import TransformParams
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from clipaudit.models import Preprocess
 
 log = logging.getLogger("clipaudit.report")
 
@@ -66,17 +71,51 @@ def transform_params_from(transform: str, settings_json: str | None, fallback: T
         return fallback
 
 
+def input_from(settings_json: str | None) -> Preprocess | None:
+    """The model resize a ``tcac_cases`` row was transformed after (its ``settings`` JSON's ``input``), as a
+    :class:`~clipaudit.models.Preprocess` (its normalisation unused); None where the row does not say."""
+    from clipaudit.models import Preprocess
+
+    try:
+        values = json.loads(settings_json or "{}").get("input")
+        if not isinstance(values, dict):
+            return None
+        known = {f.name for f in dataclasses.fields(Preprocess)}
+        extra = {key: values[key] for key in ("resize_mode", "style") if key in values and key in known}
+        return Preprocess(int(values["image_size"]), int(values["resize_size"]), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
+                          str(values["interpolation"]), **extra)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
 def recreate_transformed(image: Image.Image, transform: str, params_json: str | None,
-                         params: TransformParams) -> Image.Image:
+                         params: TransformParams, model_input: Preprocess | None = None) -> Image.Image:
     """Apply transform ``transform`` with the drawn parameters ``params_json`` (the ``params`` column) to an RGB
-    image, exactly as TCAC did."""
+    image exactly as TCAC did: resized as ``model_input`` resizes (before its crop; None: at full size), then
+    :func:`clipaudit.transforms.apply_params`."""
+    import numpy as np
+    import torch
     from torchvision.transforms.v2 import functional as F
 
+    from clipaudit.model_view import resize_for_model
     from clipaudit.transforms import apply_params
 
     drawn = json.loads(params_json or "{}")
-    tensor = F.pil_to_tensor(image.convert("RGB") if image.mode != "RGB" else image)
+    rgb = image.convert("RGB") if image.mode != "RGB" else image
+    pixels = resize_for_model(rgb, model_input) if model_input is not None else np.array(rgb, dtype=np.uint8)
+    tensor = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)
     return F.to_pil_image(apply_params(tensor, transform, drawn, params).contiguous())
+
+
+def at_display_size(picture: Image.Image, original: Image.Image) -> Image.Image:
+    """A transformed picture made at the model's resolution, scaled to the original's size where it has the same
+    shape (so its thumbnail matches the original's), else left as it is."""
+    from PIL import Image as PILImage
+
+    (w, h), (pw, ph) = original.size, picture.size
+    if (pw, ph) == (w, h) or abs(pw * h - ph * w) > 0.02 * w * ph:
+        return picture
+    return picture.resize((w, h), PILImage.Resampling.BICUBIC)
 
 
 def shrink(image: Image.Image, long_side: int, quality: int) -> tuple[bytes, int, int]:
@@ -172,7 +211,8 @@ class Thumbnails:
                 picture = image
                 if request.transform:
                     params = transform_params_from(request.transform, request.settings, self.params)
-                    picture = recreate_transformed(image, request.transform, request.params, params)
+                    picture = at_display_size(recreate_transformed(image, request.transform, request.params,
+                                                                   params, input_from(request.settings)), image)
                 data, width, height = shrink(picture, self.long_side, self.quality)
                 name = f"{THUMBS_DIR}/{request.key}.jpg"
                 write_bytes(fs.join(self.report_dir, *name.split("/")), data)

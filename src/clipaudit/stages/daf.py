@@ -49,6 +49,7 @@ from clipaudit.records import (
     StageStats,
 )
 from clipaudit.stages.neighbours import load_vectors, restrict
+from clipaudit.stages.upstream import empty_input_message
 
 if TYPE_CHECKING:
     from clipaudit.config import Config, DafConfig
@@ -131,7 +132,7 @@ def load_lists(tables: RunTables) -> NeighbourLists:
     """Both roles' neighbour lists from ``neighbours``; DafError when missing or inconsistent."""
     table = tables.read(NEIGHBOURS, ["image_id", "model", "ids", "sims"])
     if table is None or table.num_rows == 0:
-        raise DafError(f"no neighbours in {tables.uri}: run the neighbours stage first")
+        raise DafError(empty_input_message(tables, f"no neighbours in {tables.uri}", "neighbours", NEIGHBOURS))
     clip, reference = (_role_lists(table, role, tables) for role in ROLES)
     image_ids = clip.column("image_id").combine_chunks()
     if not reference.column("image_id").combine_chunks().equals(image_ids):

@@ -31,6 +31,7 @@ from clipaudit.records import (
     image_embeddings_schema,
 )
 from clipaudit.stages.embed_batches import OK, Batch
+from clipaudit.stages.upstream import empty_input_message
 
 if TYPE_CHECKING:
     from clipaudit.config import EmbedConfig
@@ -81,7 +82,7 @@ def plan_images(tables: RunTables, models: dict[str, ResolvedModel]) -> pa.Table
     """
     samples = tables.read(SAMPLES, ["image_id", "uri"])
     if samples is None or samples.num_rows == 0:
-        raise EmbedError(f"no samples in {tables.uri}: run the ingest stage first")
+        raise EmbedError(empty_input_message(tables, f"no samples in {tables.uri}", "ingest", SAMPLES))
     rejected = _ids(tables.read(REJECTS, ["item"], where=f"stage = '{STAGE}'"), "item")
     open_rows = pc.invert(pc.is_in(samples.column("image_id"), value_set=rejected))
     needs = []

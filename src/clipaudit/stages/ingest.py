@@ -42,6 +42,7 @@ from clipaudit.records import (
     rejects_to_table,
     samples_to_table,
 )
+from clipaudit.stages.upstream import reason_counts
 
 if TYPE_CHECKING:
     from clipaudit.config import Config
@@ -239,3 +240,8 @@ def _count_outcome(stats: StageStats, kept: list[Sample], rejects: list[Reject],
     log.info("ingest: %d samples, %d rejects (%s), %d beyond the limit; wrote %d new sample rows and %d new "
              "reject rows", len(kept), len(rejects), ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
              or "none", beyond_limit, stats.counts["new_samples"], stats.counts["new_rejects"])
+    if not kept and rejects:
+        first = rejects[0]
+        log.warning("ingest: every input was rejected (%s); the first: %s of %s: %s (%s). The next stages have "
+                    "nothing to work on; the rejects table lists every one", reason_counts(r.reason for r in rejects),
+                    first.item, first.source, first.reason, first.detail)

@@ -8,17 +8,21 @@ Rows are ordered by image_id, so ties (equal similarities) go to the smaller ima
 ``neighbours.method``:
 
 * ``exact`` (default): :func:`clipaudit.knn.self_topk`, a blocked matrix product with a running top-k; memory
-  O(block x N + N x k) on top of the vectors, never N x N. On a GPU (``neighbours.device: auto`` and torch sees
-  CUDA) the products are fp16 with fp32 accumulation; on the CPU they are exact fp32.
+  O(block x N + N x k) on top of the vectors, never N x N. On the CPU the products are exact fp32; on a GPU
+  (``neighbours.device: auto`` and CUDA present) they are fp16 with fp32 accumulation for ``k + lowp_margin``
+  candidates, re-scored in fp32 (:func:`clipaudit.knn.refine`), so the result is exact there too.
 * ``ann``: a LanceDB vector index (``neighbours.ann_index``, cosine) over a scratch table per role; candidates
   are re-scored with exact fp32 inner products, and rows that get fewer than k candidates fall back to exact
   search. Its recall@k against exact search is measured on a seeded sample (``neighbours.recall_sample``) and
   written into the stats.
 
-The exact search runs in this process (on its GPU when there is one). It costs about N^2 d / 2 multiply-adds per
-role; on 2 busy CPU cores N = 20k (d = 512) took about 70 s, so N = 50k (d = 768) is some ten minutes and
-past :data:`CPU_EXACT_WARN` images it is hours: the stage warns there, and a GPU or ``method: ann`` is the way
-(on one GPU, fp16, N of a few million is minutes). Spreading query blocks over Ray workers is not done yet.
+Where the exact search runs: from ``neighbours.ray_min_images`` images on, with ``ray.runner: ray``, on Ray
+actors (the runner's :meth:`~clipaudit.runtime.RayRunner.topk`): the vectors go into the object store once,
+the block products of the symmetric search are dealt to the actors (GPU actors when the cluster has GPUs), and
+the driver merges one N x k partial result per actor; the ids are those of the in-process search. Smaller
+corpora, and ``ray.runner: local``, search in this process (on its GPU when there is one). The search costs
+about N^2 d / 2 multiply-adds per role; past :data:`CPU_EXACT_WARN` images on CPUs it is hours: the stage warns
+there, and GPUs or ``method: ann`` are the way (on one GPU, fp16, N of a few million is minutes).
 
 Re-running reuses the table when it already holds, for both roles, exactly the current image set with the same
 k, method and model specs; otherwise the table is recomputed and replaced as a whole (one write).
@@ -29,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,6 +49,7 @@ from clipaudit.records import IMAGE_EMBEDDINGS, NEIGHBOURS, NEIGHBOURS_ANN, NEIG
 if TYPE_CHECKING:
     from clipaudit.config import Config, NeighboursConfig
     from clipaudit.io.tables import RunTables
+    from clipaudit.runtime import LazyRunner, LocalRunner, RayRunner, TopkSearch
 
 log = logging.getLogger("clipaudit.neighbours")
 STAGE = "neighbours"
@@ -141,11 +147,6 @@ def resolve_device(setting: str) -> str:
     if setting == "cuda" and not available:
         raise NeighboursError("neighbours.device is cuda but torch sees no GPU")
     return "cuda" if available else "cpu"
-
-
-def exact_neighbours(vectors: np.ndarray, k: int, block_size: int | None, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of every row among the others: ``(ids, sims)``, ties by smaller row index."""
-    return knn.self_topk(vectors, k, block_size=block_size, device=device)
 
 
 def _ann_index_config(cfg: NeighboursConfig, n: int):
@@ -264,7 +265,7 @@ def is_up_to_date(tables: RunTables, image_ids: pa.Array, k: int, method: str, s
 
 
 def _search(tables: RunTables, role: str, vectors: np.ndarray, cfg: NeighboursConfig, device: str,
-            stats: StageStats) -> tuple[np.ndarray, np.ndarray]:
+            stats: StageStats, search: TopkSearch) -> tuple[np.ndarray, np.ndarray]:
     started = time.perf_counter()
     if cfg.method == "ann":
         ids, sims = ann_neighbours(tables, role, vectors, cfg, device)
@@ -277,7 +278,8 @@ def _search(tables: RunTables, role: str, vectors: np.ndarray, cfg: NeighboursCo
             log.info("ann %s: recall@%d = %.4f on %d sampled images", role, cfg.k, recall,
                      min(cfg.recall_sample, len(vectors)))
         return ids, sims
-    ids, sims = exact_neighbours(vectors, cfg.k, cfg.block_size, device)
+    ids, sims = search.self_topk(vectors, cfg.k)
+    stats.notes.setdefault("search", {})[role] = dict(search.notes)
     stats.add_time(f"search_{role}", time.perf_counter() - started)
     return ids, sims
 
@@ -293,8 +295,9 @@ def check_size(n: int, k: int) -> None:
 
 
 def compute_and_write(tables: RunTables, roles: dict[str, RoleVectors], image_ids: pa.Array, cfg: NeighboursConfig,
-                      device: str, stats: StageStats) -> int:
-    """Search every role over ``image_ids`` and replace the ``neighbours`` table with one write; rows written."""
+                      device: str, stats: StageStats, search: TopkSearch) -> int:
+    """Search every role over ``image_ids`` (exact: through ``search``) and replace the ``neighbours`` table with
+    one write; rows written."""
     n = len(image_ids)
     if device == "cpu" and cfg.method == "exact" and n > CPU_EXACT_WARN:
         log.warning("exact neighbours of %d images on the CPU will take long; use a GPU or neighbours.method: ann",
@@ -303,7 +306,7 @@ def compute_and_write(tables: RunTables, roles: dict[str, RoleVectors], image_id
              len(roles["clip"].ids), len(roles["reference"].ids), cfg.k, cfg.method, device)
     parts = []
     for role, vectors in roles.items():
-        ids, sims = _search(tables, role, restrict(vectors, image_ids), cfg, device, stats)
+        ids, sims = _search(tables, role, restrict(vectors, image_ids), cfg, device, stats, search)
         parts.append(lists_table(image_ids, role, ids, sims, cfg.method, vectors.spec))
         stats.notes.setdefault("mean_kth_similarity", {})[role] = float(sims[:, -1].mean())
     started = time.perf_counter()
@@ -313,11 +316,15 @@ def compute_and_write(tables: RunTables, roles: dict[str, RoleVectors], image_id
     return rows.num_rows
 
 
-def run_neighbours(config: Config, tables: RunTables) -> StageStats:
+def run_neighbours(config: Config, tables: RunTables,
+                   runner: LazyRunner | LocalRunner | RayRunner | None = None) -> StageStats:
     """Run the neighbours stage over ``config.neighbours``; returns counts, timings and notes (see module doc).
 
+    ``runner`` places the exact search (its ``topk``); None: a runner of its own per ``config.ray``, which
+    starts Ray only for a search of at least ``neighbours.ray_min_images`` images and stops it afterwards.
     Counts: ``images`` (embedded by both roles), ``images_<role>`` and ``left_out_<role>`` (embedded by that
-    role only), ``rows_written``. Notes: k, method, device, the models, ``reused``, ``recall_at_k`` (ann).
+    role only), ``rows_written``. Notes: k, method, device, the models, ``reused``, ``recall_at_k`` (ann),
+    ``search`` (per role: where the exact search ran, on how many workers).
     """
     cfg = config.neighbours
     stats = StageStats(STAGE)
@@ -341,6 +348,16 @@ def run_neighbours(config: Config, tables: RunTables) -> StageStats:
         log.info("neighbours: the table already holds k=%d %s neighbours of these %d images; reused", cfg.k,
                  cfg.method, n)
     stats.notes["reused"] = reused
-    stats.add_count("rows_written", 0 if reused else compute_and_write(tables, roles, image_ids, cfg, device, stats))
+    if not reused:
+        with ExitStack() as stack:
+            if runner is None:
+                from clipaudit.runtime import LazyRunner
+
+                runner = LazyRunner(config)
+                stack.callback(runner.close)
+            search = stack.enter_context(runner.topk(cfg))
+            stats.add_count("rows_written", compute_and_write(tables, roles, image_ids, cfg, device, stats, search))
+    else:
+        stats.add_count("rows_written", 0)
     stats.add_time("wall", time.perf_counter() - started)
     return stats

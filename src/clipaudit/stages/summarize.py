@@ -74,6 +74,7 @@ from clipaudit.records import (
     TCAC_CASES,
     StageStats,
 )
+from clipaudit.stages.upstream import empty_input_message
 
 if TYPE_CHECKING:
     from clipaudit.config import Config, LLMConfig
@@ -361,9 +362,9 @@ def load_cases(config: Config, tables: RunTables) -> dict[str, list[Case]]:
     wanted = {"daf": (DAF_CASES, DAF, daf_cases), "tcac": (TCAC_CASES, TCAC, tcac_cases)}
     present = {m: tables.read(wanted[m][0]) for m in llm.methods}
     if all(table is None for table in present.values()):
-        names = " or ".join(wanted[m][0] for m in llm.methods)
-        raise SummarizeError(f"no {names} table in {tables.uri}: run the "
-                             f"{' or '.join(llm.methods)} stage first (llm.methods: {', '.join(llm.methods)})")
+        reasons = [empty_input_message(tables, f"no {wanted[m][0]} table in {tables.uri}", m, wanted[m][0])
+                   for m in llm.methods]
+        raise SummarizeError("; ".join(reasons) + f" (llm.methods: {', '.join(llm.methods)})")
     cases: dict[str, list[Case]] = {}
     for method, table in present.items():
         name, label, reader = wanted[method]

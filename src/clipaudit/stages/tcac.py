@@ -4,13 +4,16 @@ an image is transformed.
 For every image: a caption pool (its own captions, plus for each of them its ``tcac.pool_neighbours`` nearest
 captions of the corpus by CLIP text embedding, deduplicated), CLIP's probabilities over the pool for the
 original image and for each transform of ``tcac.transforms``, and the comparison of the two top-``k`` lists.
+The transforms are applied at the CLIP model's input resolution: to the image resized as the model's
+preprocessing resizes it, before its centre crop (:mod:`clipaudit.model_view`).
 
 Nothing is computed twice. Caption vectors come from ``caption_embeddings`` (only captions missing there are
 encoded, each unique text once, and counted as ``text_encodings``), the original's vector from
-``image_embeddings_clip`` when it holds the same model; the transformed images go through the runner (decode
-once per image as CPU tasks, the CLIP actor pool for the forwards). The stage is the single writer of
-``tcac_cases`` (keyed by image_id, transform: a re-run computes only the missing pairs) and ``tcac_summary``
-(recomputed), and of ``rejects`` rows for images it could not read.
+``image_embeddings_clip`` when it holds the same model; the transformed images go through the runner (read,
+decode and resize once per image as CPU tasks; the transforms, as batched tensor operations, and the forwards in
+the CLIP actor pool, on its device). The stage is the single writer of ``tcac_cases`` (keyed by image_id,
+transform: a re-run computes only the missing pairs) and ``tcac_summary`` (recomputed), and of ``rejects`` rows
+for images it could not read, resize, transform or embed (one row per image, naming the first failure).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ from clipaudit.tcac_scoring import (
 if TYPE_CHECKING:
     from clipaudit.config import Config, EmbedConfig, TcacConfig
     from clipaudit.io.tables import RunTables
-    from clipaudit.models import ResolvedModel
+    from clipaudit.models import Preprocess, ResolvedModel
 
 log = logging.getLogger("clipaudit.tcac")
 STAGE = "tcac"
@@ -89,10 +92,21 @@ def resolve_clip(config: Config) -> ResolvedModel:
     return resolve_model(m.clip, "clip", fallback=m.fallback, cache_dir=m.cache_dir)
 
 
-def settings_for(tcac: TcacConfig, transform: str) -> str:
-    """JSON of everything configured that a row of ``transform`` depends on (the ``settings`` column)."""
+def settings_for(tcac: TcacConfig, transform: str, preprocess: Preprocess) -> str:
+    """JSON of everything configured that a row of ``transform`` depends on (the ``settings`` column): the tcac
+    settings and, under ``input``, the model's resize (the resolution the transform was applied at)."""
     return json.dumps({"seed": tcac.seed, "pool_neighbours": tcac.pool_neighbours, "top_k": tcac.top_k,
-                       "params": tcac.params.values(transform)}, sort_keys=True)
+                       "params": tcac.params.values(transform), "input": input_settings(preprocess)},
+                      sort_keys=True)
+
+
+def input_settings(preprocess: Preprocess) -> dict[str, Any]:
+    """The fields of the model's preprocessing that fix the pixels a transform is applied to and cropped from."""
+    from clipaudit.model_view import style_of
+
+    return {"image_size": preprocess.image_size, "resize_size": preprocess.resize_size,
+            "resize_mode": preprocess.resize_mode, "interpolation": preprocess.interpolation,
+            "style": style_of(preprocess)}
 
 
 def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -102,7 +116,8 @@ def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(array.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(array), dim)
 
 
-def _check_existing(existing: pa.Table | None, spec: str, tcac: TcacConfig, uri: str) -> set[tuple[str, str]]:
+def _check_existing(existing: pa.Table | None, spec: str, tcac: TcacConfig, preprocess: Preprocess,
+                    uri: str) -> set[tuple[str, str]]:
     """The finished (image_id, transform) pairs; TcacError when they were made by another model or settings."""
     if existing is None or existing.num_rows == 0:
         return set()
@@ -114,18 +129,18 @@ def _check_existing(existing: pa.Table | None, spec: str, tcac: TcacConfig, uri:
     settings = existing.column("settings").to_pylist()
     for transform in sorted(set(transforms) & set(tcac.transforms)):
         found = {s for t, s in zip(transforms, settings) if t == transform}
-        wanted = settings_for(tcac, transform)
+        wanted = settings_for(tcac, transform, preprocess)
         if found != {wanted}:
             raise TcacError(f"{TCAC_CASES} in {uri} holds {transform!r} rows made with {sorted(found)[0]}, but "
                             f"the config now gives {wanted}: use a new run_dir for different tcac settings")
     return set(zip(existing.column("image_id").to_pylist(), transforms))
 
 
-def plan_pairs(tables: RunTables, samples: pa.Table, tcac: TcacConfig, spec: str) -> dict[str, list[str]]:
+def plan_pairs(tables: RunTables, samples: pa.Table, tcac: TcacConfig, model: ResolvedModel) -> dict[str, list[str]]:
     """image_id -> the configured transforms it still lacks in ``tcac_cases`` (images rejected by the embed or
     tcac stage are left out), in image_id order."""
     existing = tables.read(TCAC_CASES, ["image_id", "transform", "model", "settings"])
-    done = _check_existing(existing, spec, tcac, tables.uri)
+    done = _check_existing(existing, model.spec, tcac, model.preprocess, tables.uri)
     rejected = tables.read(REJECTS, ["item"], where=f"stage = 'embed' OR stage = '{STAGE}'")
     skip = set(rejected.column("item").to_pylist()) if rejected is not None else set()
     todo: dict[str, list[str]] = {}
@@ -206,13 +221,15 @@ class CaseSink:
         self.rejected: set[str] = set()
         self.rows: list[dict[str, Any]] = []
         self.rejects: list[dict[str, str]] = []
-        self.settings = {t: settings_for(tcac, t) for t in tcac.transforms}
+        self.settings = {t: settings_for(tcac, t, model.preprocess) for t in tcac.transforms}
 
     def add(self, batch: Batch) -> int:
         """Take one embedded batch; returns the number of images it completed."""
-        for phase in ("read", "decode", "transform"):
+        for phase in ("read", "decode", "resize", "transform"):
             self.stats.add_time(phase, float(np.sum(batch[f"t_{phase}"])))
         self.stats.add_time("infer_clip", float(np.sum(batch["t_infer_clip"])))
+        for transform, seconds in zip(batch["transform"], batch["t_transform"]):
+            self.stats.add_time(f"transform_{transform}", float(seconds))
         vectors = np.asarray(batch["vector_clip"], dtype=np.float32)
         logit_scale = float(batch["logit_scale"][0]) if len(vectors) else float("nan")
         completed = 0
@@ -355,7 +372,7 @@ def run_tcac(config: Config, tables: RunTables, runner: Runner, model: ResolvedM
     if samples is None or samples.num_rows == 0:
         raise TcacError(f"no samples in {tables.uri}: run the ingest stage first")
     start = time.perf_counter()
-    todo = plan_pairs(tables, samples, config.tcac, model.spec)
+    todo = plan_pairs(tables, samples, config.tcac, model)
     stats.add_time("plan", time.perf_counter() - start)
     stats.add_count("images_todo", len(todo))
     stats.add_count("pairs_todo", sum(len(names) for names in todo.values()))

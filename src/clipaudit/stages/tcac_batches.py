@@ -1,100 +1,243 @@
 """The tcac stage's work on one batch, as plain functions and classes (no Ray): testable in-process.
 
-1. :func:`prepare_transformed` reads and decodes each image once (as the embed stage does), applies every
-   transform the image still needs (and the identity, ``original``, where its CLIP vector is not stored yet),
-   and preprocesses each result for the CLIP model: one output row per (image, transform).
-2. :class:`TransformedEncoder` is the embed stage's CLIP :class:`ImageEncoder` over those rows; it also hands
-   back the model's ``logit_scale`` so the driver can turn cosines into CLIP probabilities.
+1. :func:`prepare_resized` (a CPU task) reads and decodes each image once (as the embed stage does), resizes it
+   as the CLIP model's preprocessing does, stopping before the centre crop
+   (:func:`clipaudit.model_view.resize_for_model`), and draws the parameters of every transform the image still
+   needs (:func:`clipaudit.transforms.sample_params`, for that resized size): one row per image with its uint8
+   pixels and the drawn parameters.
+2. :class:`TransformedEncoder` (the CLIP actor) expands each image into its (image, transform) rows (with the
+   identity, ``original``, where the image's CLIP vector is not stored yet), applies the transforms as batched
+   tensor operations on the actor's device (:func:`clipaudit.transform_kernels.transform_batch`, one call per
+   transform and image size), centre-crops, preprocesses exactly as the embed stage does, embeds, and hands back
+   the model's ``logit_scale`` so the driver can turn cosines into CLIP probabilities.
+
+Nothing here raises for one bad row. An image that cannot be read, decoded or resized gets ``status`` = a reject
+reason on all its rows; a transform or a forward that raises for one row makes that row's ``status``
+``transform_failed`` or ``forward_failed`` (``detail``: the transform, the exception type and its message) and
+the rest of the batch goes on.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from clipaudit.model_view import center_crop_or_pad, model_inputs, resize_for_model, style_of
 from clipaudit.stages.embed_batches import OK, Batch, ImageEncoder, ImageRejected, decode_image, read_image_bytes
-from clipaudit.transforms import params_json, transform_image
+from clipaudit.transforms import generator_for, params_json, sample_params
 
 if TYPE_CHECKING:
+    import torch
+
     from clipaudit.config import TcacConfig
     from clipaudit.models import Preprocess, ResolvedModel
 
 ROLE = "clip"
 ORIGINAL = "original"
 """The identity transform: the untransformed image, embedded only where ``image_embeddings_clip`` lacks it."""
+PREPARE_FAILED = "prepare_failed"
+TRANSFORM_FAILED = "transform_failed"
+FORWARD_FAILED = "forward_failed"
+_PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
 
 
 def images_per_task(batch_size: int, transforms_per_image: int) -> int:
-    """Images per CPU task so that one task yields about ``batch_size`` (image, transform) rows."""
+    """Images per CPU task (and per actor batch) so that one yields about ``batch_size`` (image, transform) rows."""
     return max(1, batch_size // max(1, transforms_per_image))
 
 
-def prepare_transformed(batch: Batch, preprocess: Preprocess, tcac: TcacConfig, max_pixels: int) -> Batch:
-    """Decode each image once, transform it, preprocess every result.
+def failure(exc: BaseException, what: str = "") -> str:
+    """A reject detail: what failed, the exception's type and its message."""
+    prefix = f"{what}: " if what else ""
+    return f"{prefix}{type(exc).__name__}: {exc}"
+
+
+def draw_all(names: list[str], tcac: TcacConfig, image_id: str, height: int, width: int) -> list[dict[str, Any]]:
+    """The drawn parameters of each transform in ``names`` (``{}`` for the identity) for an image of that size."""
+    return [{} if name == ORIGINAL else
+            sample_params(name, tcac.params, height, width, generator_for(tcac.seed, image_id, name))
+            for name in names]
+
+
+def prepare_resized(batch: Batch, preprocess: Preprocess, tcac: TcacConfig, max_pixels: int) -> Batch:
+    """Read, decode and resize each image once (before the model's crop) and draw its transforms' parameters.
 
     Input columns: ``image_id``, ``uri``, ``transforms`` (comma-separated names, ``original`` for the identity).
-    Output: one row per (image, transform) with ``image_id``, ``transform``, ``params`` (JSON of the drawn
-    parameters), ``status`` (``ok`` or a reject reason), ``detail``, ``need_clip``, ``pixels_clip`` and the
-    seconds ``t_read`` / ``t_decode`` (on the image's first row) and ``t_transform``.
+    Output, one row per image: ``image_id``, ``transforms``, ``params`` (a JSON list of the drawn parameters, one
+    per transform), ``status`` (``ok`` or a reject reason), ``detail``, ``pixels`` (the resized uint8 ``H x W x 3``
+    image; a 1 x 1 placeholder where rejected) and the seconds ``t_read``, ``t_decode``, ``t_resize``.
     """
-    out: dict[str, list] = {name: [] for name in ("image_id", "transform", "params", "status", "detail",
-                                                  "t_read", "t_decode", "t_transform")}
-    pixels: list[np.ndarray] = []
-    empty = np.zeros(preprocess.output_shape, dtype=preprocess.output_dtype)
-    for image_id, uri, names in zip(batch["image_id"], batch["uri"], batch["transforms"]):
-        image_id = str(image_id)
-        todo = [name for name in str(names).split(",") if name]
-        t_read = t_decode = 0.0
-        start = time.perf_counter()
+    n = len(batch["image_id"])
+    out: dict[str, np.ndarray] = {
+        "image_id": np.asarray([str(i) for i in batch["image_id"]], dtype=object),
+        "transforms": np.asarray([str(t) for t in batch["transforms"]], dtype=object),
+        "params": np.full(n, "[]", dtype=object), "status": np.full(n, OK, dtype=object),
+        "detail": np.full(n, "", dtype=object), "pixels": np.empty(n, dtype=object),
+    }
+    times = {phase: np.zeros(n, dtype=np.float64) for phase in ("t_read", "t_decode", "t_resize")}
+    for i in range(n):
+        out["pixels"][i] = _PLACEHOLDER
+        phase, start = "t_read", time.perf_counter()
         try:
-            data = read_image_bytes(str(uri))
-            t_read = time.perf_counter() - start
-            start = time.perf_counter()
+            data = read_image_bytes(str(batch["uri"][i]))
+            times[phase][i] = time.perf_counter() - start
+            phase, start = "t_decode", time.perf_counter()
             image = decode_image(data, max_pixels)
-            t_decode = time.perf_counter() - start
+            times[phase][i] = time.perf_counter() - start
+            phase, start = "t_resize", time.perf_counter()
+            resized = resize_for_model(image, preprocess)
+            names = [name for name in out["transforms"][i].split(",") if name]
+            drawn = draw_all(names, tcac, out["image_id"][i], resized.shape[0], resized.shape[1])
+            out["params"][i] = json.dumps(drawn)
+            out["pixels"][i] = np.ascontiguousarray(resized)
         except ImageRejected as exc:
-            for name in todo:
-                _append(out, image_id, name, "{}", exc.reason, str(exc), 0.0, 0.0, 0.0)
-                pixels.append(empty)
-            continue
-        for position, name in enumerate(todo):
-            start = time.perf_counter()
-            if name == ORIGINAL:
-                result, drawn = image, {}
-            else:
-                result, drawn = transform_image(image, name, tcac.params, tcac.seed, image_id)
-            pixels.append(preprocess(result))
-            first = position == 0
-            _append(out, image_id, name, params_json(drawn), OK, "", t_read if first else 0.0,
-                    t_decode if first else 0.0, time.perf_counter() - start)
-    n = len(out["image_id"])
-    result_batch: Batch = {name: np.asarray(values, dtype=object) for name, values in out.items()
-                           if not name.startswith("t_")}
-    result_batch.update({name: np.asarray(values, dtype=np.float64) for name, values in out.items()
-                         if name.startswith("t_")})
-    result_batch[f"need_{ROLE}"] = np.ones(n, dtype=bool)
-    result_batch[f"pixels_{ROLE}"] = (np.stack(pixels) if pixels
-                                      else np.zeros((0, *preprocess.output_shape), dtype=preprocess.output_dtype))
-    return result_batch
+            out["status"][i], out["detail"][i] = exc.reason, str(exc)
+        except Exception as exc:  # noqa: BLE001 - one image must not fail the task
+            out["status"][i], out["detail"][i] = PREPARE_FAILED, failure(exc, phase.removeprefix("t_"))
+        times[phase][i] = time.perf_counter() - start
+    out.update(times)
+    return out
 
 
-def _append(out: dict[str, list], image_id: str, name: str, params: str, status: str, detail: str,
-            t_read: float, t_decode: float, t_transform: float) -> None:
-    for key, value in (("image_id", image_id), ("transform", name), ("params", params), ("status", status),
-                       ("detail", detail), ("t_read", t_read), ("t_decode", t_decode), ("t_transform", t_transform)):
-        out[key].append(value)
+class _Rows:
+    """The (image, transform) rows of one actor batch, as parallel lists."""
+
+    def __init__(self, batch: Batch) -> None:
+        self.image: list[int] = []
+        self.name: list[str] = []
+        self.drawn: list[dict[str, Any]] = []
+        self.status: list[str] = []
+        self.detail: list[str] = []
+        self.first: list[bool] = []
+        for i in range(len(batch["image_id"])):
+            names = [name for name in str(batch["transforms"][i]).split(",") if name]
+            status, detail = str(batch["status"][i]), str(batch["detail"][i])
+            drawn = json.loads(str(batch["params"][i])) if status == OK else [{} for _ in names]
+            for position, (name, params) in enumerate(zip(names, drawn, strict=True)):
+                self.image.append(i)
+                self.name.append(name)
+                self.drawn.append(params)
+                self.status.append(status)
+                self.detail.append(detail)
+                self.first.append(position == 0)
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def reject(self, row: int, reason: str, detail: str) -> None:
+        """Mark one row as failed."""
+        self.status[row], self.detail[row] = reason, detail
 
 
 class TransformedEncoder(ImageEncoder):
-    """The CLIP :class:`ImageEncoder` over (image, transform) rows; adds the model's ``logit_scale`` column."""
+    """The CLIP actor over :func:`prepare_resized` rows: expands them to (image, transform) rows, transforms in
+    batches on its device, crops, preprocesses, embeds; adds the model's ``logit_scale`` column."""
 
-    def __init__(self, model: ResolvedModel, device: str = "cpu", threads: int = 0) -> None:
+    def __init__(self, model: ResolvedModel, tcac: TcacConfig, device: str = "cpu", threads: int = 0) -> None:
         super().__init__(model, ROLE, device, threads)
+        self.tcac = tcac
+        self.preprocess = model.preprocess
+        self.device = device
 
     def __call__(self, batch: Batch) -> Batch:
-        """Add ``vector_clip``, ``t_infer_clip`` and ``logit_scale``; drop the pixels."""
-        out = super().__call__(batch)
-        out["logit_scale"] = np.full(len(out["image_id"]), float(self.model.logit_scale), dtype=np.float64)
+        """One output row per (image, transform): ``image_id``, ``transform``, ``params`` (JSON of the drawn
+        parameters), ``status``, ``detail``, ``vector_clip``, ``logit_scale`` and the seconds ``t_read``,
+        ``t_decode``, ``t_resize`` (on the image's first row), ``t_transform`` and ``t_infer_clip``."""
+        rows = _Rows(batch)
+        n = len(rows)
+        t_transform = np.zeros(n, dtype=np.float64)
+        squares = self._transform(batch, rows, t_transform)
+        start = time.perf_counter()
+        vectors = self._encode(rows, squares)
+        t_infer = (time.perf_counter() - start) / max(n, 1)
+        out: Batch = {
+            "image_id": np.asarray([str(batch["image_id"][i]) for i in rows.image], dtype=object),
+            "transform": np.asarray(rows.name, dtype=object),
+            "params": np.asarray([params_json(d) for d in rows.drawn], dtype=object),
+            "status": np.asarray(rows.status, dtype=object),
+            "detail": np.asarray(rows.detail, dtype=object),
+            "t_transform": t_transform,
+            f"vector_{ROLE}": vectors,
+            f"t_infer_{ROLE}": np.full(n, t_infer, dtype=np.float64),
+            "logit_scale": np.full(n, float(self.model.logit_scale), dtype=np.float64),
+        }
+        for phase in ("t_read", "t_decode", "t_resize"):
+            values = np.asarray(batch[phase], dtype=np.float64)
+            out[phase] = np.asarray([values[i] if first else 0.0 for i, first in zip(rows.image, rows.first)],
+                                    dtype=np.float64)
         return out
+
+    def _synchronize(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def _transform(self, batch: Batch, rows: _Rows, seconds: np.ndarray) -> np.ndarray:
+        """The model-size uint8 ``(n, S, S, 3)`` squares of every row (zeros where failed); ``seconds`` gets each
+        row's share of its transform call plus its crop."""
+        import torch
+
+        size, style = self.preprocess.image_size, style_of(self.preprocess)
+        squares = torch.zeros(len(rows), 3, size, size, dtype=torch.uint8, device=self.device)
+        images: dict[int, torch.Tensor] = {}
+        groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+        for row in range(len(rows)):
+            if rows.status[row] != OK:
+                continue
+            i = rows.image[row]
+            if i not in images:
+                images[i] = torch.from_numpy(np.array(batch["pixels"][i], dtype=np.uint8)).permute(2, 0, 1).to(
+                    self.device)
+            groups.setdefault((rows.name[row], tuple(images[i].shape)), []).append(row)
+        for (name, _), members in groups.items():
+            start = time.perf_counter()
+            stack = torch.stack([images[rows.image[row]] for row in members])
+            outputs = self._apply(name, stack, members, rows)
+            for row, image in zip(members, outputs):
+                if image is not None:
+                    squares[row] = center_crop_or_pad(image, size, style)
+            self._synchronize()
+            seconds[members] += (time.perf_counter() - start) / len(members)
+        return squares.permute(0, 2, 3, 1).cpu().numpy()
+
+    def _apply(self, name: str, stack: torch.Tensor, members: list[int],
+               rows: _Rows) -> list[torch.Tensor | None]:
+        """Transform a stack in one call; if that raises, row by row, rejecting the rows that raise alone."""
+        from clipaudit.transform_kernels import transform_batch
+
+        if name == ORIGINAL:
+            return list(stack.unbind(0))
+        try:
+            return transform_batch(stack, name, [rows.drawn[row] for row in members], self.tcac.params)
+        except Exception:  # noqa: BLE001 - isolate the row that raised
+            results: list[torch.Tensor | None] = []
+            for position, row in enumerate(members):
+                try:
+                    results.append(transform_batch(stack[position:position + 1], name, [rows.drawn[row]],
+                                                   self.tcac.params)[0])
+                except Exception as exc:  # noqa: BLE001 - a reject row, not a failed batch
+                    rows.reject(row, TRANSFORM_FAILED, failure(exc, name))
+                    results.append(None)
+            return results
+
+    def _encode(self, rows: _Rows, squares: np.ndarray) -> np.ndarray:
+        """Vectors of the ``ok`` rows (zeros elsewhere): preprocessed as the embed stage does, one forward; if it
+        raises, row by row, rejecting the rows that raise alone."""
+        vectors = np.zeros((len(rows), self.model.dim), dtype=np.float32)
+        use = np.flatnonzero(np.asarray([status == OK for status in rows.status], dtype=bool))
+        if not len(use):
+            return vectors
+        pixels = model_inputs(squares[use], self.preprocess)
+        try:
+            vectors[use] = self.model.encode_images(pixels)
+        except Exception:  # noqa: BLE001 - isolate the row that raised
+            for position, row in enumerate(use):
+                try:
+                    vectors[row] = self.model.encode_images(pixels[position:position + 1])[0]
+                except Exception as exc:  # noqa: BLE001 - a reject row, not a failed batch
+                    rows.reject(int(row), FORWARD_FAILED, failure(exc, "forward"))
+        return vectors

@@ -37,6 +37,7 @@ from clipaudit.llm.prompts import PAIRS_FORMAT, load_template, request_params
 from clipaudit.llm.requests import LLMRequest
 from clipaudit.records import CAPTION_EMBEDDINGS, FAILURE_CHECKS, FAILURE_CHECKS_SCHEMA, FAILURE_TYPES, StageStats
 from clipaudit.stages.summarize import LLMSession, PlannedCall
+from clipaudit.stages.upstream import empty_input_message
 
 if TYPE_CHECKING:
     from clipaudit.config import Config
@@ -101,7 +102,8 @@ def load_types(config: Config, tables: RunTables) -> list[FailureType]:
     """The failure types to check, by method then rank (at most ``validate.max_types`` per method)."""
     table = tables.read(FAILURE_TYPES)
     if table is None:
-        raise ValidateError(f"no {FAILURE_TYPES} table in {tables.uri}: run the summarize stage first")
+        raise ValidateError(empty_input_message(tables, f"no {FAILURE_TYPES} table in {tables.uri}", "summarize",
+                                                FAILURE_TYPES))
     rows = sorted(table.to_pylist(), key=lambda r: (str(r["method"]), r.get("rank") or 0, str(r["name"])))
     limit = config.validate.max_types
     taken: dict[str, int] = {}
@@ -152,8 +154,9 @@ def corpus_threshold(tables: RunTables, spec: str, quantile: float, pairs: int, 
     """The ``quantile`` of the cosine similarities of ``pairs`` random caption pairs of different images, from
     ``caption_embeddings`` (whose vectors must come from ``spec``); seeded."""
     if not tables.exists(CAPTION_EMBEDDINGS):
-        raise ValidateError(f"validate.threshold_mode corpus_quantile needs {CAPTION_EMBEDDINGS} in {tables.uri}: "
-                            "run the embed stage first, or use threshold_mode absolute")
+        missing = f"validate.threshold_mode corpus_quantile needs {CAPTION_EMBEDDINGS} in {tables.uri}"
+        raise ValidateError(empty_input_message(tables, missing, "embed", CAPTION_EMBEDDINGS)
+                            + " (or use validate.threshold_mode absolute)")
     dataset = tables.db.open_table(CAPTION_EMBEDDINGS).to_lance()
     n = dataset.count_rows()
     if n < 2:
@@ -204,7 +207,7 @@ def run_validate(config: Config, tables: RunTables, runner: object | None = None
     stats = StageStats(STAGE)
     started = time.perf_counter()
     if config.llm.dry_run and not tables.exists(FAILURE_TYPES):
-        log.warning("validate: no failure types yet (the summarize stage ran as a dry run): nothing to validate")
+        log.info("validate: no failure types yet (the summarize stage ran as a dry run): nothing to validate")
         stats.notes["summary"] = "no failure types yet: nothing planned, nothing sent"
         return stats
     types = load_types(config, tables)

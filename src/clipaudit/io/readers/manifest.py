@@ -1,6 +1,7 @@
 """A generic manifest: CSV / TSV / JSONL / JSON / Parquet, one row per image (the kind from the extension).
 
-``dataset.image_column`` holds an image path (relative to the manifest's folder, or absolute) or a URL;
+``dataset.image_column`` holds an image path (relative to ``dataset.images`` when it is set, else to the
+manifest's folder; or absolute) or a URL;
 ``dataset.caption_columns`` one or more caption columns, each cell a string or a list of strings (in CSV
 also a JSON-encoded list such as ``["a dog", "a brown dog"]``); ``dataset.id_column`` optionally the id.
 
@@ -10,7 +11,7 @@ its place in the file (``line N`` for CSV and JSONL, ``item N`` for a JSON array
 ``malformed`` (unparsable line, not an object, empty image cell, a caption cell of the wrong type),
 ``no_caption``, or ``missing_image`` (a local image path that does not exist; URLs are not checked here).
 
-``image_id``, unless an id column is set: for a path, the path as written relative to the manifest's folder,
+``image_id``, unless an id column is set: for a path, the path as written relative to the base folder,
 normalised, with ``/`` separators and the extension kept (``imgs/cat.jpg``; an absolute path stays
 absolute): stable, unique per file, and readable; for a URL (any ``scheme://``), ``url-`` and the first 16
 hex digits of its SHA-256 (a URL can be long and hold characters unfit for ids; 64 bits make a collision
@@ -70,8 +71,8 @@ def read_manifest(cfg: DatasetConfig) -> Iterator[Sample | Reject]:
     path = absolute(require(cfg.captions, "captions", "manifest"))
     kind = manifest_kind(path)
     columns = [cfg.image_column, *cfg.caption_columns, *([cfg.id_column] if cfg.id_column else [])]
-    log.info("manifest: reading %s (%s)", path, kind)
-    base = dirname(path)
+    base = absolute(cfg.images) if cfg.images else dirname(path)
+    log.info("manifest: reading %s (%s); relative image paths from %s", path, kind, base)
     for row in _rows(path, kind, columns):
         yield row if isinstance(row, Reject) else _to_sample(row, cfg, path, base)
 
@@ -219,7 +220,9 @@ def _to_sample(row: _Row, cfg: DatasetConfig, source: str, base: str) -> Sample 
         image_id = str(value).strip()
     uri = _uri(image, base)
     if not fs.is_remote(uri) and not os.path.isfile(uri):
-        return reject(source, row.item, "missing_image", f"image {image!r} not found at {uri}")
+        hint = "" if cfg.images or os.path.isabs(image) else \
+            " (relative paths are taken from the manifest's folder unless dataset.images names another)"
+        return reject(source, row.item, "missing_image", f"image {image!r} not found at {uri}{hint}")
     return Sample(image_id=image_id, uri=uri, captions=captions, caption=captions[0], source=source)
 
 
