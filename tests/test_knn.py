@@ -326,3 +326,21 @@ def test_self_tasks_hold_every_pair_once_diagonals_first() -> None:
                for rows, cols in task)
     assert all(rows[1] <= cols[0] for task in tasks[n_spans:] for rows, cols in task)
     assert len(tasks) - n_spans <= 2 * 4 + n_spans
+
+
+def test_low_precision_shares_merge_and_refine_to_float32() -> None:
+    """What a GPU pool does: shares of the pairs searched for k + margin in low precision, merged, re-scored."""
+    torch = pytest.importorskip("torch")
+    x = _normalised(np.random.default_rng(35), 700, 16)
+    k, wide, block = 5, 9, 128
+    pairs = knn.self_pairs(len(x), block)
+    merged = None
+    for share in (pairs[1::2], pairs[::2]):
+        search = knn.SelfSearch(x, wide, block, dtype=torch.bfloat16)
+        search.run(share)
+        merged = search.result() if merged is None else knn.merge_topk(merged, search.result())
+    ids, sims, again = knn.refine_self(x, merged[0], merged[1], k, torch.bfloat16)
+    expected_ids, expected_sims = self_topk(x, k, block_size=block)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(sims, expected_sims, atol=2e-6)
+    assert 0 < again < len(x)

@@ -128,6 +128,9 @@ class EmbedConfig:
     """Images with more pixels than this are rejected as too large (decompression-bomb guard)."""
     write_every: int = 2048
     """Rows buffered before one write to LanceDB (few large writes, not many small)."""
+    max_reject_share: float = 0.05
+    """A model stage fails when it rejects more than this share of the rows it tried (embed: images; tcac:
+    transformed images; summarize, validate: LLM requests); 1: never. Rejected rows are counted either way."""
 
 
 @dataclass(frozen=True)
@@ -651,6 +654,8 @@ def _check_files(config: Config) -> None:
                        ("neighbours.k", config.neighbours.k)]:
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
+    if not 0 <= config.embed.max_reject_share <= 1:
+        raise ConfigError(f"embed.max_reject_share: must be between 0 and 1, got {config.embed.max_reject_share}")
     if config.embed.cpus_per_actor <= 0:
         raise ConfigError(f"embed.cpus_per_actor: must be positive, got {config.embed.cpus_per_actor}")
     if config.dataset.limit is not None and config.dataset.limit <= 0:

@@ -69,6 +69,7 @@ __all__ = [
     "merge_topk",
     "pair_work",
     "refine",
+    "refine_self",
     "row_spans",
     "self_block_edge",
     "self_pairs",
@@ -511,8 +512,23 @@ def self_topk_exact(
     wide = min(n - 1, k + _check_margin(margin))
     dev, mm_dtype = _resolve_device(device, dtype)
     cand, lowp = self_topk(x, wide, block_size=block_size, device=dev, dtype=mm_dtype, memory_budget=memory_budget)
-    return refine(x, x, cand, lowp, k, lowp_error_bound(mm_dtype, x.shape[1], _max_norm(x)),
-                  exclude=np.arange(n), exact=_float32_on(dev))
+    return refine_self(x, cand, lowp, k, mm_dtype, exact=_float32_on(dev))
+
+
+def refine_self(
+    vectors: np.ndarray,
+    candidates: np.ndarray,
+    lowp_sims: np.ndarray,
+    k: int,
+    dtype: torch.dtype,
+    *,
+    exact: ExactTopk | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`refine` for a self search whose ``dtype`` products gave ``candidates`` (e.g. merged from
+    :class:`SelfSearch` shares): each row's own index excluded, the error bound from the rows' largest norm."""
+    x = _as_matrix(vectors, "vectors")
+    eps = lowp_error_bound(dtype, x.shape[1], _max_norm(x))
+    return refine(x, x, candidates, lowp_sims, k, eps, exclude=np.arange(x.shape[0]), exact=exact)
 
 
 def cross_topk_exact(

@@ -14,14 +14,11 @@ from clipaudit.errors import ClipauditError
 from clipaudit.io import fs
 from clipaudit.records import StageStats
 from clipaudit.runs import finish_run, start_run
+from clipaudit.stages.table import STAGES, StageContext, stage_named
+
+__all__ = ["STAGES", "StageError", "parse_stages", "run_pipeline"]
 
 log = logging.getLogger("clipaudit")
-
-STAGES = ["ingest", "embed", "neighbours", "daf", "tcac", "summarize", "validate", "report"]
-"""Stages in pipeline order (the ones implemented so far)."""
-RAY_STAGES = {"embed", "tcac"}
-"""Stages that schedule model work: Ray is started before them (and before LanceDB is imported, which keeps
-Ray's workers from warning about fork). The LLM stages start it only when they send something."""
 
 
 class StageError(ClipauditError, ValueError):
@@ -71,7 +68,7 @@ def run_pipeline(config: Config, stages: list[str]) -> dict[str, StageStats]:
 
     fs.makedirs(config.run_dir)
     write_resolved_config(config)
-    models = resolve_models(config) if "embed" in stages else {}
+    models = resolve_models(config) if any(stage_named(name).needs_models for name in stages) else {}
     results: dict[str, StageStats] = {}
     runner = LazyRunner(config)
     run_id = start_run(config.run_dir, stages)
@@ -79,15 +76,16 @@ def run_pipeline(config: Config, stages: list[str]) -> dict[str, StageStats]:
     tables = None
     versions_before: dict[str, int] = {}
     try:
-        if config.ray.runner == "ray" and RAY_STAGES & set(stages):
+        if config.ray.runner == "ray" and any(stage_named(name).schedules_models for name in stages):
             runner.get()
         from clipaudit.io.tables import RunTables
 
         tables = RunTables(config.run_dir)
         versions_before = tables.versions()
+        context = StageContext(config, tables, runner, models)
         for stage in stages:
             log.info("stage %s", stage)
-            stats = _run_stage(stage, config, tables, runner, models)
+            stats = stage_named(stage).run(context)
             write_stats(config, stats)
             results[stage] = stats
     except BaseException as exc:
@@ -101,50 +99,8 @@ def run_pipeline(config: Config, stages: list[str]) -> dict[str, StageStats]:
 
 
 def _record_failure(run_dir: str, run_id: str, tables, versions_before: dict[str, int], exc: BaseException) -> None:
-    """Record a failed run in runs.jsonl (its tables are not tagged); never masks the original error."""
+    """Record a failed run in its run record (its tables are not tagged); never masks the original error."""
     try:
         finish_run(run_dir, run_id, tables, versions_before, status="failed", error=type(exc).__name__)
     except Exception:  # noqa: BLE001 - the run's own error is the one to report
-        log.warning("could not record the failure of run %s in runs.jsonl", run_id, exc_info=True)
-
-
-def _run_stage(stage: str, config: Config, tables, runner, models) -> StageStats:
-    if stage == "ingest":
-        from clipaudit.stages.ingest import run_ingest
-
-        return run_ingest(config, tables)
-    if stage == "embed":
-        from clipaudit.stages.embed import run_embed, summary_line
-
-        stats = run_embed(tables, runner, models, config.embed)
-        line = summary_line(stats)
-        stats.notes["summary"] = line
-        print(line, flush=True)
-        return stats
-    if stage == "tcac":
-        from clipaudit.stages.tcac import run_tcac
-
-        stats = run_tcac(config, tables, runner, models.get("clip"))
-        log.info("%s", stats.notes["summary"])
-        return stats
-    if stage == "neighbours":
-        from clipaudit.stages.neighbours import run_neighbours
-
-        return run_neighbours(config, tables)
-    if stage == "daf":
-        from clipaudit.stages.daf import run_daf
-
-        return run_daf(config, tables)
-    if stage == "summarize":
-        from clipaudit.stages.summarize import run_summarize
-
-        return run_summarize(config, tables, runner)
-    if stage == "validate":
-        from clipaudit.stages.validate import run_validate
-
-        return run_validate(config, tables, runner)
-    if stage == "report":
-        from clipaudit.stages.report import run_report
-
-        return run_report(config, tables)
-    raise StageError(f"stage {stage!r} is not implemented")
+        log.warning("could not record the failure of run %s in its run record", run_id, exc_info=True)

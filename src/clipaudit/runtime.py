@@ -321,16 +321,31 @@ def ray_session(ray_config: RayConfig) -> Iterator[None]:
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
     else:
-        ray.init(num_cpus=ray_config.num_cpus, **kwargs)
+        with _quiet_logger("ray._private.authentication.authentication_token_setup"):
+            ray.init(num_cpus=ray_config.num_cpus, **kwargs)
     context = ray.data.DataContext.get_current()
     context.wait_for_min_actors_s = ray_config.actor_start_timeout_s
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Silence one logger below ERROR for the duration (a local Ray we start ourselves warns that token
+    authentication is off: on 127.0.0.1, for this process only, that is what we want)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 LLM_CHUNK = 8
@@ -781,8 +796,7 @@ class _TopkPool:
         notes.update(where="ray", device=device, workers=len(active), nodes=nodes, units=len(tasks))
         if device == "cpu":
             return merged
-        eps = knn.lowp_error_bound(_lowp_dtype(), x.shape[1], float(np.sqrt((x * x).sum(axis=1).max())))
-        ids, sims, again = knn.refine(x, x, merged[0], merged[1], k, eps, exclude=np.arange(n))
+        ids, sims, again = knn.refine_self(x, merged[0], merged[1], k, _lowp_dtype())
         notes["searched_again"] = again
         return ids, sims
 

@@ -31,6 +31,7 @@ TEMPLATE_PLACEHOLDERS: dict[str, frozenset[str]] = {
     "tcac": frozenset({"data", "transform"}),
     "merge": frozenset({"data"}),
     "validate": frozenset({"data", "n_pairs"}),
+    "distinguish": frozenset({"data"}),
 }
 """The placeholders each kind of template must use (and the only ones it may use)."""
 
@@ -62,6 +63,10 @@ MERGE_FORMAT = _response_format("failure_type_groups", _object_schema({
 PAIRS_FORMAT = _response_format("caption_pairs", _object_schema({
     "pairs": {"type": "array", "items": _object_schema({"a": {"type": "string"}, "b": {"type": "string"}})}}))
 """``response_format`` of the validate requests: ``{"pairs": [{"a", "b"}]}``."""
+
+DISTINGUISH_FORMAT = _response_format("distinguishing_captions", _object_schema({
+    "caption_a": {"type": "string"}, "caption_b": {"type": "string"}}))
+"""``response_format`` of the export's distinguishing-caption requests: ``{"caption_a", "caption_b"}``."""
 
 
 class TemplateError(ClipauditError, ValueError):

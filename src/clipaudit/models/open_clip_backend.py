@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -197,9 +199,29 @@ def build(arch: str, pretrained: str | None, *, cache_dir: str | None = None,
     import open_clip
 
     tiny.register_open_clip_config()
-    with tiny.seeded():
+    with tiny.seeded(), _random_init_notice_filtered(pretrained is None):
         return open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir,
                                       force_quick_gelu=quick_gelu, device="cpu", precision="fp32")
+
+
+class _RandomInitNotice(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded" line (the registry has already said, once, on the driver,
+    that the model has random weights; every actor would repeat it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextmanager
+def _random_init_notice_filtered(active: bool) -> Iterator[None]:
+    root = logging.getLogger()
+    notice = _RandomInitNotice()
+    if active:
+        root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
 
 
 def load(resolved: ResolvedModel, target: OpenClipTarget, device: str) -> OpenClipModel:

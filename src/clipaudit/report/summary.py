@@ -77,11 +77,11 @@ class RunView:
             if version == "previous":
                 version = previous_run_id(run_dir)
                 if version is None:
-                    raise RunViewError(f"{run_dir}: fewer than two finished runs in runs.jsonl, no previous run")
+                    raise RunViewError(f"{run_dir}: fewer than two finished runs in its run records, no previous run")
             elif version == "latest":
                 done = finished_runs(run_dir)
                 if not done:
-                    raise RunViewError(f"{run_dir}: no finished run in runs.jsonl")
+                    raise RunViewError(f"{run_dir}: no finished run in its run records")
                 version = done[-1]
             elif version not in finished_runs(run_dir):
                 raise RunViewError(f"{run_dir}: no finished run {version!r} (finished: "
@@ -323,7 +323,7 @@ def stage_status(view: RunView, stages: Sequence[str]) -> dict[str, dict[str, An
 def build_summary(view: RunView, run_id: str | None = None, stages: Sequence[str] | None = None) -> dict[str, Any]:
     """The headline figures of the run ``view`` shows (see the module docstring); sections of stages that did not
     run are None."""
-    from clipaudit.pipeline import STAGES
+    from clipaudit.stages.table import STAGES
 
     config = view.config()
     embed_stats = view.stats("embed")

@@ -2,8 +2,11 @@
 
 Plans what is left to do from the tables (so a re-run or a resumed run skips finished work), hands the batch
 work to a runner (Ray or in-process) and is the single writer of the results: vectors into
-``image_embeddings_clip`` / ``image_embeddings_reference`` / ``caption_embeddings``, unusable images into
-``rejects``. Writes go through :meth:`RunTables.insert_new`, keyed, so nothing is ever written twice.
+``image_embeddings_clip`` / ``image_embeddings_reference`` / ``caption_embeddings``, unusable images and
+captions whose forward failed into ``rejects`` (the batch functions never raise for one row: see
+:mod:`clipaudit.stages.embed_batches`). Writes go through :meth:`RunTables.insert_new`, keyed, so nothing is ever
+written twice. The stage fails only when it rejected more than ``embed.max_reject_share`` of the images it tried
+(:mod:`clipaudit.stages.reject_limit`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from clipaudit.records import (
     image_embeddings_schema,
 )
 from clipaudit.stages.embed_batches import OK, Batch
+from clipaudit.stages.reject_limit import check_reject_share
 from clipaudit.stages.upstream import empty_input_message
 
 if TYPE_CHECKING:
@@ -99,10 +103,11 @@ def plan_images(tables: RunTables, models: dict[str, ResolvedModel]) -> pa.Table
 
 
 def plan_captions(tables: RunTables, spec: str) -> pa.Table:
-    """Captions without a vector yet: caption_id (``image_id#n``), image_id, text."""
+    """Captions without a vector yet and not rejected: caption_id (``image_id#n``), image_id, text."""
     _check_model(tables, CAPTION_EMBEDDINGS, spec)
     samples = tables.read(SAMPLES, ["image_id", "captions"])
     done = set(_ids(tables.read(CAPTION_EMBEDDINGS, ["caption_id"]), "caption_id").to_pylist())
+    done |= set(_ids(tables.read(REJECTS, ["item"], where=f"stage = '{STAGE}'"), "item").to_pylist())
     rows = {"caption_id": [], "image_id": [], "text": []}
     for image_id, captions in zip(samples.column("image_id").to_pylist(), samples.column("captions").to_pylist()):
         for n, text in enumerate(captions or []):
@@ -197,6 +202,7 @@ class CaptionSink:
         for row, text in enumerate(todo.column("text").to_pylist()):
             self.rows_of.setdefault(text, []).append(row)
         self.parts: list[pa.Table] = []
+        self.rejects: list[dict[str, str]] = []
         self.buffered = 0
 
     def unique_texts(self) -> pa.Table:
@@ -204,14 +210,21 @@ class CaptionSink:
         return pa.table({"text": pa.array(list(self.rows_of), pa.string())})
 
     def add(self, batch: Batch) -> int:
-        """Take one batch of text vectors; returns how many texts it held."""
+        """Take one batch of text vectors; returns how many texts it held. A text whose forward failed becomes a
+        ``rejects`` row for each caption with that text."""
         self.stats.add_time("infer_text", float(np.sum(batch["t_infer"])))
         vectors = np.asarray(batch["vector"], dtype=np.float32)
+        status = batch.get("status", np.full(len(vectors), OK, dtype=object))
         rows, sources = [], []
         for i, text in enumerate(batch["text"].tolist()):
             for row in self.rows_of[text]:
-                rows.append(row)
-                sources.append(i)
+                if status[i] == OK:
+                    rows.append(row)
+                    sources.append(i)
+                else:
+                    self.rejects.append({"source": self.todo.column("image_id")[row].as_py(),
+                                         "item": self.todo.column("caption_id")[row].as_py(), "stage": STAGE,
+                                         "reason": str(status[i]), "detail": str(batch["detail"][i])})
         expanded = vectors[sources]
         self.parts.append(self.todo.take(rows).append_column(
             "model", pa.array([self.model.spec] * len(rows), pa.string())).append_column(
@@ -223,15 +236,19 @@ class CaptionSink:
         return len(vectors)
 
     def flush(self) -> None:
-        """Write what is buffered."""
-        if not self.parts:
-            return
+        """Write what is buffered: caption vectors, then the captions rejected."""
         start = time.perf_counter()
-        rows = pa.concat_tables(self.parts)
-        schema = caption_embeddings_schema(rows.schema.field("vector").type.list_size)
-        self.stats.add_count("embedded_captions", self.tables.insert_new(CAPTION_EMBEDDINGS, rows, "caption_id",
-                                                                         schema))
-        self.parts.clear()
+        if self.parts:
+            rows = pa.concat_tables(self.parts)
+            schema = caption_embeddings_schema(rows.schema.field("vector").type.list_size)
+            self.stats.add_count("embedded_captions", self.tables.insert_new(CAPTION_EMBEDDINGS, rows, "caption_id",
+                                                                             schema))
+            self.parts.clear()
+        if self.rejects:
+            written = self.tables.insert_new(REJECTS, pa.Table.from_pylist(self.rejects, schema=REJECTS_SCHEMA),
+                                             REJECTS_KEY, REJECTS_SCHEMA)
+            self.stats.add_count("rejected_captions", written)
+            self.rejects.clear()
         self.buffered = 0
         self.stats.add_time("write", time.perf_counter() - start)
 
@@ -249,14 +266,27 @@ def embed_captions(tables: RunTables, runner: Runner, model: ResolvedModel, embe
 
 
 def account(tables: RunTables, roles: Iterable[str]) -> dict[str, int]:
-    """Corpus-level accounting: samples in, images embedded by every role, images rejected by this stage."""
+    """Corpus-level accounting: samples in, images embedded by every role, images rejected by this stage, caption
+    vectors, captions rejected by this stage."""
     samples = set(_ids(tables.read(SAMPLES, ["image_id"])).to_pylist())
     embedded = set(samples)
     for role in roles:
         embedded &= set(_ids(tables.read(IMAGE_EMBEDDINGS[role], ["image_id"])).to_pylist())
-    rejected = set(_ids(tables.read(REJECTS, ["item"], where=f"stage = '{STAGE}'"), "item").to_pylist()) & samples
+    items = set(_ids(tables.read(REJECTS, ["item"], where=f"stage = '{STAGE}'"), "item").to_pylist())
+    rejected = items & samples
     return {"in": len(samples), "embedded": len(embedded), "rejected": len(rejected),
-            "captions": tables.count(CAPTION_EMBEDDINGS)}
+            "captions": tables.count(CAPTION_EMBEDDINGS), "rejected_captions": len(items - samples)}
+
+
+def check_rejects(tables: RunTables, totals: dict[str, int], limit: float) -> None:
+    """Fail the stage (:class:`~clipaudit.stages.reject_limit.RejectLimitError`) when more than ``limit`` of the
+    images it tried (embedded or rejected by it) were rejected; the message names the top reasons."""
+    if not totals["rejected"] or totals["rejected"] / max(totals["embedded"] + totals["rejected"], 1) <= limit:
+        return
+    samples = _ids(tables.read(SAMPLES, ["image_id"]))
+    rejects = tables.read(REJECTS, ["item", "reason", "detail"], where=f"stage = '{STAGE}'")
+    rejects = rejects.filter(pc.is_in(rejects.column("item"), value_set=samples)).sort_by("item")
+    check_reject_share(STAGE, totals["embedded"] + totals["rejected"], rejects.to_pylist(), limit, "images")
 
 
 def run_embed(tables: RunTables, runner: Runner, models: dict[str, ResolvedModel], embed: EmbedConfig) -> StageStats:
@@ -272,6 +302,7 @@ def run_embed(tables: RunTables, runner: Runner, models: dict[str, ResolvedModel
     stats.notes.update(models={role: m.spec for role, m in models.items()},
                        random_models=any(m.is_random for m in models.values()),
                        device=getattr(runner, "device", "cpu"))
+    check_rejects(tables, totals, embed.max_reject_share)
     return stats
 
 
@@ -279,6 +310,8 @@ def summary_line(stats: StageStats) -> str:
     """``N in = E embedded + R rejected`` plus what this run did."""
     c = stats.counts
     line = f"{c['total_in']} in = {c['total_embedded']} embedded + {c['total_rejected']} rejected"
+    if c.get("total_rejected_captions"):
+        line += f" ({c['total_rejected_captions']} captions rejected)"
     new_images = sum(v for k, v in c.items() if k.startswith("embedded_") and k != "embedded_captions")
     if c.get("images_todo", 0) == 0 and c.get("captions_todo", 0) == 0:
         return f"{line}; {c['total_captions']} captions embedded; nothing left to do, no new rows written"

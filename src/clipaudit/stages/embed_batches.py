@@ -3,10 +3,16 @@
 Batches are dicts of numpy arrays (Ray Data's ``numpy`` batch format):
 
 1. :func:`prepare_images` reads each image's bytes once, decodes once (EXIF orientation applied, converted to
-   RGB, pixel count bounded) and preprocesses it for every model role that still needs it. An image that cannot
-   be used gets ``status`` = a reject reason and a ``detail`` message instead of raising.
+   RGB, pixel count bounded) and preprocesses it for every model role that still needs it.
 2. :class:`ImageEncoder` runs one model over the ``ok`` rows of its role and adds ``vector_<role>``.
 3. :class:`TextEncoder` runs the CLIP text tower over caption texts.
+
+Nothing here raises for one bad row: a row that fails gets ``status`` = a reject reason and ``detail`` = what
+failed, the exception's type and its message, and the rest of the batch goes on. Reading, decoding and
+preprocessing are per row (``missing``, ``zero_bytes``, ``not_an_image``, ``truncated``, ``undecodable``,
+``too_large``; any other exception: ``unreadable``, ``undecodable`` or ``preprocess_failed``); a forward that
+raises, or gives a non-finite or misshapen vector, is split in halves down to the rows that fail alone
+(:func:`clipaudit.stages.isolation.run_isolated`), which become ``forward_failed``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipaudit.io import fs
+from clipaudit.stages.isolation import describe, run_isolated, stack_vectors
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -28,6 +35,9 @@ if TYPE_CHECKING:
 
 Batch = dict[str, np.ndarray]
 OK = "ok"
+FORWARD_FAILED = "forward_failed"
+PREPROCESS_FAILED = "preprocess_failed"
+_PHASE_REASONS = {"read": "unreadable", "decode": "undecodable", "preprocess": PREPROCESS_FAILED}
 _IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
                      b"RIFF")
 
@@ -115,17 +125,20 @@ def prepare_images(batch: Batch, preprocessors: dict[str, Preprocess], max_pixel
     pixels = {role: _empty_pixels(p, n) for role, p in preprocessors.items()}
     for i in range(n):
         start = time.perf_counter()
-        timer = t_read
+        timer, phase = t_read, "read"
         try:
             data = read_image_bytes(str(batch["uri"][i]))
             t_read[i] = time.perf_counter() - start
-            start, timer = time.perf_counter(), t_decode
+            start, timer, phase = time.perf_counter(), t_decode, "decode"
             image = decode_image(data, max_pixels)
             for role, preprocess in preprocessors.items():
                 if bool(batch[f"need_{role}"][i]):
+                    phase = "preprocess"
                     pixels[role][i] = preprocess(image)
         except ImageRejected as exc:
             status[i], detail[i] = exc.reason, str(exc)
+        except Exception as exc:  # noqa: BLE001 - one image must not fail the batch
+            status[i], detail[i] = _PHASE_REASONS[phase], describe(exc, phase)
         timer[i] = time.perf_counter() - start
     out = dict(batch)
     out.update(status=status, detail=detail, t_read=t_read, t_decode=t_decode)
@@ -160,14 +173,35 @@ class ImageEncoder:
         """Add ``vector_<role>`` (zeros for rows not embedded) and ``t_infer_<role>``; drop the pixels."""
         start = time.perf_counter()
         pixels = batch.pop(f"pixels_{self.role}")
-        use = (batch["status"] == OK) & batch[f"need_{self.role}"].astype(bool)
+        use = np.flatnonzero((batch["status"] == OK) & batch[f"need_{self.role}"].astype(bool))
         vectors = np.zeros((len(pixels), self.model.dim), dtype=np.float32)
-        if use.any():
-            vectors[use] = self.model.encode_images(pixels[use])
         out = dict(batch)
+        if len(use):
+            found = run_isolated(lambda part: self.forward(pixels[use[part]]), len(use))
+            vectors[use] = stack_vectors(found, self.model.dim)
+            if found.errors:
+                out["status"], out["detail"] = batch["status"].copy(), batch["detail"].copy()
+                for position, exc in found.errors.items():
+                    out["status"][use[position]] = FORWARD_FAILED
+                    out["detail"][use[position]] = describe(exc, f"forward ({self.role})")
         out[f"vector_{self.role}"] = vectors
         out[f"t_infer_{self.role}"] = np.full(len(pixels), (time.perf_counter() - start) / max(len(pixels), 1))
         return out
+
+    def forward(self, pixels: np.ndarray) -> np.ndarray:
+        """The model's vectors of preprocessed ``pixels``; raises when they are misshapen or not finite."""
+        return checked_vectors(self.model.encode_images(pixels), len(pixels), self.model.dim)
+
+
+def checked_vectors(vectors: Any, rows: int, dim: int) -> np.ndarray:
+    """``vectors`` as float32 ``(rows, dim)``; ValueError when the shape differs, FloatingPointError when a value is
+    NaN or infinite (such a row is a reject, never a stored vector)."""
+    array = np.asarray(vectors, dtype=np.float32)
+    if array.shape != (rows, dim):
+        raise ValueError(f"the model returned shape {array.shape}, expected {(rows, dim)}")
+    if not np.isfinite(array).all():
+        raise FloatingPointError("the model returned NaN or infinite values")
+    return array
 
 
 class TextEncoder:
@@ -181,10 +215,17 @@ class TextEncoder:
         self.model = model.load(device)
 
     def __call__(self, batch: Batch) -> Batch:
-        """Add ``vector`` for the ``text`` column and ``t_infer`` per row."""
+        """Add ``vector`` for the ``text`` column (zeros where the forward failed), ``status`` (``ok`` or
+        ``forward_failed``), ``detail`` and ``t_infer`` per row."""
         start = time.perf_counter()
         texts = [str(t) for t in batch["text"]]
+        found = run_isolated(lambda part: checked_vectors(self.model.encode_texts([texts[i] for i in part]),
+                                                          len(part), self.model.dim), len(texts))
         out: dict[str, Any] = dict(batch)
-        out["vector"] = self.model.encode_texts(texts).astype(np.float32)
+        out["vector"] = stack_vectors(found, self.model.dim)
+        out["status"] = np.full(len(texts), OK, dtype=object)
+        out["detail"] = np.full(len(texts), "", dtype=object)
+        for position, exc in found.errors.items():
+            out["status"][position], out["detail"][position] = FORWARD_FAILED, describe(exc, "text forward")
         out["t_infer"] = np.full(len(texts), (time.perf_counter() - start) / max(len(texts), 1))
         return out

@@ -47,6 +47,7 @@ from clipaudit.records import (
 )
 from clipaudit.stages.embed_batches import OK, Batch
 from clipaudit.stages.tcac_batches import ORIGINAL
+from clipaudit.stages.upstream import empty_input_message
 from clipaudit.tcac_scoring import (
     CaptionCorpus,
     build_corpus,
@@ -370,7 +371,7 @@ def run_tcac(config: Config, tables: RunTables, runner: Runner, model: ResolvedM
     model = model if model is not None else resolve_clip(config)
     samples = tables.read(SAMPLES, ["image_id", "uri", "captions", "caption"])
     if samples is None or samples.num_rows == 0:
-        raise TcacError(f"no samples in {tables.uri}: run the ingest stage first")
+        raise TcacError(empty_input_message(tables, f"no samples in {tables.uri}", "ingest", SAMPLES))
     start = time.perf_counter()
     todo = plan_pairs(tables, samples, config.tcac, model)
     stats.add_time("plan", time.perf_counter() - start)

@@ -12,9 +12,10 @@
    the model's ``logit_scale`` so the driver can turn cosines into CLIP probabilities.
 
 Nothing here raises for one bad row. An image that cannot be read, decoded or resized gets ``status`` = a reject
-reason on all its rows; a transform or a forward that raises for one row makes that row's ``status``
-``transform_failed`` or ``forward_failed`` (``detail``: the transform, the exception type and its message) and
-the rest of the batch goes on.
+reason on all its rows; a transform or a forward that raises (or gives a non-finite or misshapen vector) is split
+in halves down to the rows that fail alone (:func:`clipaudit.stages.isolation.run_isolated`), which get
+``status`` ``transform_failed`` or ``forward_failed`` (``detail``: the transform, the exception type and its
+message); the rest of the batch goes on.
 """
 
 from __future__ import annotations
@@ -26,7 +27,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipaudit.model_view import center_crop_or_pad, model_inputs, resize_for_model, style_of
-from clipaudit.stages.embed_batches import OK, Batch, ImageEncoder, ImageRejected, decode_image, read_image_bytes
+from clipaudit.stages.embed_batches import (
+    FORWARD_FAILED,
+    OK,
+    Batch,
+    ImageEncoder,
+    ImageRejected,
+    decode_image,
+    read_image_bytes,
+)
+from clipaudit.stages.isolation import describe, run_isolated, stack_vectors
 from clipaudit.transforms import generator_for, params_json, sample_params
 
 if TYPE_CHECKING:
@@ -40,19 +50,12 @@ ORIGINAL = "original"
 """The identity transform: the untransformed image, embedded only where ``image_embeddings_clip`` lacks it."""
 PREPARE_FAILED = "prepare_failed"
 TRANSFORM_FAILED = "transform_failed"
-FORWARD_FAILED = "forward_failed"
 _PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
 
 
 def images_per_task(batch_size: int, transforms_per_image: int) -> int:
     """Images per CPU task (and per actor batch) so that one yields about ``batch_size`` (image, transform) rows."""
     return max(1, batch_size // max(1, transforms_per_image))
-
-
-def failure(exc: BaseException, what: str = "") -> str:
-    """A reject detail: what failed, the exception's type and its message."""
-    prefix = f"{what}: " if what else ""
-    return f"{prefix}{type(exc).__name__}: {exc}"
 
 
 def draw_all(names: list[str], tcac: TcacConfig, image_id: str, height: int, width: int) -> list[dict[str, Any]]:
@@ -96,7 +99,7 @@ def prepare_resized(batch: Batch, preprocess: Preprocess, tcac: TcacConfig, max_
         except ImageRejected as exc:
             out["status"][i], out["detail"][i] = exc.reason, str(exc)
         except Exception as exc:  # noqa: BLE001 - one image must not fail the task
-            out["status"][i], out["detail"][i] = PREPARE_FAILED, failure(exc, phase.removeprefix("t_"))
+            out["status"][i], out["detail"][i] = PREPARE_FAILED, describe(exc, phase.removeprefix("t_"))
         times[phase][i] = time.perf_counter() - start
     out.update(times)
     return out
@@ -206,38 +209,27 @@ class TransformedEncoder(ImageEncoder):
 
     def _apply(self, name: str, stack: torch.Tensor, members: list[int],
                rows: _Rows) -> list[torch.Tensor | None]:
-        """Transform a stack in one call; if that raises, row by row, rejecting the rows that raise alone."""
+        """Transform a stack in one call; if that raises, split in halves, rejecting the rows that raise alone."""
         from clipaudit.transform_kernels import transform_batch
 
         if name == ORIGINAL:
             return list(stack.unbind(0))
-        try:
-            return transform_batch(stack, name, [rows.drawn[row] for row in members], self.tcac.params)
-        except Exception:  # noqa: BLE001 - isolate the row that raised
-            results: list[torch.Tensor | None] = []
-            for position, row in enumerate(members):
-                try:
-                    results.append(transform_batch(stack[position:position + 1], name, [rows.drawn[row]],
-                                                   self.tcac.params)[0])
-                except Exception as exc:  # noqa: BLE001 - a reject row, not a failed batch
-                    rows.reject(row, TRANSFORM_FAILED, failure(exc, name))
-                    results.append(None)
-            return results
+        found = run_isolated(lambda part: transform_batch(stack[part.tolist()], name,
+                                                          [rows.drawn[members[p]] for p in part], self.tcac.params),
+                             len(members))
+        for position, exc in found.errors.items():
+            rows.reject(members[position], TRANSFORM_FAILED, describe(exc, name))
+        return found.results
 
     def _encode(self, rows: _Rows, squares: np.ndarray) -> np.ndarray:
         """Vectors of the ``ok`` rows (zeros elsewhere): preprocessed as the embed stage does, one forward; if it
-        raises, row by row, rejecting the rows that raise alone."""
+        raises, split in halves, rejecting the rows that fail alone."""
         vectors = np.zeros((len(rows), self.model.dim), dtype=np.float32)
         use = np.flatnonzero(np.asarray([status == OK for status in rows.status], dtype=bool))
         if not len(use):
             return vectors
-        pixels = model_inputs(squares[use], self.preprocess)
-        try:
-            vectors[use] = self.model.encode_images(pixels)
-        except Exception:  # noqa: BLE001 - isolate the row that raised
-            for position, row in enumerate(use):
-                try:
-                    vectors[row] = self.model.encode_images(pixels[position:position + 1])[0]
-                except Exception as exc:  # noqa: BLE001 - a reject row, not a failed batch
-                    rows.reject(int(row), FORWARD_FAILED, failure(exc, "forward"))
+        found = run_isolated(lambda part: self.forward(model_inputs(squares[use[part]], self.preprocess)), len(use))
+        vectors[use] = stack_vectors(found, self.model.dim)
+        for position, exc in found.errors.items():
+            rows.reject(int(use[position]), FORWARD_FAILED, describe(exc, "forward"))
         return vectors

@@ -1,0 +1,561 @@
+"""The audit's scale curve: seconds and peak driver memory per stage against the corpus size N.
+
+Two parts, every measurement in a fresh subprocess (so each stage's peak resident memory is its own: the
+kernel's high-water mark ``ru_maxrss`` of that process, which Ray's worker processes do not count in):
+
+* **end to end** (``--sizes``): a synthetic corpus of N generated scenes (``dataset.format: synthetic``), tiny
+  random models, LLM dry run, the stages one by one (``clipaudit <stage>``) over one run directory, Ray started
+  by the stages that use it (embed, tcac) with ``--cpus`` CPUs;
+* **on vectors** (``--vector-sizes``): random unit vectors of ``--dims`` (CLIP, reference, caption) written
+  straight into ``image_embeddings_*`` and ``caption_embeddings``, with ``samples`` and a ``neighbours`` table
+  of random lists (a few percent of images disagreeing, like a real corpus). It times
+
+  - ``neighbours`` (the stage's driver work: read, restrict, the lists table, the write) with the search
+    replaced by a stand-in that returns random lists, at every size; ``neighbours exact`` (the real in-process
+    search, ``ray.runner: local``) at ``--knn-sizes`` only: exact search is quadratic and hours at 1M on 2 CPUs;
+  - ``daf`` (the stage, from the written ``neighbours`` table) at every size;
+  - ``pools`` (the tcac stage's caption corpus and caption pools: :func:`clipaudit.stages.tcac.load_corpus`,
+    then :func:`clipaudit.tcac_scoring.caption_pools`) with a stand-in top-k at every size, and ``pools exact``
+    with the real exact search at ``--knn-sizes``.
+
+For each stage it prints seconds, the driver's peak RSS, that peak less the process's RSS after its imports
+(``added``), the ratio of ``added`` to the size of the vectors the stage holds, and the growth exponents of
+seconds and of added memory fitted by least squares on log-log over N. Results go to
+``bench/results/scale.json`` (``--out``)::
+
+    .venv/bin/python bench/scale.py --quick        # under 2 minutes
+    .venv/bin/python bench/scale.py                # 1k, 4k, 16k end to end; vectors to 1M (about an hour)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+E2E_STAGES = ("ingest", "embed", "neighbours", "daf", "tcac", "summarize", "validate", "report")
+VECTOR_STAGES = ("neighbours", "neighbours exact", "daf", "pools", "pools exact")
+NEAR_LINEAR = 1.25
+"""A fitted exponent above this is flagged as super-linear (the exact neighbour searches are expected to be)."""
+
+
+@dataclass
+class Measure:
+    """One stage at one size: seconds, the driver's peak RSS and what it added over its imports, in bytes."""
+
+    part: str
+    stage: str
+    n: int
+    seconds: float | None
+    peak_rss: int | None
+    base_rss: int | None
+    vector_bytes: int
+    status: str = "ok"
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def added(self) -> int | None:
+        """Peak RSS above the RSS after imports."""
+        if self.peak_rss is None or self.base_rss is None:
+            return None
+        return max(0, self.peak_rss - self.base_rss)
+
+
+# ---------------------------------------------------------------- child side: one measurement per process
+
+
+def _rss() -> int:
+    """This process's resident set size now, in bytes."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _peak_rss() -> int:
+    """This process's resident high-water mark, in bytes (Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _preimport() -> None:
+    """Import what every stage imports, so that the baseline RSS holds the libraries and not the data."""
+    import numpy  # noqa: F401
+    import pyarrow  # noqa: F401
+    import torch  # noqa: F401
+
+    import clipaudit.pipeline  # noqa: F401
+
+
+def _child(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one job in this process and return its seconds, peak RSS and baseline RSS."""
+    _preimport()
+    base = _rss()
+    started = time.perf_counter()
+    extra = JOBS[job["kind"]](job) or {}
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "peak_rss": _peak_rss(), "base_rss": base, **extra}
+
+
+def _stage_job(job: dict[str, Any]) -> dict[str, Any]:
+    """``clipaudit <stage> --config C``; returns the stage's per-phase seconds from its stats file."""
+    from clipaudit.cli import main
+
+    if main([job["stage"], "--config", job["config"]]) != 0:
+        raise SystemExit(f"clipaudit {job['stage']} failed")
+    stats = Path(job["run_dir"]) / "stats" / f"{job['stage']}.json"
+    phases = json.loads(stats.read_text())["seconds"] if stats.exists() else {}
+    return {"phases": phases, "dims": _table_dims(job["run_dir"])}
+
+
+def _table_dims(run_dir: str) -> dict[str, int]:
+    """The vector dimension of each image embedding table of ``run_dir`` that exists."""
+    from clipaudit.io.tables import RunTables
+    from clipaudit.records import IMAGE_EMBEDDINGS
+
+    tables = RunTables(run_dir)
+    dims = {}
+    for role, name in IMAGE_EMBEDDINGS.items():
+        if tables.exists(name):
+            dims[role] = tables.db.open_table(name).schema.field("vector").type.list_size
+    return dims
+
+
+def _config(job: dict[str, Any]):
+    """The config of a vector-mode job: its run_dir, tiny models, in-process search."""
+    from clipaudit.config import load_config
+
+    return load_config(job["config"], ["ray.runner=local"])
+
+
+def _unit_rows(rng, n: int, dim: int):
+    """``(n, dim)`` random float32 rows of unit length."""
+    import numpy as np
+
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def _fixed_list(values, dim: int):
+    """A fixed-size-list Arrow array of ``dim`` float32 values per row."""
+    import pyarrow as pa
+
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
+
+
+def _random_lists(rng, n: int, k: int, disagree: float) -> tuple[Any, Any]:
+    """Two ``(n, k)`` neighbour-index lists (no repeats, never the row itself): the reference's shares half the
+    CLIP list, except on a ``disagree`` share of rows, where it is an unrelated list (a DAF case)."""
+    import numpy as np
+
+    rows = np.arange(n)[:, None]
+    start = rng.integers(1, n - 2 * k, size=(n, 1))
+    clip = (rows + start + np.arange(k)) % n
+    reference = (rows + start + k // 2 + np.arange(k)) % n
+    other = (rows + rng.integers(1, n - k, size=(n, 1)) + np.arange(k)) % n
+    flip = rng.random(n) < disagree
+    reference[flip] = other[flip]
+    return clip, reference
+
+
+def _sorted_sims(rng, n: int, k: int):
+    """``(n, k)`` descending similarities, the top ones near 1 for a few rows (CLIP-blind candidates)."""
+    import numpy as np
+
+    sims = np.sort(rng.uniform(0.5, 0.97, size=(n, k)).astype(np.float32), axis=1)[:, ::-1]
+    return np.ascontiguousarray(sims)
+
+
+def _setup_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Write samples, both image embedding tables, caption embeddings and a random ``neighbours`` table."""
+    import numpy as np
+    import pyarrow as pa
+
+    from clipaudit.io.tables import RunTables
+    from clipaudit.records import (
+        CAPTION_EMBEDDINGS,
+        IMAGE_EMBEDDINGS,
+        NEIGHBOURS,
+        NEIGHBOURS_SCHEMA,
+        SAMPLES,
+        SAMPLES_SCHEMA,
+        caption_embeddings_schema,
+        image_embeddings_schema,
+    )
+    from clipaudit.stages.neighbours import lists_table
+
+    n, k, dims = job["n"], job["k"], job["dims"]
+    rng = np.random.default_rng(job["seed"])
+    tables = RunTables(job["run_dir"])
+    ids = pa.array([f"img_{i:07d}" for i in range(n)], pa.string())
+    captions = pa.array([f"a photo number {i} of a scene with {i % 97} things" for i in range(n)], pa.string())
+    samples = pa.table({"image_id": ids, "uri": ids, "captions": pa.ListArray.from_arrays(
+        pa.array(np.arange(n + 1, dtype=np.int32)), captions), "caption": captions, "source": ids,
+        "label": pa.nulls(n, pa.string())}, schema=SAMPLES_SCHEMA)
+    tables.replace(SAMPLES, samples, SAMPLES_SCHEMA)
+    for role, spec in (("clip", "tiny-clip"), ("reference", "tiny-dino")):
+        schema = image_embeddings_schema(dims[role])
+        rows = pa.table({"image_id": ids, "model": pa.array([spec] * n, pa.string()),
+                         "vector": _fixed_list(_unit_rows(rng, n, dims[role]), dims[role])}, schema=schema)
+        tables.replace(IMAGE_EMBEDDINGS[role], rows, schema)
+    schema = caption_embeddings_schema(dims["caption"])
+    caption_rows = pa.table({"caption_id": pa.array([f"img_{i:07d}#0" for i in range(n)]), "image_id": ids,
+                             "text": captions, "model": pa.array(["tiny-clip"] * n, pa.string()),
+                             "vector": _fixed_list(_unit_rows(rng, n, dims["caption"]), dims["caption"])},
+                            schema=schema)
+    tables.replace(CAPTION_EMBEDDINGS, caption_rows, schema)
+    clip, reference = _random_lists(rng, n, k, disagree=0.03)
+    parts = [lists_table(ids, "clip", clip, _sorted_sims(rng, n, k), "exact", "tiny-clip"),
+             lists_table(ids, "reference", reference, _sorted_sims(rng, n, k), "exact", "tiny-dino")]
+    tables.replace(NEIGHBOURS, pa.concat_tables(parts), NEIGHBOURS_SCHEMA)
+    return {}
+
+
+class _StandInSearch:
+    """A top-k search that returns random valid lists at once: the neighbours stage's driver work alone."""
+
+    def __init__(self) -> None:
+        self.notes: dict[str, object] = {"where": "stand-in"}
+
+    def __enter__(self) -> _StandInSearch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def self_topk(self, vectors, k: int):
+        """Random lists and descending similarities for every row of ``vectors``."""
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        clip, _ = _random_lists(rng, len(vectors), k, 0.0)
+        return clip, _sorted_sims(rng, len(vectors), k)
+
+    def cross_topk(self, queries, corpus, k: int, exclude=None):
+        """Random lists of corpus rows (never the excluded row) for every query."""
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        n = len(corpus)
+        start = rng.integers(1, n - k, size=(len(queries), 1))
+        own = np.asarray(exclude if exclude is not None else np.zeros(len(queries), np.int64))[:, None]
+        return (own + start + np.arange(k)) % n, _sorted_sims(rng, len(queries), k)
+
+
+class _StandInRunner:
+    """What the neighbours stage asks of a runner: only ``topk``."""
+
+    def topk(self, neighbours) -> _StandInSearch:
+        return _StandInSearch()
+
+
+def _neighbours_job(job: dict[str, Any]) -> dict[str, Any]:
+    """The neighbours stage over the written vectors: real in-process search, or the stand-in."""
+    from clipaudit.io.tables import RunTables
+    from clipaudit.runtime import LocalRunner
+    from clipaudit.stages.neighbours import run_neighbours
+
+    config = _config(job)
+    tables = RunTables(config.run_dir)
+    if tables.exists("neighbours"):
+        tables.db.drop_table("neighbours")
+    runner = LocalRunner() if job["exact"] else _StandInRunner()
+    stats = run_neighbours(config, tables, runner)
+    return {"phases": stats.seconds}
+
+
+def _daf_job(job: dict[str, Any]) -> dict[str, Any]:
+    """The daf stage over the ``neighbours`` table."""
+    from clipaudit.io.tables import RunTables
+    from clipaudit.stages.daf import run_daf
+
+    config = _config(job)
+    stats = run_daf(config, RunTables(config.run_dir))
+    return {"phases": stats.seconds, "cases": stats.counts.get("cases")}
+
+
+@dataclass
+class _SpecOnly:
+    """The one field of a resolved model that :func:`clipaudit.stages.tcac.load_corpus` reads."""
+
+    spec: str
+
+
+def _pools_job(job: dict[str, Any]) -> dict[str, Any]:
+    """The tcac stage's caption corpus and caption pools of every image, as :func:`score_missing` builds them."""
+    import numpy as np
+
+    from clipaudit import knn
+    from clipaudit.io.tables import RunTables
+    from clipaudit.records import SAMPLES, StageStats
+    from clipaudit.stages.tcac import load_corpus
+    from clipaudit.tcac_scoring import caption_pools
+
+    config = _config(job)
+    tables = RunTables(config.run_dir)
+    stats = StageStats("pools")
+    phases: dict[str, float] = {}
+    with _timed(phases, "corpus"):
+        samples = tables.read(SAMPLES, ["image_id", "uri", "captions", "caption"])
+        corpus = load_corpus(tables, samples, None, _SpecOnly("tiny-clip"), config.embed, stats)
+        by_id = {r["image_id"]: r for r in samples.select(["image_id", "captions"]).to_pylist()}
+        own = {image_id: corpus.rows(row["captions"] or []) for image_id, row in by_id.items()}
+    topk = knn.cross_topk if job["exact"] else _StandInSearch().cross_topk
+    with _timed(phases, "pools"):
+        pools = caption_pools(corpus, own, config.tcac.pool_neighbours,
+                              lambda q, c, k, ex: topk(q, c, k, exclude=ex))
+    return {"phases": phases, "mean_pool": float(np.mean([len(p) for p in pools.values()]))}
+
+
+@contextmanager
+def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Add the block's seconds to ``phases[name]``."""
+    started = time.perf_counter()
+    yield
+    phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
+
+
+JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any] | None]] = {
+    "stage": _stage_job, "setup": _setup_job, "neighbours": _neighbours_job, "daf": _daf_job,
+    "pools": _pools_job,
+}
+
+
+# ---------------------------------------------------------------- parent side: plan, run, fit, print
+
+
+def _run_child(job: dict[str, Any], log_path: Path, timeout_s: float) -> tuple[dict[str, Any] | None, str]:
+    """Run ``job`` in a fresh interpreter; ``(its result, status)`` (``ok``, ``failed`` or ``timeout``)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with log_path.open("a") as log:
+        log.write(f"\n=== {job}\n")
+        log.flush()
+        try:
+            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True, timeout=timeout_s,
+                                  cwd=ROOT, env=env)
+        except subprocess.TimeoutExpired:
+            return None, "timeout"
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return None, "failed"
+    return json.loads(lines[-1]), "ok"
+
+
+def _e2e_config(work: Path, n: int, cpus: int) -> Path:
+    """Write the config of the end-to-end run of ``n`` synthetic images; returns its path."""
+    run_dir = work / f"e2e-{n}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = f"""run_dir: {run_dir / 'run'}
+dataset:
+  format: synthetic
+  num_images: {n}
+  seed: 0
+models:
+  clip: tiny-clip
+  reference: tiny-dino
+embed:
+  batch_size: 64
+  actors_per_model: 1
+  cpus_per_actor: 0.5
+ray:
+  num_cpus: {cpus}
+llm:
+  dry_run: true
+"""
+    path = run_dir / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def _vector_config(work: Path, n: int) -> Path:
+    """Write the config of the vector-mode run directory of ``n`` images; returns its path."""
+    run_dir = work / f"vectors-{n}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    path.write_text(f"run_dir: {run_dir / 'run'}\ndataset:\n  format: synthetic\n  num_images: {n}\n"
+                    "models:\n  clip: tiny-clip\n  reference: tiny-dino\nray:\n  runner: local\n"
+                    "llm:\n  dry_run: true\n")
+    return path
+
+
+def _measure(part: str, stage: str, n: int, job: dict[str, Any], vector_bytes: int, log_path: Path,
+             timeout_s: float) -> tuple[Measure, dict[str, Any] | None]:
+    """Run one job, print its line, and return its :class:`Measure` and raw result."""
+    result, status = _run_child(job, log_path, timeout_s)
+    result = result or {}
+    measure = Measure(part, stage, n, result.get("seconds"), result.get("peak_rss"), result.get("base_rss"),
+                      vector_bytes, status, {k: round(v, 3) for k, v in (result.get("phases") or {}).items()})
+    print(_row(measure), flush=True)
+    return measure, result
+
+
+def run_e2e(sizes: Sequence[int], work: Path, cpus: int, timeout_s: float, log_path: Path) -> list[Measure]:
+    """Every stage of the audit, one process each, over a synthetic corpus of each size."""
+    measures: list[Measure] = []
+    for n in sizes:
+        config = _e2e_config(work, n, cpus)
+        run_dir = str(config.parent / "run")
+        vector_bytes = 0
+        for stage in E2E_STAGES:
+            job = {"kind": "stage", "stage": stage, "config": str(config), "run_dir": run_dir}
+            measure, result = _measure("e2e", stage, n, job, vector_bytes, log_path, timeout_s)
+            measures.append(measure)
+            if stage == "embed" and result:
+                vector_bytes = 4 * n * sum(result.get("dims", {}).values())
+            if measure.status != "ok":
+                break
+    return measures
+
+
+def run_vectors(sizes: Sequence[int], knn_sizes: Sequence[int], dims: dict[str, int], k: int, work: Path,
+                timeout_s: float, log_path: Path) -> list[Measure]:
+    """Neighbours, daf and the caption pools on random vectors written into the tables, per size."""
+    measures: list[Measure] = []
+    for n in sorted(set(sizes) | set(knn_sizes)):
+        config = _vector_config(work, n)
+        base = {"config": str(config), "run_dir": str(config.parent / "run"), "n": n, "k": k, "dims": dims}
+        setup, status = _run_child({**base, "kind": "setup", "seed": n}, log_path, timeout_s)
+        if status != "ok":
+            print(f"vectors N={n}: writing the tables {status}; see {log_path}", flush=True)
+            break
+        image_bytes = 4 * n * (dims["clip"] + dims["reference"])
+        caption_bytes = 4 * n * dims["caption"]
+        plan = []
+        if n in sizes:
+            plan += [("daf", {"kind": "daf"}, 4 * n * dims["reference"]),
+                     ("pools", {"kind": "pools", "exact": False}, caption_bytes),
+                     ("neighbours", {"kind": "neighbours", "exact": False}, image_bytes)]
+        if n in knn_sizes:
+            plan += [("pools exact", {"kind": "pools", "exact": True}, caption_bytes),
+                     ("neighbours exact", {"kind": "neighbours", "exact": True}, image_bytes)]
+        for stage, job, vector_bytes in plan:
+            measures.append(_measure("vectors", stage, n, {**base, **job}, vector_bytes, log_path, timeout_s)[0])
+    return measures
+
+
+def fit_exponent(points: Sequence[tuple[int, float]]) -> float | None:
+    """Least-squares slope of log(value) on log(N); None with fewer than two sizes or a non-positive value."""
+    import numpy as np
+
+    points = [(n, v) for n, v in points if v is not None]
+    if len({n for n, _ in points}) < 2 or any(v <= 0 for _, v in points):
+        return None
+    x, y = np.log([n for n, _ in points]), np.log([v for _, v in points])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def exponents(measures: Sequence[Measure]) -> list[dict[str, Any]]:
+    """Per (part, stage): the fitted exponents of seconds and of added memory, and the largest memory ratio."""
+    out = []
+    keys = list(dict.fromkeys((m.part, m.stage) for m in measures))
+    for part, stage in keys:
+        rows = [m for m in measures if (m.part, m.stage) == (part, stage) and m.status == "ok"]
+        ratios = [m.added / m.vector_bytes for m in rows if m.vector_bytes and m.added is not None]
+        out.append({"part": part, "stage": stage, "sizes": [m.n for m in rows],
+                    "time_exponent": fit_exponent([(m.n, m.seconds) for m in rows]),
+                    "memory_exponent": fit_exponent([(m.n, m.added) for m in rows if m.n >= 10_000]),
+                    "max_added_over_vectors": max(ratios) if ratios else None})
+    return out
+
+
+def _mb(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:,.0f}"
+
+
+def _row(m: Measure) -> str:
+    ratio = f"{m.added / m.vector_bytes:.2f}" if m.vector_bytes and m.added is not None else "-"
+    seconds = "-" if m.seconds is None else f"{m.seconds:.2f}"
+    return (f"{m.part:8} {m.stage:17} {m.n:>9,} {seconds:>9} {_mb(m.peak_rss):>9} {_mb(m.added):>9} "
+            f"{_mb(m.vector_bytes):>9} {ratio:>6} {m.status}")
+
+
+HEADER = (f"{'part':8} {'stage':17} {'N':>9} {'seconds':>9} {'peak MB':>9} {'added MB':>9} {'vecs MB':>9} "
+          f"{'ratio':>6} status")
+
+
+def print_fits(fits: Sequence[dict[str, Any]]) -> None:
+    """The exponents table, super-linear stages flagged."""
+    print(f"\n{'part':8} {'stage':17} {'time exp':>9} {'mem exp':>8} {'max added/vecs':>15}  sizes")
+    for f in fits:
+        t, m, r = f["time_exponent"], f["memory_exponent"], f["max_added_over_vectors"]
+        flag = "  SUPER-LINEAR" if t is not None and t > NEAR_LINEAR and "exact" not in f["stage"] else ""
+        print(f"{f['part']:8} {f['stage']:17} {'-' if t is None else f'{t:.2f}':>9} "
+              f"{'-' if m is None else f'{m:.2f}':>8} {'-' if r is None else f'{r:.2f}':>15}  "
+              f"{','.join(str(n) for n in f['sizes'])}{flag}")
+
+
+def _machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "platform": platform.platform(),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _sizes(text: str) -> list[int]:
+    return [int(float(s)) for s in text.split(",") if s.strip()]
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes only (under 2 minutes)")
+    parser.add_argument("--sizes", help="end-to-end corpus sizes (default 1000,4000,16000)")
+    parser.add_argument("--vector-sizes", help="vector-mode sizes (default 16000,64000,250000,1000000)")
+    parser.add_argument("--knn-sizes", help="sizes of the exact searches (default 16000,64000,128000)")
+    parser.add_argument("--dims", default="256,384,256", help="CLIP, reference and caption vector dimensions")
+    parser.add_argument("--k", type=int, default=10, help="neighbours per image")
+    parser.add_argument("--cpus", type=int, default=2, help="Ray CPUs of the end-to-end stages")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds before one measurement is cut")
+    parser.add_argument("--work", default=str(ROOT / "bench" / "results" / "scale-work"), help="scratch folder")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"), help="JSON results")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _defaults(args: argparse.Namespace) -> tuple[list[int], list[int], list[int]]:
+    """End-to-end, vector and exact-search sizes from the flags (``--quick``: small ones)."""
+    if args.quick:
+        return (_sizes(args.sizes or "300,1000"), _sizes(args.vector_sizes or "4000,16000"),
+                _sizes(args.knn_sizes or "4000"))
+    return (_sizes(args.sizes or "1000,4000,16000"), _sizes(args.vector_sizes or "16000,64000,250000,1000000"),
+            _sizes(args.knn_sizes or "16000,64000,128000"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the scale curve, print the table and the exponents, write the JSON."""
+    args = _parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))), flush=True)
+        return 0
+    e2e_sizes, vector_sizes, knn_sizes = _defaults(args)
+    clip, reference, caption = _sizes(args.dims)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = work / "children.log"
+    machine = _machine()
+    print(f"machine: {machine}\nchild logs: {log_path}\n{HEADER}", flush=True)
+    measures = run_e2e(e2e_sizes, work, args.cpus, args.timeout, log_path) if e2e_sizes else []
+    measures += run_vectors(vector_sizes, knn_sizes, {"clip": clip, "reference": reference, "caption": caption},
+                            args.k, work, args.timeout, log_path)
+    fits = exponents(measures)
+    print_fits(fits)
+    machine["load_average_end"] = os.getloadavg()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "dims": args.dims, "k": args.k,
+                               "measures": [{**asdict(m), "added": m.added} for m in measures],
+                               "fits": fits}, indent=2) + "\n")
+    print(f"\nwritten {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
