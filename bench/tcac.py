@@ -111,7 +111,7 @@ def new_path(resized, preprocess, tcac, name: str, batch_size: int) -> float:
     images (id, H x W x 3 uint8), grouped by size in batches of ``batch_size``."""
     import torch
 
-    from clipaudit.model_view import center_crop_or_pad, model_inputs, style_of
+    from clipaudit.model_view import center_crop_or_pad, model_inputs
     from clipaudit.transform_kernels import transform_batch
     from clipaudit.transforms import generator_for, sample_params
 
@@ -126,7 +126,7 @@ def new_path(resized, preprocess, tcac, name: str, batch_size: int) -> float:
                      for i, _ in chunk]
             stack = torch.from_numpy(np.stack([p for _, p in chunk])).permute(0, 3, 1, 2)
             outputs = transform_batch(stack, name, drawn, tcac.params)
-            squares = torch.stack([center_crop_or_pad(o, preprocess.image_size, style_of(preprocess))
+            squares = torch.stack([center_crop_or_pad(o, preprocess.image_size, preprocess.style)
                                    for o in outputs])
             model_inputs(squares.permute(0, 2, 3, 1).numpy(), preprocess)
     return time.perf_counter() - start

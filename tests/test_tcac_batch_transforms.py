@@ -14,7 +14,7 @@ from PIL import Image
 
 from clipaudit.config import Config, EmbedConfig, ModelsConfig, TcacConfig
 from clipaudit.io.tables import RunTables
-from clipaudit.model_view import MAX_ASPECT, center_crop_or_pad, model_inputs, resize_for_model, style_of
+from clipaudit.model_view import MAX_ASPECT, center_crop_or_pad, model_inputs, resize_for_model
 from clipaudit.models import Preprocess, resolve_model
 from clipaudit.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD
 from clipaudit.records import SAMPLES, SAMPLES_SCHEMA, TCAC_CASES, Sample, samples_to_table
@@ -41,7 +41,7 @@ def _preprocesses() -> list[Preprocess]:
     return base
 
 
-@pytest.mark.parametrize("preprocess", _preprocesses(), ids=lambda p: f"{style_of(p)}-{p.resize_mode}-{p.image_size}")
+@pytest.mark.parametrize("preprocess", _preprocesses(), ids=lambda p: f"{p.style}-{p.resize_mode}-{p.image_size}")
 def test_resize_then_crop_is_the_models_preprocessing(preprocess):
     rng = np.random.default_rng(0)
     for width, height in SHAPES:
@@ -49,7 +49,7 @@ def test_resize_then_crop_is_the_models_preprocessing(preprocess):
         resized = resize_for_model(image, preprocess)
         assert max(resized.shape[:2]) <= MAX_ASPECT * max(min(resized.shape[:2]), preprocess.image_size) + 3
         square = center_crop_or_pad(torch.from_numpy(resized.copy()).permute(2, 0, 1), preprocess.image_size,
-                                    style_of(preprocess))
+                                    preprocess.style)
         ours = model_inputs(square.permute(1, 2, 0).numpy()[None], preprocess)[0]
         assert np.array_equal(ours, preprocess(image)), (width, height)
 
@@ -123,7 +123,7 @@ def test_tcac_cases_params_rebuild_the_pixels_scored(tmp_path):
         image = decode_image(read_image_bytes(uris[row["image_id"]]), 10**8)
         rebuilt = recreate_transformed(image, row["transform"], row["params"], config.tcac.params, model_input)
         square = center_crop_or_pad(torch.from_numpy(np.array(rebuilt)).permute(2, 0, 1), model_input.image_size,
-                                    style_of(model_input))
+                                    model_input.style)
         scored = RecordingEncoder.scored[(row["image_id"], row["transform"])]
         assert np.array_equal(square.permute(1, 2, 0).numpy(), scored), (row["image_id"], row["transform"])
     perspective = [json.loads(r["params"]) for r in rows if r["transform"] == "perspective"]

@@ -36,20 +36,6 @@ FULL_RESIZE_PIXELS = 16_000_000
 """Above this many pixels the resized image is never made whole: only its window is."""
 
 
-def resized_size(preprocess: Preprocess, width: int, height: int) -> tuple[int, int]:
-    """(width, height) of a ``width x height`` image after the resize of ``preprocess`` (before the crop)."""
-    s = preprocess.image_size
-    if preprocess.resize_mode == "squash":
-        return s, s
-    if preprocess.resize_mode == "longest":
-        ratio = max(height / s, width / s)
-        return round(width / ratio), round(height / ratio)
-    target = preprocess.resize_size
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = target, int(target * long / short)
-    return (new_short, new_long) if width <= height else (new_long, new_short)
-
-
 def _window(extent: int, other: int, crop: int) -> tuple[int, int]:
     """(offset, length) of the centred window kept along an axis of ``extent`` pixels whose other side is
     ``other``: at most ``MAX_ASPECT * max(other, crop)`` long, and cut so that the centre crop's offset stays
@@ -61,12 +47,6 @@ def _window(extent: int, other: int, crop: int) -> tuple[int, int]:
     return (extent - length) // 2, length
 
 
-def style_of(preprocess: Preprocess) -> str:
-    """Whose resize and crop ``preprocess`` reproduces: ``"torchvision"`` (PIL resize, crop offsets rounded) or
-    ``"transformers"`` (torchvision's tensor resize, crop offsets truncated)."""
-    return str(getattr(preprocess, "style", "torchvision"))
-
-
 def resize_for_model(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
     """The uint8 ``H x W x 3`` pixels of an image resized as ``preprocess`` resizes it (before its crop),
     windowed to at most :data:`MAX_ASPECT` : 1 around the centre. Where the whole resized image would exceed
@@ -74,17 +54,19 @@ def resize_for_model(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
     filter over the same source pixels, up to rounding, so a pixel may differ by one grey level)."""
     from PIL import Image as PILImage
 
+    from clipaudit.models.preprocess import tensor_resize
+
     if image.mode != "RGB":
         image = image.convert("RGB")
     width, height = image.size
-    new_w, new_h = resized_size(preprocess, width, height)
+    new_w, new_h = preprocess.resized_size(width, height)
     if new_w < 1 or new_h < 1:
         raise ValueError(f"a {width}x{height} image resizes to {new_w}x{new_h} pixels for this model")
     left, kept_w = _window(new_w, new_h, preprocess.image_size)
     top, kept_h = _window(new_h, new_w, preprocess.image_size)
     windowed = (kept_w, kept_h) != (new_w, new_h)
-    if style_of(preprocess) == "transformers":
-        pixels = _tensor_resize(np.asarray(image, dtype=np.uint8), new_w, new_h, preprocess.interpolation)
+    if preprocess.style == "transformers":
+        pixels = tensor_resize(np.asarray(image, dtype=np.uint8), new_w, new_h, preprocess.interpolation)
         return np.ascontiguousarray(pixels[top:top + kept_h, left:left + kept_w])
     resample = (PILImage.Resampling.BICUBIC if preprocess.interpolation == "bicubic"
                 else PILImage.Resampling.BILINEAR)
@@ -99,34 +81,11 @@ def resize_for_model(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
     return np.array(image, dtype=np.uint8)
 
 
-def _tensor_resize(pixels: np.ndarray, width: int, height: int, interpolation: str) -> np.ndarray:
-    """torchvision's antialiased resize of uint8 ``H x W x 3`` pixels (transformers' image processors)."""
-    import torch
-    from torchvision.transforms.v2 import functional as F
-
-    if pixels.shape[:2] == (height, width):
-        return pixels
-    mode = F.InterpolationMode.BICUBIC if interpolation == "bicubic" else F.InterpolationMode.BILINEAR
-    tensor = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-    resized = F.resize(tensor[None], [height, width], interpolation=mode, antialias=True)[0]
-    return resized.permute(1, 2, 0).numpy()
-
-
-def crop_box(width: int, height: int, size: int, style: str = "torchvision") -> tuple[int, int]:
-    """(left, top) of ``Preprocess``'s centre crop of ``size`` on a ``width x height`` image (negative: padding);
-    the offsets are rounded in the ``"torchvision"`` style, truncated in the ``"transformers"`` style."""
-
-    def offset(extent: int) -> int:
-        return int((extent - size) / 2.0) if style == "transformers" else round((extent - size) / 2.0)
-
-    left = -((size - width) // 2) if size > width else offset(width)
-    top = -((size - height) // 2) if size > height else offset(height)
-    return left, top
-
-
 def center_crop_or_pad(image: torch.Tensor, size: int, style: str = "torchvision") -> torch.Tensor:
     """The centre ``size x size`` of a ``(C, H, W)`` tensor, padded with zeros (black) where it is smaller."""
     import torch
+
+    from clipaudit.models.preprocess import crop_box
 
     channels, height, width = image.shape
     left, top = crop_box(width, height, size, style)

@@ -130,6 +130,42 @@ class Preprocess:
         return np.ascontiguousarray(out)
 
 
+def crop_box(width: int, height: int, crop: int, style: str = "torchvision") -> tuple[int, int]:
+    """(left, top) of the centre ``crop x crop`` window of a ``width x height`` image in ``style``: offsets
+    rounded (torchvision's ``CenterCrop``) or truncated (transformers); negative where the image is padded
+    (black, split as both implementations split it: the smaller half before)."""
+
+    def offset(extent: int) -> int:
+        if crop > extent:
+            return -((crop - extent) // 2)
+        return int((extent - crop) / 2.0) if style == "transformers" else round((extent - crop) / 2.0)
+
+    return offset(width), offset(height)
+
+
+def tensor_resize(pixels: np.ndarray, width: int, height: int, interpolation: str) -> np.ndarray:
+    """torchvision's antialiased resize of uint8 ``H x W x 3`` pixels (transformers' image processors)."""
+    import torch
+    from torchvision.transforms.v2 import functional as tvF
+
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    mode = tvF.InterpolationMode.BICUBIC if interpolation == "bicubic" else tvF.InterpolationMode.BILINEAR
+    tensor = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    resized = tvF.resize(tensor[None], [height, width], interpolation=mode, antialias=True)[0]
+    return resized.permute(1, 2, 0).numpy()
+
+
+def _crop_or_pad(pixels: np.ndarray, crop: int, style: str) -> np.ndarray:
+    """The centre ``crop x crop`` of uint8 ``H x W x 3`` pixels, padded with black where smaller."""
+    h, w = pixels.shape[:2]
+    left, top = crop_box(w, h, crop, style)
+    out = np.zeros((crop, crop, 3), dtype=np.uint8)
+    x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + crop, w), min(top + crop, h)
+    out[y0 - top:y1 - top, x0 - left:x1 - left] = pixels[y0:y1, x0:x1]
+    return out
+
+
 def _torchvision_geometry(image: Image.Image, size: tuple[int, int], crop: int, interpolation: str) -> np.ndarray:
     """torchvision's ``Resize`` + ``CenterCrop`` on a PIL image: PIL resampling, crop offsets rounded."""
     from PIL import Image
@@ -137,26 +173,10 @@ def _torchvision_geometry(image: Image.Image, size: tuple[int, int], crop: int, 
     if size != image.size:
         resample = Image.Resampling.BICUBIC if interpolation == "bicubic" else Image.Resampling.BILINEAR
         image = image.resize(size, resample)
-    w, h = image.size
-    if (w, h) != (crop, crop):
-        left = -((crop - w) // 2) if crop > w else round((w - crop) / 2.0)
-        top = -((crop - h) // 2) if crop > h else round((h - crop) / 2.0)
-        image = image.crop((left, top, left + crop, top + crop))
-    return np.array(image, dtype=np.uint8)
+    return _crop_or_pad(np.asarray(image, dtype=np.uint8), crop, "torchvision")
 
 
 def _transformers_geometry(image: Image.Image, size: tuple[int, int], crop: int, interpolation: str) -> np.ndarray:
-    """transformers' torchvision backend: the uint8 CHW tensor resized by torchvision, crop offsets truncated."""
-    import torch
-    from torchvision.transforms.v2 import functional as tvF
-
-    mode = tvF.InterpolationMode.BICUBIC if interpolation == "bicubic" else tvF.InterpolationMode.BILINEAR
-    tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-    tensor = tvF.resize(tensor[None], [size[1], size[0]], interpolation=mode, antialias=True)[0]
-    h, w = tensor.shape[-2:]
-    if crop > h or crop > w:
-        pad_w, pad_h = max(crop - w, 0), max(crop - h, 0)
-        tensor = torch.nn.functional.pad(tensor, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
-        h, w = tensor.shape[-2:]
-    top, left = int((h - crop) / 2.0), int((w - crop) / 2.0)
-    return np.ascontiguousarray(tensor[:, top:top + crop, left:left + crop].permute(1, 2, 0).numpy())
+    """transformers' torchvision backend: the uint8 tensor resized by torchvision, crop offsets truncated."""
+    pixels = tensor_resize(np.asarray(image, dtype=np.uint8), size[0], size[1], interpolation)
+    return _crop_or_pad(pixels, crop, "transformers")

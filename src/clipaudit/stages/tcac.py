@@ -46,6 +46,7 @@ from clipaudit.records import (
     StageStats,
 )
 from clipaudit.stages.embed_batches import OK, Batch
+from clipaudit.stages.reject_limit import check_reject_share
 from clipaudit.stages.tcac_batches import ORIGINAL
 from clipaudit.stages.upstream import empty_input_message
 from clipaudit.tcac_scoring import (
@@ -103,11 +104,10 @@ def settings_for(tcac: TcacConfig, transform: str, preprocess: Preprocess) -> st
 
 def input_settings(preprocess: Preprocess) -> dict[str, Any]:
     """The fields of the model's preprocessing that fix the pixels a transform is applied to and cropped from."""
-    from clipaudit.model_view import style_of
 
     return {"image_size": preprocess.image_size, "resize_size": preprocess.resize_size,
             "resize_mode": preprocess.resize_mode, "interpolation": preprocess.interpolation,
-            "style": style_of(preprocess)}
+            "style": preprocess.style}
 
 
 def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -381,19 +381,44 @@ def run_tcac(config: Config, tables: RunTables, runner: Runner, model: ResolvedM
     if todo:
         score_missing(config, tables, runner, model, samples, todo, stats)
     summary = finalize(tables, config.tcac, stats)
+    rejected = account(tables, stats)
     stats.add_time("wall", time.perf_counter() - started)
     stats.notes.update(model=model.spec, random_model=model.is_random, device=getattr(runner, "device", "cpu"),
                        summary=summary_line(stats, summary))
+    c = stats.counts
+    check_reject_share(STAGE, c["images_scored"] + c["images_rejected"], rejected, config.embed.max_reject_share,
+                       "images")
     return stats
 
 
+def account(tables: RunTables, stats: StageStats) -> list[dict[str, Any]]:
+    """Image-level accounting into ``stats.counts``: ``images_in`` (samples the embed stage did not reject),
+    ``images_scored`` (with rows in ``tcac_cases``), ``images_rejected`` (a ``rejects`` row of this stage); returns
+    those rejects (item, reason, detail)."""
+    samples = set(tables.read(SAMPLES, ["image_id"]).column("image_id").to_pylist())
+    rejects = tables.read(REJECTS, ["item", "stage", "reason", "detail"],
+                          where=f"stage = 'embed' OR stage = '{STAGE}'")
+    rows = rejects.to_pylist() if rejects is not None else []
+    eligible = samples - {r["item"] for r in rows if r["stage"] == "embed"}
+    mine = sorted((r for r in rows if r["stage"] == STAGE and r["item"] in eligible), key=lambda r: r["item"])
+    cases = tables.read(TCAC_CASES, ["image_id"])
+    scored = eligible & set(cases.column("image_id").to_pylist()) if cases is not None else set()
+    stats.counts.update(images_in=len(eligible), images_scored=len(scored), images_rejected=len(mine))
+    return mine
+
+
 def summary_line(stats: StageStats, summary: pa.Table | None) -> str:
-    """One line: what this run did, text encodings against unique captions, and mean changed per transform."""
+    """One line: images in = scored + rejected, what this run did, text encodings against unique captions, and mean
+    changed per transform."""
     c = stats.counts
     done = (f"{c.get('pairs_written', 0)} new (image, transform) rows of {c.get('pairs_todo', 0)} to do"
             if c.get("pairs_todo") else "nothing left to do, no new rows")
-    line = (f"tcac: {done}; {c.get('total_pairs', 0)} rows, {c.get('total_cases', 0)} cases "
-            f"({c.get('total_daf_cases', 0)} images of them also DAF cases)")
+    n_in, scored, rejected = (c.get(k, 0) for k in ("images_in", "images_scored", "images_rejected"))
+    line = f"tcac: {n_in} in = {scored} scored + {rejected} rejected"
+    if n_in - scored - rejected:
+        line += f" + {n_in - scored - rejected} not scored (no caption to build a pool from, or not run yet)"
+    line += (f"; {done}; {c.get('total_pairs', 0)} rows, {c.get('total_cases', 0)} cases "
+             f"({c.get('total_daf_cases', 0)} images of them also DAF cases)")
     if "unique_captions" in c:
         line += f"; text encodings {c['text_encodings']} for {c['unique_captions']} unique captions"
     if summary is not None and summary.num_rows:

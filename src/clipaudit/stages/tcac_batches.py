@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clipaudit.model_view import center_crop_or_pad, model_inputs, resize_for_model, style_of
+from clipaudit.model_view import center_crop_or_pad, model_inputs, resize_for_model
 from clipaudit.stages.embed_batches import (
     FORWARD_FAILED,
     OK,
@@ -184,7 +184,7 @@ class TransformedEncoder(ImageEncoder):
         row's share of its transform call plus its crop."""
         import torch
 
-        size, style = self.preprocess.image_size, style_of(self.preprocess)
+        size, style = self.preprocess.image_size, self.preprocess.style
         squares = torch.zeros(len(rows), 3, size, size, dtype=torch.uint8, device=self.device)
         images: dict[int, torch.Tensor] = {}
         groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
