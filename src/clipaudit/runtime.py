@@ -306,7 +306,8 @@ def ray_session(ray_config: RayConfig) -> Iterator[None]:
     """Connect to the configured cluster, or start a local Ray, and shut it down afterwards if we started it.
 
     A driver already connected is reused as it is; under ``ray job submit`` (``RAY_ADDRESS`` set) the job's
-    cluster is joined.
+    cluster is joined. Ray Data's progress bars, execution banners and issue detectors are off (clipaudit prints
+    its own progress bars and per-stage stats); its actor pools wait at most ``ray.actor_start_timeout_s``.
     """
     import ray
 
@@ -327,6 +328,7 @@ def ray_session(ray_config: RayConfig) -> Iterator[None]:
     context.wait_for_min_actors_s = ray_config.actor_start_timeout_s
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    context.issue_detectors_config.detectors = []
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     try:
