@@ -88,12 +88,24 @@ def _peak_rss() -> int:
 
 
 def _preimport() -> None:
-    """Import what every stage imports, so that the baseline RSS holds the libraries and not the data."""
+    """Import what the stages import and touch LanceDB once, so that the baseline RSS holds the libraries and
+    their runtimes, and what the stage adds over it is its data."""
+    import tempfile
+
     import numpy  # noqa: F401
-    import pyarrow  # noqa: F401
+    import pyarrow as pa
     import torch  # noqa: F401
 
     import clipaudit.pipeline  # noqa: F401
+    import clipaudit.stages.daf  # noqa: F401
+    import clipaudit.stages.tcac  # noqa: F401
+    from clipaudit.io.tables import RunTables
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tables = RunTables(scratch)
+        schema = pa.schema([pa.field("x", pa.int64())])
+        tables.replace("warm", pa.table({"x": list(range(10))}), schema)
+        tables.read("warm")
 
 
 def _child(job: dict[str, Any]) -> dict[str, Any]:
@@ -501,13 +513,14 @@ def _machine() -> dict[str, Any]:
 
 
 def _sizes(text: str) -> list[int]:
-    return [int(float(s)) for s in text.split(",") if s.strip()]
+    """``1000,4e3`` -> [1000, 4000]; zeros are dropped (``--sizes 0``: skip that part)."""
+    return [n for n in (int(float(s)) for s in text.split(",") if s.strip()) if n > 0]
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes only (under 2 minutes)")
-    parser.add_argument("--sizes", help="end-to-end corpus sizes (default 1000,4000,16000)")
+    parser.add_argument("--sizes", help="end-to-end corpus sizes (default 1000,4000,16000); 0: none")
     parser.add_argument("--vector-sizes", help="vector-mode sizes (default 16000,64000,250000,1000000)")
     parser.add_argument("--knn-sizes", help="sizes of the exact searches (default 16000,64000,128000)")
     parser.add_argument("--dims", default="256,384,256", help="CLIP, reference and caption vector dimensions")
@@ -523,7 +536,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _defaults(args: argparse.Namespace) -> tuple[list[int], list[int], list[int]]:
     """End-to-end, vector and exact-search sizes from the flags (``--quick``: small ones)."""
     if args.quick:
-        return (_sizes(args.sizes or "300,1000"), _sizes(args.vector_sizes or "4000,16000"),
+        return (_sizes(args.sizes or "200"), _sizes(args.vector_sizes or "4000,16000"),
                 _sizes(args.knn_sizes or "4000"))
     return (_sizes(args.sizes or "1000,4000,16000"), _sizes(args.vector_sizes or "16000,64000,250000,1000000"),
             _sizes(args.knn_sizes or "16000,64000,128000"))

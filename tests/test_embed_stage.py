@@ -21,7 +21,8 @@ from clipaudit.records import (
 from clipaudit.runtime import LocalRunner
 from clipaudit.stages.embed import EmbedError, run_embed, summary_line
 
-EMBED = EmbedConfig(batch_size=4, text_batch_size=8, write_every=5)
+EMBED = EmbedConfig(batch_size=4, text_batch_size=8, write_every=5, max_reject_share=1.0)
+"""The zoo is half bad files on purpose: no reject limit here (it has its own test)."""
 
 
 @pytest.fixture(scope="module")

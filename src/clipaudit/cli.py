@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 
+from clipaudit.benchmark.commands import add_export_parser, add_score_parser, run_export, run_score
 from clipaudit.config import load_config
 from clipaudit.errors import ClipauditError
 from clipaudit.pipeline import STAGES, parse_stages, run_pipeline
@@ -29,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         _add_config_args(commands.add_parser(stage, help=f"run the {stage} stage only"))
     _add_llm_args(commands.choices)
-    _add_diff_parser(commands)
+    for add_parser, _ in COMMANDS.values():
+        add_parser(commands)
     return parser
 
 
@@ -59,6 +62,14 @@ def _diff(args: argparse.Namespace) -> int:
         fs.write_json(args.json_out, result)
     types = result.get("failure_types") or {}
     return 3 if args.fail_on_new and types.get("new") else 0
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
+    "diff": (_add_diff_parser, _diff),
+    "export": (add_export_parser, run_export),
+    "score": (add_score_parser, run_score),
+}
+"""The commands that take no config: name -> (adds its parser, runs it and returns the exit status)."""
 
 
 def _add_llm_args(commands: dict[str, argparse.ArgumentParser]) -> None:
@@ -100,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     try:
-        if args.command == "diff":
-            return _diff(args)
+        if args.command in COMMANDS:
+            return COMMANDS[args.command][1](args)
         args.overrides += _llm_overrides(args)
         config = load_config(args.config, args.overrides)
         stages = parse_stages(args.stages) if args.command == "run" else [args.command]

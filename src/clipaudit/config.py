@@ -129,8 +129,8 @@ class EmbedConfig:
     write_every: int = 2048
     """Rows buffered before one write to LanceDB (few large writes, not many small)."""
     max_reject_share: float = 0.05
-    """A model stage fails when it rejects more than this share of the rows it tried (embed: images; tcac:
-    transformed images; summarize, validate: LLM requests); 1: never. Rejected rows are counted either way."""
+    """The embed and tcac stages fail when they reject more than this share of the images they tried (and more
+    than one image); 1: never. Rejected rows are in ``rejects`` either way."""
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def _counts_lines(counts: dict[str, Any]) -> list[str]:
-    rows = [[PAIRS, f"CLIP-blind pairs ({counts['pairs'].get('blind_pair', 0)}), DAF case pairs "
+    rows = [[PAIRS, f"CLIP-blind pairs ({counts['pairs'].get('blind_pair', 0)}, of them "
+             f"{counts.get('blind_and_daf', 0)} also DAF case pairs), other DAF case pairs "
              f"({counts['pairs'].get('daf_case', 0)})", sum(counts["pairs"].values())],
             [INVARIANCE, ", ".join(f"{t} {n}" for t, n in counts["invariance"].items()) or "none",
              sum(counts["invariance"].values())],

@@ -18,6 +18,7 @@ from clipaudit.config import ReportConfig
 from clipaudit.io import fs
 from clipaudit.records import BLIND_PAIRS, DAF_CASES, FAILURE_CHECKS, TCAC_CASES
 from clipaudit.report import charts
+from clipaudit.report.benchmark_section import benchmark_section
 from clipaudit.report.html import Markup, join, num, page, pct, seconds, table, tag
 from clipaudit.report.images import Thumbnails, write_bytes
 from clipaudit.report.summary import RunView
@@ -58,12 +59,14 @@ class ReportBuilder:
 
     def build(self) -> str:
         """Gather, make the thumbnails, render; returns the HTML text."""
-        sections = [self._overview(), self._daf(), self._tcac(), self._taxonomy()]
+        sections = [self._overview(), self._daf(), self._tcac(), self._taxonomy(),
+                    benchmark_section(self.view, missing)]
         self.samples = self.view.samples(self.thumbs.image_ids())
         self.thumbs.make(lambda image_id: (self.samples.get(image_id) or {}).get("uri"))
         s = self.summary
         nav = tag("nav", [tag("a", label, href=f"#{anchor}") for anchor, label in
-                          (("overview", "Overview"), ("daf", "DAF"), ("tcac", "TCAC"), ("taxonomy", "Failure types"))])
+                          (("overview", "Overview"), ("daf", "DAF"), ("tcac", "TCAC"), ("taxonomy", "Failure types"),
+                           ("benchmark", "Benchmark"))])
         header = tag("header", tag("h1", "clipaudit report"),
                      tag("div", "run ", tag("code", s.get("run_id") or "-"), " \u00b7 ", tag("code", s["run_dir"]),
                          " \u00b7 generated ", s.get("generated_at"), class_="muted"), nav)

@@ -44,11 +44,12 @@ from clipaudit.records import (
     BLIND_PAIRS_SCHEMA,
     DAF_CASES,
     DAF_CASES_SCHEMA,
+    IMAGE_EMBEDDINGS,
     NEIGHBOURS,
     SAMPLES,
     StageStats,
 )
-from clipaudit.stages.neighbours import load_vectors, restrict
+from clipaudit.stages.neighbours import RoleVectors, load_vectors
 from clipaudit.stages.upstream import empty_input_message
 
 if TYPE_CHECKING:
@@ -162,57 +163,88 @@ def score_images(lists: NeighbourLists, cfg: DafConfig) -> ImageScores:
                        selected, null)
 
 
-def _captions(tables: RunTables) -> dict[str, str]:
+def image_captions(tables: RunTables, image_ids: pa.Array) -> pa.Array:
+    """Each image's caption from ``samples``, aligned with ``image_ids`` (an empty string where it has none)."""
     samples = tables.read(SAMPLES, ["image_id", "caption"])
     if samples is None:
-        return {}
-    return dict(zip(samples.column("image_id").to_pylist(), samples.column("caption").to_pylist()))
+        return pa.array([""] * len(image_ids), pa.string())
+    rows = pc.index_in(image_ids, value_set=samples.column("image_id").combine_chunks())
+    return pc.fill_null(samples.column("caption").combine_chunks().take(rows), "")
 
 
-def cases_table(lists: NeighbourLists, scores: ImageScores, captions: dict[str, str]) -> pa.Table:
-    """The ``daf_cases`` rows of the selected images, most divergent first."""
-    names = lists.image_ids.to_numpy(zero_copy_only=False)
-    rows: dict[str, list] = {name: [] for name in DAF_CASES_SCHEMA.names}
-    for i in scores.selected:
-        clip_only, reference_only = dm.exclusive(lists.clip[i], lists.reference[i])
-        image_id = str(names[i])
-        caption = captions.get(image_id) or ""
-        rows["image_id"].append(image_id)
-        rows["overlap"].append(float(scores.overlap[i]))
-        rows["score"].append(float(scores.score[i]))
-        rows["rbo"].append(float(scores.rbo[i]))
-        rows["z"].append(float(scores.z[i]))
-        rows["p_value"].append(float(scores.p_value[i]))
-        rows["rank"].append(int(scores.rank[i]))
-        rows["clip_only"].append(names[clip_only].tolist())
-        rows["reference_only"].append(names[reference_only].tolist())
-        rows["clip_ids"].append(names[lists.clip[i]].tolist())
-        rows["reference_ids"].append(names[lists.reference[i]].tolist())
-        rows["captions"].append([caption] + [captions.get(str(names[j])) or "" for j in clip_only])
-        rows["caption"].append(caption)
-    return pa.table(rows, schema=DAF_CASES_SCHEMA)
+def _ragged(values: pa.Array, rows: np.ndarray, keep: np.ndarray) -> pa.ListArray:
+    """A list per row of ``rows`` (``(m, w)`` indices into ``values``): the entries where ``keep``, in order."""
+    offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), values.take(pa.array(rows[keep], pa.int64())))
 
 
-def blind_pairs(lists: NeighbourLists, reference_vectors: np.ndarray,
+def _not_in_other(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(m, k)`` mask: entry ``[i, j]`` is True when ``a[i, j]`` is not in row ``b[i]`` (row-wise ``~isin``)."""
+    out = np.empty(a.shape, dtype=bool)
+    step = max(1, (1 << 22) // max(1, a.shape[1] * b.shape[1]))
+    for lo in range(0, len(a), step):
+        out[lo:lo + step] = ~(a[lo:lo + step, :, None] == b[lo:lo + step, None, :]).any(axis=2)
+    return out
+
+
+def cases_table(lists: NeighbourLists, scores: ImageScores, captions: pa.Array) -> pa.Table:
+    """The ``daf_cases`` rows of the selected images, most divergent first; ``captions`` is aligned with
+    ``lists.image_ids``. Built column by column (no Python object per case or per neighbour)."""
+    names, picked = lists.image_ids, np.asarray(scores.selected, dtype=np.int64)
+    clip, reference = lists.clip[picked], lists.reference[picked]
+    clip_only, reference_only = _not_in_other(clip, reference), _not_in_other(reference, clip)
+    own_then_clip = np.concatenate([picked[:, None], clip], axis=1)
+    own_then_only = np.concatenate([np.ones((len(picked), 1), dtype=bool), clip_only], axis=1)
+    everything = np.ones(clip.shape, dtype=bool)
+    index = pa.array(picked, pa.int64())
+    return pa.table({
+        "image_id": names.take(index),
+        "overlap": pa.array(scores.overlap[picked], pa.float32()),
+        "score": pa.array(scores.score[picked], pa.float32()),
+        "rbo": pa.array(scores.rbo[picked], pa.float32()),
+        "z": pa.array(scores.z[picked], pa.float32()),
+        "p_value": pa.array(scores.p_value[picked], pa.float32()),
+        "rank": pa.array(scores.rank[picked], pa.int32()),
+        "clip_only": _ragged(names, clip, clip_only),
+        "reference_only": _ragged(names, reference, reference_only),
+        "clip_ids": _ragged(names, clip, everything),
+        "reference_ids": _ragged(names, reference, everything),
+        "captions": _ragged(captions, own_then_clip, own_then_only),
+        "caption": captions.take(index),
+    }, schema=DAF_CASES_SCHEMA)
+
+
+def vector_rows(vectors: RoleVectors, image_ids: pa.Array) -> np.ndarray:
+    """The row of each of ``image_ids`` in ``vectors`` (no copy of the vectors); DafError when one is missing."""
+    rows = pc.index_in(image_ids, value_set=vectors.ids)
+    if rows.null_count:
+        raise DafError(f"{IMAGE_EMBEDDINGS[vectors.role]} lacks {rows.null_count} of the images that have "
+                       "neighbour lists: re-run the neighbours stage")
+    return rows.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def blind_pairs(lists: NeighbourLists, reference: RoleVectors,
                 cfg: DafConfig) -> tuple[pa.Table, dm.BlindThresholds, int]:
-    """CLIP-blind pairs among the CLIP neighbour pairs: (table sorted by gap, thresholds used, pairs examined)."""
+    """CLIP-blind pairs among the CLIP neighbour pairs: (table sorted by gap, thresholds used, pairs examined).
+
+    Rows index ``lists.image_ids``, which is sorted, so ordering by row index is ordering by image_id."""
     lo, hi, clip_sim = dm.neighbour_pairs(lists.clip, lists.clip_sims)
-    reference_sim = dm.pair_cosines(reference_vectors, lo, hi)
+    rows = vector_rows(reference, lists.image_ids)
+    reference_sim = dm.pair_cosines(reference.vectors, rows[lo], rows[hi])
     mask, thresholds = dm.blind_pair_mask(clip_sim, reference_sim, cfg.blind_rule, cfg.blind_clip_min,
                                           cfg.blind_reference_max, cfg.blind_clip_quantile,
                                           cfg.blind_reference_quantile)
-    names = lists.image_ids.to_numpy(zero_copy_only=False)
-    a, b = names[lo[mask]], names[hi[mask]]
+    a, b = lo[mask], hi[mask]
     clip_sim, reference_sim = clip_sim[mask], reference_sim[mask]
     gap = clip_sim - reference_sim
     order = np.lexsort((b, a, -gap))
     table = pa.table({
-        "image_a": pa.array(a[order].tolist(), pa.string()),
-        "image_b": pa.array(b[order].tolist(), pa.string()),
+        "image_a": lists.image_ids.take(pa.array(a[order])),
+        "image_b": lists.image_ids.take(pa.array(b[order])),
         "clip_sim": pa.array(clip_sim[order], pa.float32()),
         "reference_sim": pa.array(reference_sim[order], pa.float32()),
         "gap": pa.array(gap[order], pa.float32()),
-        "rule": pa.array([thresholds.rule] * int(mask.sum()), pa.string()),
+        "rule": pa.repeat(pa.scalar(thresholds.rule, pa.string()), len(order)),
     }, schema=BLIND_PAIRS_SCHEMA)
     return table, thresholds, len(lo)
 
@@ -272,7 +304,7 @@ def run_daf(config: Config, tables: RunTables) -> StageStats:
     stats = StageStats(STAGE)
     started = time.perf_counter()
     lists = load_lists(tables)
-    captions = _captions(tables)
+    captions = image_captions(tables, lists.image_ids)
     stats.add_time("read", time.perf_counter() - started)
 
     phase = time.perf_counter()
@@ -281,8 +313,7 @@ def run_daf(config: Config, tables: RunTables) -> StageStats:
     stats.add_time("score", time.perf_counter() - phase)
 
     phase = time.perf_counter()
-    reference = restrict(load_vectors(tables, "reference"), lists.image_ids)
-    pairs, thresholds, examined = blind_pairs(lists, reference, cfg)
+    pairs, thresholds, examined = blind_pairs(lists, load_vectors(tables, "reference"), cfg)
     stats.add_time("blind_pairs", time.perf_counter() - phase)
 
     phase = time.perf_counter()

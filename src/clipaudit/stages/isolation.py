@@ -8,16 +8,16 @@ whole for a reason that does not depend on one row (an out-of-memory error of a 
 smaller parts the same way. Retries are bounded: a batch of ``n`` rows costs at most ``2n - 1`` calls (the nodes
 of a binary tree with ``n`` leaves); one bad row among ``n`` costs about ``2 log2(n)`` extra calls.
 
-Workers that die (a segfault in a decoder, the OOM killer) are Ray's to retry: an exception never escapes these
-batch functions for one row, so what reaches Ray is a system failure. Ray Data's defaults retry those without
-bound (tasks ``max_retries=-1``; actor pools ``max_restarts=-1``, ``max_task_retries=-1``), so a row that kills
-its worker every time would be retried forever. :data:`RAY_TASK_RETRIES` bounds that: the runner passes it as
-``max_retries`` to the CPU tasks and ``max_task_retries`` to the model actors (actors may still be restarted
-without bound, so one crash does not shrink the pool). ``actor_task_retry_on_errors`` stays ``False``: an
-application exception that escapes a batch function is a bug, and retrying it repeats it. ``max_errored_blocks``
-stays 0: Ray Data drops the rows of an errored block without a trace, which would break ``in = embedded +
-rejected``; a block that still kills its worker after the bounded retries therefore fails the stage loudly, with
-everything written before it kept, so a re-run resumes.
+Workers that die (a segfault in a native decoder, the OOM killer) are left to Ray Data's own retries: an
+exception never escapes these batch functions for one row, so what reaches Ray is a system failure, which Ray Data
+retries by default (tasks ``max_retries=-1``; actor pools ``max_restarts=-1``, ``max_task_retries=-1``), without
+bound. Bounding them was tried and dropped: Ray 2.60 takes ``max_retries`` / ``max_task_retries`` only through
+``map_batches``' deprecated ``**ray_remote_args`` (removal announced for 2.64), and with them set Ray core prints
+an ERROR line on every run (ray-project/ray#53727), which a normal run must not show. So a row that kills its
+worker every time would be retried without end; that case is open. ``actor_task_retry_on_errors`` stays
+``False``: an application exception that escapes a batch function is a bug, and retrying it repeats it.
+``max_errored_blocks`` stays 0: Ray Data drops the rows of an errored block without a trace, which would break
+``in = embedded + rejected``.
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-RAY_TASK_RETRIES = 2
-"""Retries of a Ray task or actor task whose worker died (system failures only), on top of the first attempt."""
 
 
 def describe(exc: BaseException, what: str = "") -> str:

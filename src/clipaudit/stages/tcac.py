@@ -186,9 +186,17 @@ def load_corpus(tables: RunTables, samples: pa.Table, runner: Runner, model: Res
                     "encoding them now", len(missing), len(texts), CAPTION_EMBEDDINGS)
         start = time.perf_counter()
         for batch in runner.map_texts(pa.table({"text": missing}), model, embed):
-            for text, vector in zip(batch["text"], np.asarray(batch["vector"], dtype=np.float32)):
-                known[caption_key(str(text))] = vector
+            statuses = batch.get("status", np.full(len(batch["text"]), OK, dtype=object))
+            for text, vector, status in zip(batch["text"], np.asarray(batch["vector"], dtype=np.float32), statuses):
+                if status == OK:
+                    known[caption_key(str(text))] = vector
         stats.add_time("infer_text", time.perf_counter() - start)
+        failed = [text for text in missing if caption_key(text) not in known]
+        if failed:
+            log.warning("%d caption(s) failed the text forward and are left out of the caption pools (e.g. %r)",
+                        len(failed), failed[0][:80])
+            stats.add_count("captions_rejected", len(failed))
+            texts = [text for text in texts if caption_key(text) in known]
     if not texts:
         return build_corpus([], np.zeros((0, 1), np.float32))
     return build_corpus(texts, np.stack([known[caption_key(text)] for text in texts]))

@@ -16,7 +16,10 @@ same model gives unrelated captions of the same corpus: at the default 0.99, a s
 similar as the most similar 1 % of unrelated caption pairs.
 
 Requests go through the same machinery as summarize (recorded in ``llm_calls``, cached, estimate printed,
-``llm.dry_run`` honoured); the table is recomputed and replaced on every run.
+``llm.dry_run`` honoured); the table is recomputed and replaced on every run. A caption the text tower cannot take
+(its forward raises alone, or gives NaN) drops its pair, not the stage: the forward is split in halves down to the
+failing captions (:func:`clipaudit.stages.isolation.run_isolated`), the pair is left out of ``pairs`` and
+counted as ``pairs_rejected``, and the first such error is logged.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from clipaudit.llm.parse import ParseError, _candidates, _load
 from clipaudit.llm.prompts import PAIRS_FORMAT, load_template, request_params
 from clipaudit.llm.requests import LLMRequest
 from clipaudit.records import CAPTION_EMBEDDINGS, FAILURE_CHECKS, FAILURE_CHECKS_SCHEMA, FAILURE_TYPES, StageStats
+from clipaudit.stages.isolation import describe, run_isolated
 from clipaudit.stages.summarize import LLMSession, PlannedCall
 from clipaudit.stages.upstream import empty_input_message
 
@@ -140,14 +144,29 @@ def resolve_clip(config: Config) -> ResolvedModel:
 
 
 def pair_similarities(texts_a: Sequence[str], texts_b: Sequence[str],
-                      encode: Callable[[list[str]], np.ndarray]) -> np.ndarray:
-    """Cosine similarity of each pair under ``encode`` (texts -> unit rows), one forward over all texts."""
+                      encode: Callable[[list[str]], np.ndarray]) -> tuple[np.ndarray, dict[int, str]]:
+    """Cosine similarity of each pair under ``encode`` (texts -> rows), one forward over all texts, and the pairs
+    left without one: pair index -> the reject detail of its first caption whose forward failed alone (raised, or
+    gave NaN; its similarity is NaN)."""
     if not texts_a:
-        return np.zeros(0, dtype=np.float32)
-    vectors = np.asarray(encode(list(texts_a) + list(texts_b)), dtype=np.float32)
+        return np.zeros(0, dtype=np.float32), {}
+    texts = list(texts_a) + list(texts_b)
+
+    def forward(part: np.ndarray) -> np.ndarray:
+        vectors = np.asarray(encode([texts[i] for i in part]), dtype=np.float32)
+        if vectors.ndim != 2 or not np.isfinite(vectors).all():
+            raise FloatingPointError(f"the text tower returned NaN, infinite or misshapen values {vectors.shape}")
+        return vectors
+
+    found = run_isolated(forward, len(texts))
+    dim = next((len(v) for v in found.results if v is not None), 1)
+    vectors = np.stack([v if v is not None else np.full(dim, np.nan, np.float32) for v in found.results])
     vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     n = len(texts_a)
-    return np.einsum("ij,ij->i", vectors[:n], vectors[n:])
+    errors: dict[int, str] = {}
+    for position, exc in sorted(found.errors.items()):
+        errors.setdefault(position % n, describe(exc, f"text forward of {texts[position]!r}"))
+    return np.einsum("ij,ij->i", vectors[:n], vectors[n:]), errors
 
 
 def corpus_threshold(tables: RunTables, spec: str, quantile: float, pairs: int, seed: int) -> float:
@@ -245,11 +264,18 @@ def run_validate(config: Config, tables: RunTables, runner: object | None = None
         encoder = resolved.load("cpu")
         order = list(pairs_of)
         flat = [p for rid in order for p in pairs_of[rid]]
-        sims = pair_similarities([a for a, _ in flat], [b for _, b in flat], encoder.encode_texts)
+        sims, errors = pair_similarities([a for a, _ in flat], [b for _, b in flat], encoder.encode_texts)
+        if errors:
+            log.warning("validate: %d caption pairs left out, their captions could not be embedded; first: %s",
+                        len(errors), errors[min(errors)])
+        stats.add_count("pairs_rejected", len(errors))
         offset = 0
         for rid in order:
-            sims_of[rid] = sims[offset : offset + len(pairs_of[rid])]
-            offset += len(pairs_of[rid])
+            count = len(pairs_of[rid])
+            keep = [j for j in range(count) if offset + j not in errors]
+            sims_of[rid] = sims[offset : offset + count][keep]
+            pairs_of[rid] = [pairs_of[rid][j] for j in keep]
+            offset += count
         stats.add_time("embed", time.perf_counter() - t0)
     table = checks_table(types, calls, statuses, sims_of, pairs_of, threshold, cfg.threshold_mode,
                          model_spec)
@@ -263,6 +289,8 @@ def run_validate(config: Config, tables: RunTables, runner: object | None = None
     stats.notes["summary"] = (f"validate: {checked} of {len(types)} failure types checked with "
                               f"{stats.counts['pairs']} caption pairs; mean success rate {mean_rate:.2f} "
                               f"at cosine >= {threshold:.3f}")
+    if stats.counts.get("pairs_rejected"):
+        stats.notes["summary"] += f"; {stats.counts['pairs_rejected']} pairs left out (a caption failed to embed)"
     log.info("%s", stats.notes["summary"])
     stats.add_time("wall", time.perf_counter() - started)
     return stats
