@@ -18,9 +18,10 @@ kernel's high-water mark ``ru_maxrss`` of that process, which Ray's worker proce
     then :func:`clipaudit.tcac_scoring.caption_pools`) with a stand-in top-k at every size, and ``pools exact``
     with the real exact search at ``--knn-sizes``.
 
-For each stage it prints seconds, the driver's peak RSS, that peak less the process's RSS after its imports
-(``added``), the ratio of ``added`` to the size of the vectors the stage holds, and the growth exponents of
-seconds and of added memory fitted by least squares on log-log over N. Results go to
+For each stage it prints wall seconds, the driver process's CPU seconds (all its threads; not its Ray workers';
+steadier than wall time on a shared machine), the driver's peak RSS, that peak less the process's RSS after its
+imports (``added``), the ratio of ``added`` to the size of the vectors the stage holds, and the growth exponents
+of wall seconds, CPU seconds and added memory fitted by least squares on log-log over N. Results go to
 ``bench/results/scale.json`` (``--out``)::
 
     .venv/bin/python bench/scale.py --quick        # under 2 minutes
@@ -58,6 +59,7 @@ class Measure:
     stage: str
     n: int
     seconds: float | None
+    cpu_seconds: float | None
     peak_rss: int | None
     base_rss: int | None
     vector_bytes: int
@@ -108,14 +110,21 @@ def _preimport() -> None:
         tables.read("warm")
 
 
+def _cpu_seconds() -> float:
+    """User and system CPU seconds of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _child(job: dict[str, Any]) -> dict[str, Any]:
-    """Run one job in this process and return its seconds, peak RSS and baseline RSS."""
+    """Run one job in this process and return its wall and CPU seconds, peak RSS and baseline RSS."""
     _preimport()
     base = _rss()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _cpu_seconds()
     extra = JOBS[job["kind"]](job) or {}
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "peak_rss": _peak_rss(), "base_rss": base, **extra}
+    return {"seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu, "peak_rss": _peak_rss(), "base_rss": base,
+            **extra}
 
 
 def _stage_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -406,8 +415,9 @@ def _measure(part: str, stage: str, n: int, job: dict[str, Any], vector_bytes: i
     """Run one job, print its line, and return its :class:`Measure` and raw result."""
     result, status = _run_child(job, log_path, timeout_s)
     result = result or {}
-    measure = Measure(part, stage, n, result.get("seconds"), result.get("peak_rss"), result.get("base_rss"),
-                      vector_bytes, status, {k: round(v, 3) for k, v in (result.get("phases") or {}).items()})
+    phases = {name: round(value, 3) for name, value in (result.get("phases") or {}).items()}
+    measure = Measure(part, stage, n, result.get("seconds"), result.get("cpu_seconds"), result.get("peak_rss"),
+                      result.get("base_rss"), vector_bytes, status, phases)
     print(_row(measure), flush=True)
     return measure, result
 
@@ -476,6 +486,7 @@ def exponents(measures: Sequence[Measure]) -> list[dict[str, Any]]:
         ratios = [m.added / m.vector_bytes for m in rows if m.vector_bytes and m.added is not None]
         out.append({"part": part, "stage": stage, "sizes": [m.n for m in rows],
                     "time_exponent": fit_exponent([(m.n, m.seconds) for m in rows]),
+                    "cpu_exponent": fit_exponent([(m.n, m.cpu_seconds) for m in rows]),
                     "memory_exponent": fit_exponent([(m.n, m.added) for m in rows if m.n >= 10_000]),
                     "max_added_over_vectors": max(ratios) if ratios else None})
     return out
@@ -488,22 +499,28 @@ def _mb(value: int | None) -> str:
 def _row(m: Measure) -> str:
     ratio = f"{m.added / m.vector_bytes:.2f}" if m.vector_bytes and m.added is not None else "-"
     seconds = "-" if m.seconds is None else f"{m.seconds:.2f}"
-    return (f"{m.part:8} {m.stage:17} {m.n:>9,} {seconds:>9} {_mb(m.peak_rss):>9} {_mb(m.added):>9} "
+    cpu = "-" if m.cpu_seconds is None else f"{m.cpu_seconds:.2f}"
+    return (f"{m.part:8} {m.stage:17} {m.n:>9,} {seconds:>9} {cpu:>9} {_mb(m.peak_rss):>9} {_mb(m.added):>9} "
             f"{_mb(m.vector_bytes):>9} {ratio:>6} {m.status}")
 
 
-HEADER = (f"{'part':8} {'stage':17} {'N':>9} {'seconds':>9} {'peak MB':>9} {'added MB':>9} {'vecs MB':>9} "
+HEADER = (f"{'part':8} {'stage':17} {'N':>9} {'seconds':>9} {'cpu s':>9} {'peak MB':>9} {'added MB':>9} {'vecs MB':>9} "
           f"{'ratio':>6} status")
 
 
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def print_fits(fits: Sequence[dict[str, Any]]) -> None:
-    """The exponents table, super-linear stages flagged."""
-    print(f"\n{'part':8} {'stage':17} {'time exp':>9} {'mem exp':>8} {'max added/vecs':>15}  sizes")
+    """The exponents table; stages other than the exact searches whose CPU time grows faster than
+    :data:`NEAR_LINEAR` are flagged."""
+    print(f"\n{'part':8} {'stage':17} {'time exp':>9} {'cpu exp':>8} {'mem exp':>8} {'max added/vecs':>15}  sizes")
     for f in fits:
-        t, m, r = f["time_exponent"], f["memory_exponent"], f["max_added_over_vectors"]
-        flag = "  SUPER-LINEAR" if t is not None and t > NEAR_LINEAR and "exact" not in f["stage"] else ""
-        print(f"{f['part']:8} {f['stage']:17} {'-' if t is None else f'{t:.2f}':>9} "
-              f"{'-' if m is None else f'{m:.2f}':>8} {'-' if r is None else f'{r:.2f}':>15}  "
+        growth = f["cpu_exponent"] if f["cpu_exponent"] is not None else f["time_exponent"]
+        flag = "  SUPER-LINEAR" if growth is not None and growth > NEAR_LINEAR and "exact" not in f["stage"] else ""
+        print(f"{f['part']:8} {f['stage']:17} {_num(f['time_exponent']):>9} {_num(f['cpu_exponent']):>8} "
+              f"{_num(f['memory_exponent']):>8} {_num(f['max_added_over_vectors']):>15}  "
               f"{','.join(str(n) for n in f['sizes'])}{flag}")
 
 
@@ -536,8 +553,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _defaults(args: argparse.Namespace) -> tuple[list[int], list[int], list[int]]:
     """End-to-end, vector and exact-search sizes from the flags (``--quick``: small ones)."""
     if args.quick:
-        return (_sizes(args.sizes or "200"), _sizes(args.vector_sizes or "4000,16000"),
-                _sizes(args.knn_sizes or "4000"))
+        return (_sizes(args.sizes or "200"), _sizes(args.vector_sizes or "2000,8000"),
+                _sizes(args.knn_sizes or "2000"))
     return (_sizes(args.sizes or "1000,4000,16000"), _sizes(args.vector_sizes or "16000,64000,250000,1000000"),
             _sizes(args.knn_sizes or "16000,64000,128000"))
 

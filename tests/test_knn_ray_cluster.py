@@ -38,6 +38,7 @@ SCRIPT = textwrap.dedent(
         exclude = np.arange(400)
         with TopkSearch(NeighboursConfig(ray_min_images=0, block_size=256), lambda: None) as search:
             search.self_topk(x[:300], 3)
+            ray.get([actor.load.remote(x[:10]) for actor in search._pool.actors])  # both actors up: both get work
             ids, sims = search.self_topk(x, 8)
             self_notes = dict(search.notes)
             cross_ids, cross_sims = search.cross_topk(x[:400], x, 5, exclude)

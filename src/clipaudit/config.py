@@ -150,9 +150,15 @@ class RayConfig:
     refuses plans that cannot fit before any work; this covers nodes that never come, e.g. an autoscaler out of
     quota). Leave room for an autoscaler to launch GPU nodes."""
 
+    task_retries: int = 2
+    """Times Ray re-runs a CPU task (decode, resize) whose worker died, before the rows behind it are isolated
+    (see :mod:`clipaudit.stages.isolation`)."""
+
     def __post_init__(self) -> None:
         if self.actor_start_timeout_s < 1:
             raise ConfigError(f"ray.actor_start_timeout_s: must be at least 1, got {self.actor_start_timeout_s}")
+        if self.task_retries < 0:
+            raise ConfigError(f"ray.task_retries: must be at least 0, got {self.task_retries}")
 
 
 @dataclass(frozen=True)

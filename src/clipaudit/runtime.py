@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import pyarrow as pa
 
 from clipaudit.placement import MAX_INSTANCES, NodeShape, Placement, PlacementError, plan_placement
 from clipaudit.stages.embed_batches import Batch, ImageEncoder, TextEncoder, prepare_images
+from clipaudit.stages.isolation import bisect_stream
 
 if TYPE_CHECKING:
     from clipaudit.config import Config, EmbedConfig, LLMConfig, NeighboursConfig, RayConfig, TcacConfig
@@ -118,13 +120,18 @@ class RayRunner:
         args: dict[str, object] = {
             "compute": ray.data.ActorPoolStrategy(size=embed.actors_per_model),
             "num_cpus": placement.cpus_per_actor,
+            "max_restarts": 0,
         }
         if placement.gpus_per_actor:
             args["num_gpus"] = placement.gpus_per_actor
         return args
 
     def map_images(self, todo: pa.Table, models: dict[str, ResolvedModel], embed: EmbedConfig) -> Iterator[Batch]:
-        """Prepare ``todo`` as CPU tasks, embed it in one actor pool per model, stream the batches back."""
+        """Prepare ``todo`` as CPU tasks, embed it in one actor pool per model, stream the batches back; rows
+        behind a run that fails are isolated (:func:`~clipaudit.stages.isolation.bisect_stream`)."""
+        return bisect_stream(lambda part: self._embed_images(part, models, embed), todo, "image_id")
+
+    def _embed_images(self, todo: pa.Table, models: dict[str, ResolvedModel], embed: EmbedConfig) -> Iterator[Batch]:
         import ray
 
         placement = self.plan(embed, pools=len(models))
@@ -135,6 +142,7 @@ class RayRunner:
             batch_size=embed.batch_size,
             batch_format="numpy",
             num_cpus=placement.task_cpus,
+            max_retries=self.ray_config.task_retries,
         )
         for role, model in models.items():
             dataset = dataset.map_batches(
@@ -148,7 +156,11 @@ class RayRunner:
         yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
 
     def map_texts(self, texts: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
-        """Embed the ``text`` column in an actor pool of the CLIP model, stream the batches back."""
+        """Embed the ``text`` column in an actor pool of the CLIP model, stream the batches back (rows behind a
+        failed run isolated)."""
+        return bisect_stream(lambda part: self._embed_texts(part, model, embed), texts, "text")
+
+    def _embed_texts(self, texts: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
         import ray
 
         placement = self.plan(embed, pools=1)
@@ -165,7 +177,11 @@ class RayRunner:
                         embed: EmbedConfig) -> Iterator[Batch]:
         """tcac: CPU tasks read, decode and resize each image of ``todo`` (image_id, uri, transforms) once and draw
         its transforms' parameters; the CLIP actor pool applies the transforms in batches on its device, crops and
-        embeds the (image, transform) rows; the batches stream back."""
+        embeds the (image, transform) rows; the batches stream back (rows behind a failed run isolated)."""
+        return bisect_stream(lambda part: self._transform_and_embed(part, model, tcac, embed), todo, "image_id")
+
+    def _transform_and_embed(self, todo: pa.Table, model: ResolvedModel, tcac: TcacConfig,
+                             embed: EmbedConfig) -> Iterator[Batch]:
         import ray
 
         from clipaudit.stages.tcac_batches import TransformedEncoder, images_per_task, prepare_resized
@@ -178,6 +194,7 @@ class RayRunner:
             batch_size=per_task,
             batch_format="numpy",
             num_cpus=placement.task_cpus,
+            max_retries=self.ray_config.task_retries,
         ).map_batches(
             TransformedEncoder,
             fn_constructor_kwargs={"model": model, "tcac": tcac, "device": self.device,
@@ -307,7 +324,10 @@ def ray_session(ray_config: RayConfig) -> Iterator[None]:
 
     A driver already connected is reused as it is; under ``ray job submit`` (``RAY_ADDRESS`` set) the job's
     cluster is joined. Ray Data's progress bars, execution banners and issue detectors are off (clipaudit prints
-    its own progress bars and per-stage stats); its actor pools wait at most ``ray.actor_start_timeout_s``.
+    its own progress bars and per-stage stats); its actor pools wait at most ``ray.actor_start_timeout_s``. The
+    bounded retries (``max_retries`` of the tasks, ``max_restarts=0`` of the actors: see
+    :mod:`clipaudit.stages.isolation`) have no named parameter in Ray 2.60's ``map_batches`` and go through its
+    deprecated ``**ray_remote_args``: that deprecation notice is filtered.
     """
     import ray
 
@@ -329,6 +349,7 @@ def ray_session(ray_config: RayConfig) -> Iterator[None]:
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     context.issue_detectors_config.detectors = []
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module="ray.data")
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     try:

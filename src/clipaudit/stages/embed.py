@@ -34,6 +34,7 @@ from clipaudit.records import (
     image_embeddings_schema,
 )
 from clipaudit.stages.embed_batches import OK, Batch
+from clipaudit.stages.isolation import LOST_FLAG
 from clipaudit.stages.reject_limit import check_reject_share
 from clipaudit.stages.upstream import empty_input_message
 
@@ -134,6 +135,9 @@ class ImageSink:
         """Take one output batch; returns how many images it held."""
         n = len(batch["image_id"])
         ok = batch["status"] == OK
+        if LOST_FLAG in batch:
+            self._reject(batch, np.flatnonzero(~ok))
+            return n
         for phase in ("read", "decode"):
             self.stats.add_time(phase, float(np.sum(batch[f"t_{phase}"])))
         for role, model in self.models.items():
@@ -146,13 +150,16 @@ class ImageSink:
                     "model": pa.array([model.spec] * len(vectors), pa.string()),
                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
                 }))
-        for i in np.flatnonzero(~ok):
-            self.rejects.append({"source": str(batch["uri"][i]), "item": str(batch["image_id"][i]),
-                                 "stage": STAGE, "reason": str(batch["status"][i]), "detail": str(batch["detail"][i])})
+        self._reject(batch, np.flatnonzero(~ok))
         self.buffered += n
         if self.buffered >= self.write_every:
             self.flush()
         return n
+
+    def _reject(self, batch: Batch, rows: np.ndarray) -> None:
+        for i in rows:
+            self.rejects.append({"source": str(batch["uri"][i]), "item": str(batch["image_id"][i]),
+                                 "stage": STAGE, "reason": str(batch["status"][i]), "detail": str(batch["detail"][i])})
 
     def flush(self) -> None:
         """Write what is buffered: vectors per role, then rejects."""
@@ -212,19 +219,21 @@ class CaptionSink:
     def add(self, batch: Batch) -> int:
         """Take one batch of text vectors; returns how many texts it held. A text whose forward failed becomes a
         ``rejects`` row for each caption with that text."""
+        if LOST_FLAG in batch:
+            for i, text in enumerate(batch["text"].tolist()):
+                self._reject(text, str(batch["status"][i]), str(batch["detail"][i]))
+            return len(batch["text"])
         self.stats.add_time("infer_text", float(np.sum(batch["t_infer"])))
         vectors = np.asarray(batch["vector"], dtype=np.float32)
         status = batch.get("status", np.full(len(vectors), OK, dtype=object))
         rows, sources = [], []
         for i, text in enumerate(batch["text"].tolist()):
+            if status[i] != OK:
+                self._reject(text, str(status[i]), str(batch["detail"][i]))
+                continue
             for row in self.rows_of[text]:
-                if status[i] == OK:
-                    rows.append(row)
-                    sources.append(i)
-                else:
-                    self.rejects.append({"source": self.todo.column("image_id")[row].as_py(),
-                                         "item": self.todo.column("caption_id")[row].as_py(), "stage": STAGE,
-                                         "reason": str(status[i]), "detail": str(batch["detail"][i])})
+                rows.append(row)
+                sources.append(i)
         expanded = vectors[sources]
         self.parts.append(self.todo.take(rows).append_column(
             "model", pa.array([self.model.spec] * len(rows), pa.string())).append_column(
@@ -234,6 +243,13 @@ class CaptionSink:
         if self.buffered >= self.write_every:
             self.flush()
         return len(vectors)
+
+    def _reject(self, text: str, reason: str, detail: str) -> None:
+        """A ``rejects`` row for each caption with ``text``."""
+        for row in self.rows_of[text]:
+            self.rejects.append({"source": self.todo.column("image_id")[row].as_py(),
+                                 "item": self.todo.column("caption_id")[row].as_py(), "stage": STAGE,
+                                 "reason": reason, "detail": detail})
 
     def flush(self) -> None:
         """Write what is buffered: caption vectors, then the captions rejected."""

@@ -8,13 +8,13 @@ whole for a reason that does not depend on one row (an out-of-memory error of a 
 smaller parts the same way. Retries are bounded: a batch of ``n`` rows costs at most ``2n - 1`` calls (the nodes
 of a binary tree with ``n`` leaves); one bad row among ``n`` costs about ``2 log2(n)`` extra calls.
 
-Workers that die (a segfault in a native decoder, the OOM killer) are left to Ray Data's own retries: an
-exception never escapes these batch functions for one row, so what reaches Ray is a system failure, which Ray Data
-retries by default (tasks ``max_retries=-1``; actor pools ``max_restarts=-1``, ``max_task_retries=-1``), without
-bound. Bounding them was tried and dropped: Ray 2.60 takes ``max_retries`` / ``max_task_retries`` only through
-``map_batches``' deprecated ``**ray_remote_args`` (removal announced for 2.64), and with them set Ray core prints
-an ERROR line on every run (ray-project/ray#53727), which a normal run must not show. So a row that kills its
-worker every time would be retried without end; that case is open. ``actor_task_retry_on_errors`` stays
+Workers that die (a segfault in a native decoder, the OOM killer) are retried a bounded number of times: Ray re-runs
+a CPU task ``ray.task_retries`` times; a model actor is not restarted (``max_restarts=0``: Ray Data's default is to
+restart actors and retry their tasks without end, which hangs a run on a row that kills its worker every time,
+and an explicit restart count makes Ray core log an error line on every run, ray-project/ray#53727). When a run
+fails, :func:`bisect_stream` runs the rows that have not come back again, in halves, down to single rows; a row
+that fails alone becomes a ``worker_lost`` reject, and a transient failure (a node lost) costs one rerun of the
+rest. ``actor_task_retry_on_errors`` stays
 ``False``: an application exception that escapes a batch function is a bug, and retrying it repeats it.
 ``max_errored_blocks`` stays 0: Ray Data drops the rows of an errored block without a trace, which would break
 ``in = embedded + rejected``.
@@ -22,11 +22,13 @@ worker every time would be retried without end; that case is open. ``actor_task_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def describe(exc: BaseException, what: str = "") -> str:
@@ -88,3 +90,46 @@ def stack_vectors(found: Isolated, dim: int) -> np.ndarray:
         if value is not None:
             vectors[position] = value
     return vectors
+
+
+LOST = "worker_lost"
+"""Reject reason of a row whose worker died (or whose task failed past Ray's bounded retries) every time it was
+run, alone."""
+LOST_FLAG = "lost"
+"""Column present (True) only in the batches :func:`bisect_stream` makes for lost rows."""
+
+
+def lost_batch(rows: pa.Table, detail: str) -> dict[str, np.ndarray]:
+    """The rows of ``rows`` as a batch marked lost: their own columns, ``status`` :data:`LOST`, ``detail``."""
+    batch = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
+    batch[LOST_FLAG] = np.ones(rows.num_rows, dtype=bool)
+    batch["status"] = np.full(rows.num_rows, LOST, dtype=object)
+    batch["detail"] = np.full(rows.num_rows, detail, dtype=object)
+    return batch
+
+
+def bisect_stream(run: Callable[[pa.Table], Iterable[dict[str, np.ndarray]]], todo: pa.Table,
+                  key: str) -> Iterator[dict[str, np.ndarray]]:
+    """Yield the batches of ``run(todo)``; when the run raises (a worker died past its bounded retries), run the
+    rows whose ``key`` has not come back yet again, in halves, down to single rows; a row that still fails when
+    run alone comes back as a :func:`lost_batch`. The same halving as :func:`run_isolated`, one level up: for a
+    whole distributed run instead of one batch, so a row that kills its worker every time costs about
+    ``2 log2(n)`` reruns and one reject, never the stage."""
+    pending = [todo] if todo.num_rows else []
+    while pending:
+        part = pending.pop()
+        seen: set[Any] = set()
+        try:
+            for batch in run(part):
+                seen.update(batch[key].tolist())
+                yield batch
+        except Exception as exc:  # noqa: BLE001 - a system failure of the run: isolate the rows behind it
+            keys = part.column(key)
+            left = part.filter(pc.invert(pc.is_in(keys, value_set=pa.array(list(seen), type=keys.type))))
+            if part.num_rows == 1:
+                yield lost_batch(part, describe(exc, "worker"))
+            elif left.num_rows == 1:
+                pending.append(left)
+            elif left.num_rows > 1:
+                middle = left.num_rows // 2
+                pending.extend([left.slice(middle), left.slice(0, middle)])

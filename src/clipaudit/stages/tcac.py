@@ -46,6 +46,7 @@ from clipaudit.records import (
     StageStats,
 )
 from clipaudit.stages.embed_batches import OK, Batch
+from clipaudit.stages.isolation import LOST, LOST_FLAG
 from clipaudit.stages.reject_limit import check_reject_share
 from clipaudit.stages.tcac_batches import ORIGINAL
 from clipaudit.stages.upstream import empty_input_message
@@ -186,6 +187,8 @@ def load_corpus(tables: RunTables, samples: pa.Table, runner: Runner, model: Res
                     "encoding them now", len(missing), len(texts), CAPTION_EMBEDDINGS)
         start = time.perf_counter()
         for batch in runner.map_texts(pa.table({"text": missing}), model, embed):
+            if LOST_FLAG in batch:
+                continue
             statuses = batch.get("status", np.full(len(batch["text"]), OK, dtype=object))
             for text, vector, status in zip(batch["text"], np.asarray(batch["vector"], dtype=np.float32), statuses):
                 if status == OK:
@@ -234,6 +237,10 @@ class CaseSink:
 
     def add(self, batch: Batch) -> int:
         """Take one embedded batch; returns the number of images it completed."""
+        if LOST_FLAG in batch:
+            for image_id, detail in zip(batch["image_id"].tolist(), batch["detail"].tolist()):
+                self._reject(str(image_id), LOST, str(detail))
+            return len(batch["image_id"])
         for phase in ("read", "decode", "resize", "transform"):
             self.stats.add_time(phase, float(np.sum(batch[f"t_{phase}"])))
         self.stats.add_time("infer_clip", float(np.sum(batch["t_infer_clip"])))
@@ -247,10 +254,7 @@ class CaseSink:
             if image_id in self.rejected:
                 continue
             if batch["status"][i] != OK:
-                self.rejected.add(image_id)
-                self.pending.pop(image_id, None)
-                self.rejects.append({"source": self.uris.get(image_id, ""), "item": image_id, "stage": STAGE,
-                                     "reason": str(batch["status"][i]), "detail": str(batch["detail"][i])})
+                self._reject(image_id, str(batch["status"][i]), str(batch["detail"][i]))
                 continue
             self.stats.add_count("encoded_original" if transform == ORIGINAL else "encoded_transformed")
             parts = self.pending.setdefault(image_id, {})
@@ -263,6 +267,15 @@ class CaseSink:
         if len(self.rows) >= self.write_every:
             self.flush()
         return completed
+
+    def _reject(self, image_id: str, reason: str, detail: str) -> None:
+        """The image leaves the stage: one ``rejects`` row, its pending parts dropped."""
+        if image_id in self.rejected:
+            return
+        self.rejected.add(image_id)
+        self.pending.pop(image_id, None)
+        self.rejects.append({"source": self.uris.get(image_id, ""), "item": image_id, "stage": STAGE,
+                             "reason": reason, "detail": detail})
 
     def _score(self, image_id: str, parts: dict[str, tuple[np.ndarray, str]],
                logit_scale: float) -> list[dict[str, Any]]:
