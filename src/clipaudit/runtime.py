@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("clipaudit.runtime")
 
+warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+"""The bounded retries of the Ray maps (``max_retries`` of the tasks, ``max_restarts=0`` of the actors: see
+:mod:`clipaudit.stages.isolation`) have no named parameter in Ray 2.60's ``map_batches`` and go through its
+deprecated ``**ray_remote_args``; its notice says nothing a user can act on."""
+
 
 def _chunks(table: pa.Table, rows: int) -> list[pa.Table]:
     return [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
@@ -324,10 +329,7 @@ def ray_session(ray_config: RayConfig) -> Iterator[None]:
 
     A driver already connected is reused as it is; under ``ray job submit`` (``RAY_ADDRESS`` set) the job's
     cluster is joined. Ray Data's progress bars, execution banners and issue detectors are off (clipaudit prints
-    its own progress bars and per-stage stats); its actor pools wait at most ``ray.actor_start_timeout_s``. The
-    bounded retries (``max_retries`` of the tasks, ``max_restarts=0`` of the actors: see
-    :mod:`clipaudit.stages.isolation`) have no named parameter in Ray 2.60's ``map_batches`` and go through its
-    deprecated ``**ray_remote_args``: that deprecation notice is filtered.
+    its own progress bars and per-stage stats); its actor pools wait at most ``ray.actor_start_timeout_s``.
     """
     import ray
 
@@ -349,7 +351,6 @@ def ray_session(ray_config: RayConfig) -> Iterator[None]:
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     context.issue_detectors_config.detectors = []
-    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module="ray.data")
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     try:

@@ -62,9 +62,10 @@ from clipaudit.tcac_scoring import (
 )
 
 if TYPE_CHECKING:
-    from clipaudit.config import Config, EmbedConfig, TcacConfig
+    from clipaudit.config import Config, EmbedConfig, NeighboursConfig, TcacConfig
     from clipaudit.io.tables import RunTables
     from clipaudit.models import Preprocess, ResolvedModel
+    from clipaudit.runtime import TopkSearch
 
 log = logging.getLogger("clipaudit.tcac")
 STAGE = "tcac"
@@ -84,6 +85,10 @@ class Runner(Protocol):
 
     def map_texts(self, captions: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
         """Yield batches of caption vectors."""
+        ...
+
+    def topk(self, neighbours: NeighboursConfig) -> TopkSearch:
+        """Exact top-k searches (the caption pools), in-process or on Ray actors."""
         ...
 
 
@@ -341,7 +346,10 @@ def score_missing(config: Config, tables: RunTables, runner: Runner, model: Reso
         log.warning("%d images have no caption to build a pool from (e.g. %s); skipped", len(no_pool), no_pool[0])
         todo = {image_id: names for image_id, names in todo.items() if own[image_id]}
     start = time.perf_counter()
-    pools = caption_pools(corpus, {image_id: own[image_id] for image_id in todo}, tcac.pool_neighbours)
+    with runner.topk(config.neighbours) as search:
+        pools = caption_pools(corpus, {image_id: own[image_id] for image_id in todo}, tcac.pool_neighbours,
+                              topk=search.cross_topk)
+    stats.notes["pool_search"] = dict(search.notes)
     stats.add_time("pools", time.perf_counter() - start)
     if pools:
         stats.notes["mean_pool_size"] = round(float(np.mean([len(p) for p in pools.values()])), 2)
