@@ -18,14 +18,14 @@ kernel's high-water mark ``ru_maxrss`` of that process, which Ray's worker proce
     then :func:`clipaudit.tcac_scoring.caption_pools`) with a stand-in top-k at every size, and ``pools exact``
     with the real exact search at ``--knn-sizes``.
 
-For each stage it prints wall seconds, the driver process's CPU seconds (all its threads; not its Ray workers';
-steadier than wall time on a shared machine), the driver's peak RSS, that peak less the process's RSS after its
+For each stage it prints wall seconds, the driver process's CPU seconds (all its threads, not its Ray workers'),
+the driver's peak RSS, that peak less the process's RSS after its
 imports (``added``), the ratio of ``added`` to the size of the vectors the stage holds, and the growth exponents
 of wall seconds, CPU seconds and added memory fitted by least squares on log-log over N. Results go to
 ``bench/results/scale.json`` (``--out``)::
 
-    .venv/bin/python bench/scale.py --quick        # under 2 minutes
-    .venv/bin/python bench/scale.py                # 1k, 4k, 16k end to end; vectors to 1M (about an hour)
+    .venv/bin/python bench/scale.py --quick        # about 2 minutes (3 on a loaded 2-core machine)
+    .venv/bin/python bench/scale.py                # 1k, 4k, 16k end to end; vectors to 1M (about 40 minutes)
 """
 
 from __future__ import annotations
@@ -536,7 +536,8 @@ def _sizes(text: str) -> list[int]:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes only (under 2 minutes)")
+    parser.add_argument("--quick", action="store_true",
+                        help="200 images end to end, 2k and 8k on vectors, no exact search (about 2 minutes)")
     parser.add_argument("--sizes", help="end-to-end corpus sizes (default 1000,4000,16000); 0: none")
     parser.add_argument("--vector-sizes", help="vector-mode sizes (default 16000,64000,250000,1000000)")
     parser.add_argument("--knn-sizes", help="sizes of the exact searches (default 16000,64000,128000)")
@@ -553,8 +554,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _defaults(args: argparse.Namespace) -> tuple[list[int], list[int], list[int]]:
     """End-to-end, vector and exact-search sizes from the flags (``--quick``: small ones)."""
     if args.quick:
-        return (_sizes(args.sizes or "200"), _sizes(args.vector_sizes or "2000,8000"),
-                _sizes(args.knn_sizes or "2000"))
+        return (_sizes(args.sizes or "200"), _sizes(args.vector_sizes or "2000,8000"), _sizes(args.knn_sizes or "0"))
     return (_sizes(args.sizes or "1000,4000,16000"), _sizes(args.vector_sizes or "16000,64000,250000,1000000"),
             _sizes(args.knn_sizes or "16000,64000,128000"))
 

@@ -243,25 +243,14 @@ def neighbour_pairs(ids: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.n
     return lo[pick], hi[pick], vals[pick]
 
 
-def pair_cosines(vectors: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 65_536,
-                 norms: np.ndarray | None = None) -> np.ndarray:
-    """``(P,)`` float32 inner products of rows ``a[j]`` and ``b[j]`` of L2-normalised ``vectors`` (exact, fp32).
-
-    With ``norms`` (each row's float32 L2 norm), ``vectors`` may be unnormalised: the rows taken are divided by
-    their norms first (a zero norm leaves the row as it is), chunk by chunk, so no normalised copy of the whole
-    matrix is made; the results equal those on the normalised matrix bit for bit.
-    """
+def pair_cosines(vectors: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """``(P,)`` float32 inner products of rows ``a[j]`` and ``b[j]`` of L2-normalised ``vectors`` (exact, fp32)."""
     vectors = np.asarray(vectors, dtype=np.float32)
     a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
-    divisor = None if norms is None else np.where(norms > 0, norms, 1.0).astype(np.float32)[:, None]
-
-    def rows(index: np.ndarray) -> np.ndarray:
-        return vectors[index] if divisor is None else vectors[index] / divisor[index]
-
     out = np.empty(len(a), dtype=np.float32)
     for lo in range(0, len(a), chunk):
         hi = lo + chunk
-        out[lo:hi] = np.einsum("ij,ij->i", rows(a[lo:hi]), rows(b[lo:hi]))
+        out[lo:hi] = np.einsum("ij,ij->i", vectors[a[lo:hi]], vectors[b[lo:hi]])
     return out
 
 

@@ -49,7 +49,7 @@ from clipaudit.records import (
     SAMPLES,
     StageStats,
 )
-from clipaudit.stages.neighbours import vector_matrix
+from clipaudit.stages.neighbours import RoleVectors, load_vectors
 from clipaudit.stages.upstream import empty_input_message
 
 if TYPE_CHECKING:
@@ -214,48 +214,23 @@ def cases_table(lists: NeighbourLists, scores: ImageScores, captions: pa.Array) 
     }, schema=DAF_CASES_SCHEMA)
 
 
-@dataclass
-class ReferenceVectors:
-    """The reference role's vectors as stored (a view of the table's buffer, not normalised) and their norms."""
-
-    ids: pa.Array
-    vectors: np.ndarray
-    norms: np.ndarray
-
-
-def load_reference(tables: RunTables) -> ReferenceVectors:
-    """The reference vectors without a normalised copy (the neighbours stage checked and normalised them for its
-    search; here only the pairs' rows are normalised, as they are used); DafError when missing or not finite."""
-    name = IMAGE_EMBEDDINGS["reference"]
-    table = tables.read(name, ["image_id", "vector"])
-    if table is None or table.num_rows == 0:
-        raise DafError(f"no reference embeddings ({name} in {tables.uri}): run embed and neighbours first")
-    ids = table.column("image_id").combine_chunks()
-    vectors = vector_matrix(table.column("vector"), ids, name)
-    norms = np.linalg.norm(vectors, axis=1)
-    if not np.isfinite(norms).all():
-        bad = ids[int(np.flatnonzero(~np.isfinite(norms))[0])].as_py()
-        raise DafError(f"{name}: non-finite values in the vector of {bad!r}")
-    return ReferenceVectors(ids, vectors, norms)
-
-
-def vector_rows(vectors: ReferenceVectors, image_ids: pa.Array) -> np.ndarray:
-    """The row of each of ``image_ids`` in ``vectors``; DafError when one is missing."""
+def vector_rows(vectors: RoleVectors, image_ids: pa.Array) -> np.ndarray:
+    """The row of each of ``image_ids`` in ``vectors`` (no copy of the vectors); DafError when one is missing."""
     rows = pc.index_in(image_ids, value_set=vectors.ids)
     if rows.null_count:
-        raise DafError(f"{IMAGE_EMBEDDINGS['reference']} lacks {rows.null_count} of the images that have "
+        raise DafError(f"{IMAGE_EMBEDDINGS[vectors.role]} lacks {rows.null_count} of the images that have "
                        "neighbour lists: re-run the neighbours stage")
     return rows.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def blind_pairs(lists: NeighbourLists, reference: ReferenceVectors,
+def blind_pairs(lists: NeighbourLists, reference: RoleVectors,
                 cfg: DafConfig) -> tuple[pa.Table, dm.BlindThresholds, int]:
     """CLIP-blind pairs among the CLIP neighbour pairs: (table sorted by gap, thresholds used, pairs examined).
 
     Rows index ``lists.image_ids``, which is sorted, so ordering by row index is ordering by image_id."""
     lo, hi, clip_sim = dm.neighbour_pairs(lists.clip, lists.clip_sims)
     rows = vector_rows(reference, lists.image_ids)
-    reference_sim = dm.pair_cosines(reference.vectors, rows[lo], rows[hi], norms=reference.norms)
+    reference_sim = dm.pair_cosines(reference.vectors, rows[lo], rows[hi])
     mask, thresholds = dm.blind_pair_mask(clip_sim, reference_sim, cfg.blind_rule, cfg.blind_clip_min,
                                           cfg.blind_reference_max, cfg.blind_clip_quantile,
                                           cfg.blind_reference_quantile)
@@ -338,7 +313,7 @@ def run_daf(config: Config, tables: RunTables) -> StageStats:
     stats.add_time("score", time.perf_counter() - phase)
 
     phase = time.perf_counter()
-    pairs, thresholds, examined = blind_pairs(lists, load_reference(tables), cfg)
+    pairs, thresholds, examined = blind_pairs(lists, load_vectors(tables, "reference"), cfg)
     stats.add_time("blind_pairs", time.perf_counter() - phase)
 
     phase = time.perf_counter()
