@@ -3,6 +3,9 @@ the intersection of the roles, reuse on re-runs, the LanceDB ANN option and its 
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import lance
 import numpy as np
 import pyarrow as pa
@@ -12,6 +15,7 @@ import torch
 from clipaudit.config import Config, NeighboursConfig
 from clipaudit.io.tables import RunTables
 from clipaudit.records import IMAGE_EMBEDDINGS, NEIGHBOURS, image_embeddings_schema
+from clipaudit.stages import neighbours
 from clipaudit.stages.neighbours import NeighboursError, run_neighbours
 
 
@@ -158,3 +162,80 @@ def test_vectors_of_mismatched_dimension_are_an_error_naming_the_table(tmp_path)
     lance.write_dataset(rows, f"{tables.uri}/{IMAGE_EMBEDDINGS['clip']}.lance")
     with pytest.raises(NeighboursError, match=r"image_embeddings_clip holds vectors of mismatched dimensions.*'c'"):
         run_neighbours(Config(run_dir=str(tmp_path), neighbours=NeighboursConfig(k=1)), tables)
+
+
+def _old_load(tables: RunTables, role: str) -> tuple[list[str], np.ndarray]:
+    """The loader as it was: the whole table read, combined, then normalised into a copy."""
+    table = tables.read(IMAGE_EMBEDDINGS[role], ["image_id", "vector"])
+    ids = table.column("image_id").combine_chunks()
+    return ids.to_pylist(), neighbours.normalise(neighbours.vector_matrix(table.column("vector"), ids, "t"))
+
+
+def test_chunked_loading_equals_the_whole_table_read_bit_for_bit(tmp_path, monkeypatch):
+    tables = RunTables(str(tmp_path))
+    rng = np.random.default_rng(3)
+    ids = [f"img_{i:03d}" for i in rng.permutation(300)]
+    data = rng.standard_normal((300, 12)) * rng.uniform(0.1, 9, (300, 1))
+    data[7] = 0.0
+    for lo in (0, 110, 230):
+        write_vectors(tables, "clip", ids[lo:lo + 120 if lo < 230 else 300], data[lo:lo + 120 if lo < 230 else 300])
+    monkeypatch.setattr(neighbours, "READ_CHUNK_BYTES", 48 * 7)
+    loaded = neighbours.load_vectors(tables, "clip")
+    expected_ids, expected = _old_load(tables, "clip")
+    assert loaded.ids.to_pylist() == expected_ids and len(expected_ids) == 300
+    assert loaded.vectors.dtype == np.float32 and loaded.vectors.flags.c_contiguous
+    np.testing.assert_array_equal(loaded.vectors, expected)
+    assert not loaded.vectors[expected_ids.index(ids[7])].any()
+
+
+def test_restrict_copies_only_when_the_order_changes(random_run):
+    _, tables, _, _ = random_run
+    loaded = neighbours.load_vectors(tables, "clip")
+    assert neighbours.restrict(loaded, loaded.ids) is loaded.vectors
+    reordered = loaded.ids.take(pa.array(np.arange(len(loaded.ids))[::-1]))
+    rows = neighbours.restrict(loaded, reordered)
+    assert rows is not loaded.vectors and not np.shares_memory(rows, loaded.vectors)
+    np.testing.assert_array_equal(rows, loaded.vectors[::-1])
+    with pytest.raises(NeighboursError, match="lacks 1 of the images"):
+        neighbours.restrict(loaded, pa.array(["img_000", "nope"]))
+
+
+def test_common_ids_are_the_sorted_intersection():
+    roles = {"clip": neighbours.RoleIds("clip", "a", pa.array(["b", "é", "a", "z", "B"])),
+             "reference": neighbours.RoleIds("reference", "b", pa.array(["z", "B", "é", "q", "b"]))}
+    assert neighbours.common_ids(roles).to_pylist() == sorted({"b", "é", "z", "B"})
+    assert neighbours.common_ids(roles).type == pa.string()
+
+
+@pytest.mark.parametrize(("bad", "message"), [(np.nan, "non-finite values in the vector of 'img_105'"),
+                                               (None, r"2 image\(s\) have no vector \(e.g. 'img_105'\)")])
+def test_bad_vectors_name_the_first_image_across_chunks(tmp_path, monkeypatch, bad, message):
+    tables = RunTables(str(tmp_path))
+    vectors = np.random.default_rng(0).standard_normal((200, 4)).astype(np.float32)
+    ids = [f"img_{i:03d}" for i in range(200)]
+    column = [list(v) for v in vectors]
+    for row in (105, 190):
+        column[row] = None if bad is None else [bad] * 4
+    rows = pa.table({"image_id": ids, "model": ["m"] * 200,
+                     "vector": pa.array(column, pa.list_(pa.float32(), 4))})
+    lance.write_dataset(rows, f"{tables.uri}/{IMAGE_EMBEDDINGS['clip']}.lance")
+    monkeypatch.setattr(neighbours, "READ_CHUNK_BYTES", 16 * 10)
+    with pytest.raises(NeighboursError, match=message):
+        neighbours.load_vectors(tables, "clip")
+
+
+def test_the_stage_holds_one_roles_vectors_at_a_time(random_run, monkeypatch):
+    run_dir, tables, _, _ = random_run
+    alive: list[weakref.ref] = []
+    load = neighbours.load_vectors
+
+    def tracked(tables_: RunTables, role: str) -> neighbours.RoleVectors:
+        gc.collect()
+        assert all(ref() is None for ref in alive), "the previous role's vectors are still held"
+        loaded = load(tables_, role)
+        alive.append(weakref.ref(loaded.vectors))
+        return loaded
+
+    monkeypatch.setattr(neighbours, "load_vectors", tracked)
+    run_neighbours(Config(run_dir=run_dir, neighbours=NeighboursConfig(k=5, device="cpu")), tables)
+    assert len(alive) == 2

@@ -10,6 +10,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 from report_fixtures import LLM_MARKUP, SCRIPT_CAPTION, TRANSFORMS, overrides
@@ -204,3 +205,57 @@ def test_html_builder_escapes_data_and_keeps_markup() -> None:
     assert tag("div", "<i>", tag("b", "x"), ["a", "<"], class_="c", data_k=1) == \
         '<div class="c" data-k="1">&lt;i&gt;<b>x</b>a&lt;</div>'
     assert join(["<", Markup("<br>")], sep=", ") == "&lt;, <br>"
+
+
+def _view_of(tmp_path: Path, tables: dict[str, pa.Table]):
+    """A RunView over a run directory holding ``tables``."""
+    from clipaudit.report.summary import RunView
+
+    run = RunTables(str(tmp_path))
+    for name, rows in tables.items():
+        run.replace(name, rows, rows.schema)
+    return RunView(str(tmp_path))
+
+
+def test_top_daf_cases_and_blind_pairs_are_those_the_full_sort_picked(tmp_path: Path) -> None:
+    from clipaudit.report.render import top_blind_pairs, top_daf_cases
+
+    rng = np.random.default_rng(4)
+    ranks = [None, *rng.choice(np.arange(1, 400), size=59, replace=False).tolist()]
+    ranks[5] = ranks[9]  # a tie, broken by image_id
+    cases = pa.table({"image_id": [f"img_{i:03d}" for i in rng.permutation(60)],
+                      "rank": pa.array(ranks, pa.int32()), "caption": [f"c{i}" for i in range(60)]})
+    gaps = [0.2, None, 0.5, 0.2, -0.1, 0.5, 0.0, 0.3]
+    pairs = pa.table({"image_a": [f"a{i}" for i in range(8)], "image_b": [f"b{i}" for i in range(8)],
+                      "gap": pa.array(gaps, pa.float32())})
+    view = _view_of(tmp_path, {"daf_cases": cases, "blind_pairs": pairs})
+    reads: list[tuple] = []
+    read = view.read
+    view.read = lambda name, columns=None, where=None: reads.append((name, columns, where)) or read(name, columns,
+                                                                                                   where)
+    for n in (0, 1, 7, 12, 100):
+        expected = sorted(cases.to_pylist(), key=lambda r: (r.get("rank") or 0, r["image_id"]))[:n]
+        assert top_daf_cases(view, n) == expected
+        expected_pairs = sorted(pairs.to_pylist(), key=lambda r: -(r.get("gap") or 0.0))[:n]
+        assert top_blind_pairs(view, n) == expected_pairs
+    full_reads = [where for name, columns, where in reads if name == "daf_cases" and columns is None]
+    assert len(full_reads) == 4 and all(where and where.startswith("rank IS NULL") for where in full_reads)
+
+
+def test_counts_match_the_python_set_accounting(tmp_path: Path) -> None:
+    from clipaudit.records import IMAGE_EMBEDDINGS, REJECTS, SAMPLES
+    from clipaudit.report.summary import _counts
+
+    samples = pa.table({"image_id": [f"s{i}" for i in range(50)] + ["s1"]})
+    clip = pa.table({"image_id": [f"s{i}" for i in range(0, 45)] + ["other"]})
+    reference = pa.table({"image_id": [f"s{i}" for i in range(3, 50)]})
+    rejects = pa.table({"stage": ["embed", "embed", "ingest", "embed", "embed"],
+                        "item": ["s47", "s48", "s48", "gone", "s47"],
+                        "reason": ["decode", "decode", "size", "decode", "nan"]})
+    view = _view_of(tmp_path, {SAMPLES: samples, IMAGE_EMBEDDINGS["clip"]: clip,
+                               IMAGE_EMBEDDINGS["reference"]: reference, REJECTS: rejects})
+    counts = _counts(view)
+    assert counts == {"samples": 50, "in": 50, "embedded": 42, "rejected": 2, "rejects": 5,
+                      "rejects_by_reason": {"embed/decode": 3, "embed/nan": 1, "ingest/size": 1},
+                      "captions_embedded": None}
+    assert list(counts["rejects_by_reason"]) == sorted(counts["rejects_by_reason"])

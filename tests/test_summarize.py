@@ -424,3 +424,25 @@ def test_text_merge_joins_near_duplicates_only() -> None:
     assert [(m.name, m.support, m.batches) for m in merged] == [
         ("Color confusion", 4, 3), ("Counting errors", 2, 1), ("Gender confusion", 1, 1)]
     assert merged[0].example_ids(3) == ["a", "b", "c"]
+
+
+def test_load_cases_reads_only_the_case_rows_and_prompt_columns(tmp_path: Path, monkeypatch) -> None:
+    from clipaudit.llm.prompts import daf_cases, tcac_cases
+    from clipaudit.stages.summarize import load_cases
+
+    tables = write_cases(tmp_path, n_daf=5, tcac={"grayscale": 3, "hflip": 2})
+    config = make_config(tmp_path, "http://127.0.0.1:9", "llm.max_cases=2")
+    reads: dict[str, tuple] = {}
+    read = tables.read
+
+    def recording(name, columns=None, where=None, version=None):
+        reads[name] = (columns, where)
+        return read(name, columns, where, version)
+
+    monkeypatch.setattr(tables, "read", recording)
+    cases = load_cases(config, tables)
+    assert cases == {"DAF": daf_cases(read("daf_cases"), 2), "TCAC": tcac_cases(read("tcac_cases"), 2)}
+    assert [c.case_id for c in cases["TCAC"]] == ["img00|grayscale", "img01|grayscale", "img00|hflip", "img01|hflip"]
+    columns, where = reads["tcac_cases"]
+    assert where == "is_case = true" and "settings" not in columns and {"top_before", "top_after"} <= set(columns)
+    assert read("tcac_cases", columns, where).num_rows == 5

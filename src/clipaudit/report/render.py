@@ -14,6 +14,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from clipaudit.config import ReportConfig
 from clipaudit.io import fs
 from clipaudit.records import BLIND_PAIRS, DAF_CASES, FAILURE_CHECKS, TCAC_CASES
@@ -40,6 +43,38 @@ def figure(label: str, value: Any, note: str | None = None) -> Markup:
     """One headline number."""
     return tag("div", tag("b", value), tag("span", label), tag("div", note, class_="muted") if note else "",
                class_="figure")
+
+
+RANK_ORDER = [("rank", "ascending", "at_start"), ("image_id", "ascending", "at_start")]
+"""The order of the DAF cases shown: by rank, a missing rank first, then image_id."""
+
+
+def top_daf_cases(view: RunView, n: int) -> list[dict[str, Any]]:
+    """The ``n`` first ``daf_cases`` rows by rank (a missing rank first), then image_id, as dicts.
+
+    Only ``image_id`` and ``rank`` of every case are read (as Arrow columns), then the full rows up to the n-th
+    rank: never a Python object per case."""
+    keys = view.read(DAF_CASES, ["image_id", "rank"]) if n > 0 else None
+    if keys is None or keys.num_rows == 0:
+        return []
+    order = pc.sort_indices(keys, sort_keys=RANK_ORDER)
+    last = pc.max(keys.column("rank").take(order[:n])).as_py()
+    where = "rank IS NULL" if last is None else f"rank IS NULL OR rank <= {int(last)}"
+    rows = view.read(DAF_CASES, where=where)
+    order = pc.sort_indices(rows, sort_keys=RANK_ORDER)
+    return rows.take(order[:n]).to_pylist()
+
+
+def top_blind_pairs(view: RunView, n: int) -> list[dict[str, Any]]:
+    """The ``n`` ``blind_pairs`` rows of largest gap (a missing gap counts 0; ties keep table order), as dicts;
+    sorted in Arrow, so only the rows shown become Python objects."""
+    pairs = view.read(BLIND_PAIRS) if n > 0 else None
+    if pairs is None or pairs.num_rows == 0:
+        return []
+    gap = pc.fill_null(pairs.column("gap"), 0.0) if "gap" in pairs.column_names else pa.nulls(pairs.num_rows,
+                                                                                             pa.float32())
+    order = pc.sort_indices(pa.table({"gap": gap}), sort_keys=[("gap", "descending")])
+    return pairs.take(order[:n]).to_pylist()
 
 
 class ReportBuilder:
@@ -154,15 +189,12 @@ class ReportBuilder:
             return lambda: join([tag("h2", "DAF: CLIP against the reference model", id="daf"),
                                  missing("DAF", "The daf stage has not run in this run directory (no daf_cases "
                                          "table).", "Run: clipaudit daf --config CONFIG.")])
-        cases = self.view.read(DAF_CASES)
-        rows = sorted(cases.to_pylist(), key=lambda r: (r.get("rank") or 0, r["image_id"]))[: self.cfg.daf_cases]
+        rows = top_daf_cases(self.view, self.cfg.daf_cases)
         for row in rows:
             row["_key"] = self.thumbs.want(row["image_id"])
             row["_clip"] = [(i, self.thumbs.want(i)) for i in row.get("clip_ids") or []]
             row["_ref"] = [(i, self.thumbs.want(i)) for i in row.get("reference_ids") or []]
-        pairs_table = self.view.read(BLIND_PAIRS)
-        pairs = [] if pairs_table is None else sorted(pairs_table.to_pylist(),
-                                                      key=lambda r: -(r.get("gap") or 0.0))[: self.cfg.blind_pairs]
+        pairs = top_blind_pairs(self.view, self.cfg.blind_pairs)
         for pair in pairs:
             pair["_a"], pair["_b"] = self.thumbs.want(pair["image_a"]), self.thumbs.want(pair["image_b"])
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 
 from clipaudit.errors import ClipauditError
@@ -195,20 +196,42 @@ def _models(view: RunView, embed_stats: dict[str, Any] | None) -> dict[str, str 
     return {role: models.get(role) for role in IMAGE_EMBEDDINGS}
 
 
+def _unique_ids(table: pa.Table | None, name: str) -> pa.Array:
+    """The distinct values of a string column as an Arrow array (empty when the table or column is missing)."""
+    if table is None or name not in table.column_names:
+        return pa.array([], pa.string())
+    return pc.unique(table.column(name)) if table.num_rows else pa.array([], pa.string())
+
+
+def _only(ids: pa.Array, kept: pa.Array) -> pa.Array:
+    """The values of ``ids`` that are also in ``kept``."""
+    return ids.filter(pc.is_in(ids, value_set=kept, skip_nulls=False))
+
+
+def _rejects_by_reason(rejects: pa.Table | None) -> dict[str, int]:
+    """``{"stage/reason": rows}``, sorted by key (counted with Arrow's group_by)."""
+    if rejects is None or rejects.num_rows == 0:
+        return {}
+    groups = rejects.group_by(["stage", "reason"]).aggregate([([], "count_all")]).to_pylist()
+    return dict(sorted((f"{g['stage']}/{g['reason']}", g["count_all"]) for g in groups))
+
+
 def _counts(view: RunView) -> dict[str, Any]:
-    """Corpus accounting from the tables: samples in, images embedded by both roles, rejects by stage and reason."""
-    samples = set(_column(view.read(SAMPLES, ["image_id"]), "image_id"))
-    embedded = set(samples)
+    """Corpus accounting from the tables: samples in, images embedded by both roles, rejects by stage and reason.
+
+    Ids are counted with Arrow (distinct values, membership): no Python object per image."""
+    samples = _unique_ids(view.read(SAMPLES, ["image_id"]), "image_id")
+    embedded = samples
     for name in IMAGE_EMBEDDINGS.values():
-        embedded &= set(_column(view.read(name, ["image_id"]), "image_id"))
+        embedded = _only(embedded, _unique_ids(view.read(name, ["image_id"]), "image_id"))
     rejects = view.read(REJECTS, ["stage", "item", "reason"])
-    by_reason = Counter(f"{stage}/{reason}" for stage, reason in zip(_column(rejects, "stage"),
-                                                                     _column(rejects, "reason")))
-    embed_rejected = {item for stage, item in zip(_column(rejects, "stage"), _column(rejects, "item"))
-                      if stage == "embed"} & samples
+    by_reason = _rejects_by_reason(rejects)
+    embed_items = (rejects.filter(pc.equal(rejects.column("stage"), "embed")) if rejects is not None
+                   and rejects.num_rows else None)
+    embed_rejected = _only(_unique_ids(embed_items, "item"), samples)
     return {"samples": len(samples), "in": len(samples), "embedded": len(embedded),
             "rejected": len(embed_rejected), "rejects": sum(by_reason.values()),
-            "rejects_by_reason": dict(sorted(by_reason.items())),
+            "rejects_by_reason": by_reason,
             "captions_embedded": view.count("caption_embeddings")}
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -65,12 +66,18 @@ class NeighboursError(ClipauditError, RuntimeError):
 
 
 @dataclass
-class RoleVectors:
-    """One role's image vectors: ``ids`` (string array) and their L2-normalised float32 rows, and the spec."""
+class RoleIds:
+    """One role's embedded image ids (string array, in table order) and its model spec."""
 
     role: str
     spec: str
     ids: pa.Array
+
+
+@dataclass
+class RoleVectors(RoleIds):
+    """One role's image vectors: ``ids`` (string array) and their L2-normalised float32 rows, and the spec."""
+
     vectors: np.ndarray
 
 
@@ -104,37 +111,150 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
     return (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32, copy=False)
 
 
-def load_vectors(tables: RunTables, role: str) -> RoleVectors:
-    """Read one role's embeddings; NeighboursError when there are none ("run embed first") or they are unusable."""
+def normalise_in_place(vectors: np.ndarray) -> None:
+    """Scale the rows of a float32 array to unit length in place (zero rows stay zero); same values as
+    :func:`normalise`."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    np.divide(vectors, np.where(norms > 0, norms, 1.0), out=vectors)
+
+
+def _embedding_dataset(tables: RunTables, role: str):
+    """The lance dataset of one role's embeddings; NeighboursError when it is missing or empty."""
     name = IMAGE_EMBEDDINGS[role]
-    table = tables.read(name, ["image_id", "model", "vector"])
-    if table is None or table.num_rows == 0:
+    dataset = tables.db.open_table(name).to_lance() if tables.exists(name) else None
+    if dataset is None or dataset.count_rows() == 0:
         raise NeighboursError(f"no embeddings for the {role} role (table {name} in {tables.uri} is missing or "
                               "empty): run embed first")
-    specs = pc.unique(table.column("model")).to_pylist()
+    return dataset
+
+
+def _one_spec(specs: set[str], name: str) -> str:
+    """The one model spec of a table; NeighboursError when it holds several."""
     if len(specs) != 1:
         raise NeighboursError(f"{name} holds vectors of several models {sorted(specs)}: use one run_dir per model")
+    return next(iter(specs))
+
+
+def load_ids(tables: RunTables, role: str) -> RoleIds:
+    """One role's image ids and model spec, without its vectors (errors as :func:`load_vectors`)."""
+    name = IMAGE_EMBEDDINGS[role]
+    table = _embedding_dataset(tables, role).to_table(columns=["image_id", "model"])
+    spec = _one_spec(set(pc.unique(table.column("model")).to_pylist()), name)
+    return RoleIds(role, spec, table.column("image_id").combine_chunks())
+
+
+READ_CHUNK_BYTES = 8 << 20
+"""Vector bytes read per ``take`` when loading a role: the loader holds its float32 matrix and a few times this
+more (a larger read makes lance hold several times it; a scan holds a whole data page, up to the column)."""
+
+
+@dataclass
+class _LoadProblems:
+    """What reading a role's vectors found wrong, raised once the whole table has been seen (nulls first)."""
+
+    nulls: int = 0
+    first_null: str | None = None
+    first_non_finite: str | None = None
+
+    def raise_any(self, name: str) -> None:
+        """NeighboursError for the first kind of problem found, naming the first image that has it."""
+        if self.nulls:
+            raise NeighboursError(f"{name}: {self.nulls} image(s) have no vector (e.g. {self.first_null!r}): "
+                                  "re-run embed into a new run_dir")
+        if self.first_non_finite is not None:
+            raise NeighboursError(f"{name}: non-finite values in the vector of {self.first_non_finite!r}")
+
+
+def _check_finite(vectors: np.ndarray, ids: pa.Array, problems: _LoadProblems) -> None:
+    """Note the first image of ``ids`` whose row of ``vectors`` has a NaN or an infinity."""
+    finite = np.isfinite(vectors).all(axis=1)
+    if problems.first_non_finite is None and not finite.all():
+        problems.first_non_finite = ids[int(np.flatnonzero(~finite)[0])].as_py()
+
+
+def _fill_chunk(out: np.ndarray, column: pa.Array, ids: pa.Array, problems: _LoadProblems) -> None:
+    """Copy one chunk's vectors (of images ``ids``) into ``out``, its rows of the matrix, checked and normalised
+    in place."""
+    if column.null_count:
+        if problems.first_null is None:
+            problems.first_null = ids[pc.index(pc.is_null(column), True).as_py()].as_py()
+        problems.nulls += column.null_count
+    if problems.nulls:
+        return
+    out[:] = column.flatten().to_numpy(zero_copy_only=False).reshape(out.shape)
+    _check_finite(out, ids, problems)
+    normalise_in_place(out)
+
+
+def _read_fixed(dataset, name: str, dim: int) -> tuple[pa.Array, str, np.ndarray]:
+    """Read a fixed-size vector column chunk by chunk (``take`` of row ranges, whose buffers are freed after each
+    chunk) into one preallocated float32 array, normalised in place: ``(ids, spec, vectors)``; NeighboursError on
+    several specs, null or non-finite vectors."""
+    keys = dataset.to_table(columns=["image_id", "model"])
+    spec = _one_spec(set(pc.unique(keys.column("model")).to_pylist()), name)
+    ids = keys.column("image_id").combine_chunks()
+    vectors = np.empty((len(ids), dim), dtype=np.float32)
+    step = max(1, READ_CHUNK_BYTES // max(1, 4 * dim))
+    problems = _LoadProblems()
+    for lo in range(0, len(ids), step):
+        hi = min(lo + step, len(ids))
+        column = dataset.take(np.arange(lo, hi), columns=["vector"]).column("vector").combine_chunks()
+        _fill_chunk(vectors[lo:hi], column, ids[lo:hi], problems)
+    problems.raise_any(name)
+    return ids, spec, vectors
+
+
+def _read_whole(dataset, name: str) -> tuple[pa.Array, str, np.ndarray]:
+    """``(ids, spec, vectors)`` of a table whose vectors are variable-size lists (read whole, to name
+    mismatched dimensions); NeighboursError on several specs, null, mismatched or non-finite vectors."""
+    table = dataset.to_table(columns=["image_id", "model", "vector"])
     ids = table.column("image_id").combine_chunks()
+    spec = _one_spec(set(pc.unique(table.column("model")).to_pylist()), name)
     vectors = vector_matrix(table.column("vector"), ids, name)
-    if not np.isfinite(vectors).all():
-        bad = ids[int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])].as_py()
-        raise NeighboursError(f"{name}: non-finite values in the vector of {bad!r}")
-    return RoleVectors(role, specs[0], ids, normalise(vectors))
+    problems = _LoadProblems()
+    _check_finite(vectors, ids, problems)
+    problems.raise_any(name)
+    normalise_in_place(vectors)
+    return ids, spec, vectors
+
+
+def load_vectors(tables: RunTables, role: str) -> RoleVectors:
+    """Read one role's embeddings, L2-normalised; NeighboursError when there are none ("run embed first") or
+    they are unusable. Fixed-size vectors (what embed writes) are read in chunks into one preallocated float32
+    matrix: the peak is that matrix and a few times :data:`READ_CHUNK_BYTES` more."""
+    name = IMAGE_EMBEDDINGS[role]
+    dataset = _embedding_dataset(tables, role)
+    kind = dataset.schema.field("vector").type
+    if pa.types.is_fixed_size_list(kind):
+        ids, spec, vectors = _read_fixed(dataset, name, kind.list_size)
+    else:
+        ids, spec, vectors = _read_whole(dataset, name)
+    return RoleVectors(role, spec, ids, vectors)
 
 
 def restrict(vectors: RoleVectors, image_ids: pa.Array) -> np.ndarray:
-    """The role's rows in the order of ``image_ids``; NeighboursError when it lacks some of them."""
+    """The role's rows in the order of ``image_ids`` (the role's own array, no copy, when that is its order);
+    NeighboursError when it lacks some of them."""
     rows = pc.index_in(image_ids, value_set=vectors.ids)
     if rows.null_count:
         raise NeighboursError(f"{IMAGE_EMBEDDINGS[vectors.role]} lacks {rows.null_count} of the images asked for: "
                               "re-run the neighbours stage")
-    return vectors.vectors[rows.to_numpy(zero_copy_only=False)]
+    index = rows.to_numpy(zero_copy_only=False)
+    if len(index) == len(vectors.vectors) and np.array_equal(index, np.arange(len(index))):
+        return vectors.vectors
+    return vectors.vectors[index]
 
 
-def common_ids(roles: dict[str, RoleVectors]) -> pa.Array:
-    """The image ids every role embedded, sorted."""
-    sets = [set(v.ids.to_pylist()) for v in roles.values()]
-    return pa.array(sorted(set.intersection(*sets)), pa.string())
+def common_ids(roles: Mapping[str, RoleIds]) -> pa.Array:
+    """The image ids every role embedded, sorted (Arrow throughout: no Python object per id)."""
+    common: pa.Array | None = None
+    for role in roles.values():
+        ids = role.ids.drop_null()
+        common = ids if common is None else common.filter(pc.is_in(common, value_set=ids))
+    if common is None:
+        return pa.array([], pa.string())
+    common = pc.unique(common).cast(pa.string())
+    return common.take(pc.sort_indices(common))
 
 
 def resolve_device(setting: str) -> str:
@@ -294,21 +414,30 @@ def check_size(n: int, k: int) -> None:
                               "by both models (each image's own vector is excluded)")
 
 
-def compute_and_write(tables: RunTables, roles: dict[str, RoleVectors], image_ids: pa.Array, cfg: NeighboursConfig,
+def _role_lists(tables: RunTables, role: str, image_ids: pa.Array, cfg: NeighboursConfig, device: str,
+                stats: StageStats, search: TopkSearch) -> pa.Table:
+    """Load one role's vectors, search them over ``image_ids`` and return its rows of the table; the vectors are
+    released when it returns."""
+    started = time.perf_counter()
+    vectors = load_vectors(tables, role)
+    rows = restrict(vectors, image_ids)
+    stats.add_time("read", time.perf_counter() - started)
+    ids, sims = _search(tables, role, rows, cfg, device, stats, search)
+    stats.notes.setdefault("mean_kth_similarity", {})[role] = float(sims[:, -1].mean())
+    return lists_table(image_ids, role, ids, sims, cfg.method, vectors.spec)
+
+
+def compute_and_write(tables: RunTables, roles: Mapping[str, RoleIds], image_ids: pa.Array, cfg: NeighboursConfig,
                       device: str, stats: StageStats, search: TopkSearch) -> int:
-    """Search every role over ``image_ids`` (exact: through ``search``) and replace the ``neighbours`` table with
-    one write; rows written."""
+    """Search every role over ``image_ids`` (exact: through ``search``), loading one role's vectors at a time,
+    and replace the ``neighbours`` table with one write; rows written."""
     n = len(image_ids)
     if device == "cpu" and cfg.method == "exact" and n > CPU_EXACT_WARN:
         log.warning("exact neighbours of %d images on the CPU will take long; use a GPU or neighbours.method: ann",
                     n)
     log.info("neighbours: %d images embedded by both roles (clip %d, reference %d); k=%d, %s on %s", n,
              len(roles["clip"].ids), len(roles["reference"].ids), cfg.k, cfg.method, device)
-    parts = []
-    for role, vectors in roles.items():
-        ids, sims = _search(tables, role, restrict(vectors, image_ids), cfg, device, stats, search)
-        parts.append(lists_table(image_ids, role, ids, sims, cfg.method, vectors.spec))
-        stats.notes.setdefault("mean_kth_similarity", {})[role] = float(sims[:, -1].mean())
+    parts = [_role_lists(tables, role, image_ids, cfg, device, stats, search) for role in roles]
     started = time.perf_counter()
     rows = pa.concat_tables(parts)
     tables.replace(NEIGHBOURS, rows, NEIGHBOURS_SCHEMA)
@@ -329,17 +458,17 @@ def run_neighbours(config: Config, tables: RunTables,
     cfg = config.neighbours
     stats = StageStats(STAGE)
     started = time.perf_counter()
-    roles = {role: load_vectors(tables, role) for role in ROLES}
+    roles = {role: load_ids(tables, role) for role in ROLES}
     image_ids = common_ids(roles)
     n = len(image_ids)
-    for role, vectors in roles.items():
-        stats.add_count(f"images_{role}", len(vectors.ids))
-        stats.add_count(f"left_out_{role}", len(vectors.ids) - n)
+    for role, embedded in roles.items():
+        stats.add_count(f"images_{role}", len(embedded.ids))
+        stats.add_count(f"left_out_{role}", len(embedded.ids) - n)
     stats.add_count("images", n)
     stats.add_time("read", time.perf_counter() - started)
     check_size(n, cfg.k)
     device = resolve_device(cfg.device)
-    specs = {role: vectors.spec for role, vectors in roles.items()}
+    specs = {role: embedded.spec for role, embedded in roles.items()}
     stats.notes.update(k=cfg.k, method=cfg.method, device=device, models=specs,
                        population=(f"the {n} images embedded by both roles (their intersection), so the two "
                                    "neighbour lists of an image are drawn from the same pool"))

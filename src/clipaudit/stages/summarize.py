@@ -356,11 +356,30 @@ class LLMSession:
         return {r.request_id: r.text for r in results if r.ok and r.text is not None}
 
 
+_CASE_COLUMNS = {
+    DAF_CASES: ("image_id", "captions", "caption", "rank", "score"),
+    TCAC_CASES: ("image_id", "transform", "is_case", "rank", "changed", "gt_caption", "caption", "params",
+                 "top_before", "top_after"),
+}
+"""The columns :func:`~clipaudit.llm.prompts.daf_cases` / :func:`~clipaudit.llm.prompts.tcac_cases` read."""
+
+
+def _read_cases(tables: RunTables, name: str) -> pa.Table | None:
+    """The columns of a cases table the prompts use (those it has), only its ``is_case`` rows when it has that
+    column; None when the table does not exist."""
+    if not tables.exists(name):
+        return None
+    present = set(tables.db.open_table(name).schema.names)
+    columns = [c for c in _CASE_COLUMNS[name] if c in present]
+    return tables.read(name, columns, where="is_case = true" if "is_case" in present else None)
+
+
 def load_cases(config: Config, tables: RunTables) -> dict[str, list[Case]]:
-    """The cases of each method in ``llm.methods``, from the tables the daf / tcac stages wrote."""
+    """The cases of each method in ``llm.methods``, from the tables the daf / tcac stages wrote (only the
+    columns and, for TCAC, the ``is_case`` rows the prompts use)."""
     llm = config.llm
     wanted = {"daf": (DAF_CASES, DAF, daf_cases), "tcac": (TCAC_CASES, TCAC, tcac_cases)}
-    present = {m: tables.read(wanted[m][0]) for m in llm.methods}
+    present = {m: _read_cases(tables, wanted[m][0]) for m in llm.methods}
     if all(table is None for table in present.values()):
         reasons = [empty_input_message(tables, f"no {wanted[m][0]} table in {tables.uri}", m, wanted[m][0])
                    for m in llm.methods]
