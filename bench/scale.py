@@ -329,13 +329,13 @@ def _pools_job(job: dict[str, Any]) -> dict[str, Any]:
     with _timed(phases, "corpus"):
         samples = tables.read(SAMPLES, ["image_id", "uri", "captions", "caption"])
         corpus = load_corpus(tables, samples, None, _SpecOnly("tiny-clip"), config.embed, stats)
-        by_id = {r["image_id"]: r for r in samples.select(["image_id", "captions"]).to_pylist()}
-        own = {image_id: corpus.rows(row["captions"] or []) for image_id, row in by_id.items()}
+        own = corpus.rows_of(samples.column("captions"))
     topk = knn.cross_topk if job["exact"] else _StandInSearch().cross_topk
     with _timed(phases, "pools"):
         pools = caption_pools(corpus, own, config.tcac.pool_neighbours,
-                              lambda q, c, k, ex: topk(q, c, k, exclude=ex))
-    return {"phases": phases, "mean_pool": float(np.mean([len(p) for p in pools.values()]))}
+                              lambda q, c, k, ex: topk(q, c, k, exclude=ex), image_ids=samples.column("image_id"))
+    sizes = pools.sizes()
+    return {"phases": phases, "mean_pool": float(np.mean(sizes)) if len(sizes) else 0.0}
 
 
 @contextmanager

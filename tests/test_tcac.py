@@ -331,7 +331,9 @@ def test_flickr8k_pools_match_brute_force(tmp_path):
     assert len(samples) == 300 and [caption_key(t) for t in built.texts] == keys
     got = caption_pools(built, {s["image_id"]: built.rows(s["captions"]) for s in samples}, 10)
     sims = vectors @ vectors.T
-    for q, found in caption_neighbours(built, range(len(keys)), 10).items():
+    near = caption_neighbours(built, range(len(keys)), 10)
+    assert near.queries.tolist() == list(range(len(keys)))
+    for q, found in zip(near.queries.tolist(), near.ids.tolist()):
         others = np.delete(sims[q], q)
         kth = np.sort(others)[::-1][9]
         assert len(found) == 10 and q not in found

@@ -52,10 +52,13 @@ from clipaudit.stages.tcac_batches import ORIGINAL
 from clipaudit.stages.upstream import empty_input_message
 from clipaudit.tcac_scoring import (
     CaptionCorpus,
-    build_corpus,
+    CaptionPools,
     caption_key,
+    caption_keys,
     caption_pools,
     compare,
+    corpus_of,
+    first_rows,
     mark_cases,
     pool_probabilities,
     summarize,
@@ -162,52 +165,91 @@ def plan_pairs(tables: RunTables, samples: pa.Table, tcac: TcacConfig, model: Re
 
 def load_corpus(tables: RunTables, samples: pa.Table, runner: Runner, model: ResolvedModel, embed: EmbedConfig,
                 stats: StageStats) -> CaptionCorpus:
-    """Every unique caption of the corpus with its CLIP text vector.
+    """Every unique caption of the corpus (by key, first seen first) with its CLIP text vector.
 
     Vectors are taken from ``caption_embeddings``; a caption without one there is encoded through the
-    runner's text actor pool, each unique text once (counted as ``text_encodings``).
+    runner's text actor pool, each unique text once (counted as ``text_encodings``). Texts and keys stay Arrow
+    arrays: nothing is held per caption as a Python object.
     """
-    texts: list[str] = []
-    seen: set[str] = set()
-    for captions in samples.column("captions").to_pylist():
-        for text in captions or []:
-            key = caption_key(text)
-            if key not in seen:
-                seen.add(key)
-                texts.append(text)
-    stored = tables.read(CAPTION_EMBEDDINGS, ["text", "model", "vector"])
-    known: dict[str, np.ndarray] = {}
-    if stored is not None and stored.num_rows:
-        models = set(pc.unique(stored.column("model")).to_pylist())
-        if models != {model.spec}:
-            raise TcacError(f"{CAPTION_EMBEDDINGS} in {tables.uri} holds vectors of {sorted(models)}, but the CLIP "
-                            f"model is {model.spec!r}: use a new run_dir for a different model")
-        for text, vector in zip(stored.column("text").to_pylist(), _vectors(stored.column("vector"))):
-            known.setdefault(caption_key(text), vector)
-    missing = [text for text in texts if caption_key(text) not in known]
-    stats.add_count("unique_captions", len(texts))
+    flat = pc.list_flatten(samples.column("captions"))
+    all_keys = caption_keys(flat)
+    keys = pc.unique(all_keys)
+    texts = pa.concat_arrays(flat.chunks).take(pa.array(first_rows(keys, all_keys), pa.int64())) \
+        if flat.num_chunks else pa.array([], pa.string())
+    del all_keys
+    at, vectors = _stored_vectors(tables, keys, model.spec)
+    missing = np.flatnonzero(at < 0)
+    stats.add_count("unique_captions", len(keys))
     stats.add_count("text_encodings", len(missing))
-    if missing:
-        log.warning("%d of %d unique captions have no vector in %s (run the embed stage first to reuse them); "
-                    "encoding them now", len(missing), len(texts), CAPTION_EMBEDDINGS)
-        start = time.perf_counter()
-        for batch in runner.map_texts(pa.table({"text": missing}), model, embed):
-            if LOST_FLAG in batch:
-                continue
-            statuses = batch.get("status", np.full(len(batch["text"]), OK, dtype=object))
-            for text, vector, status in zip(batch["text"], np.asarray(batch["vector"], dtype=np.float32), statuses):
-                if status == OK:
-                    known[caption_key(str(text))] = vector
-        stats.add_time("infer_text", time.perf_counter() - start)
-        failed = [text for text in missing if caption_key(text) not in known]
-        if failed:
-            log.warning("%d caption(s) failed the text forward and are left out of the caption pools (e.g. %r)",
-                        len(failed), failed[0][:80])
-            stats.add_count("captions_rejected", len(failed))
-            texts = [text for text in texts if caption_key(text) in known]
-    if not texts:
-        return build_corpus([], np.zeros((0, 1), np.float32))
-    return build_corpus(texts, np.stack([known[caption_key(text)] for text in texts]))
+    if not len(missing):
+        return corpus_of(texts, vectors, keys)
+    log.warning("%d of %d unique captions have no vector in %s (run the embed stage first to reuse them); "
+                "encoding them now", len(missing), len(keys), CAPTION_EMBEDDINGS)
+    encoded = _encode(runner, texts.take(pa.array(missing, pa.int64())).to_pylist(), model, embed, stats)
+    dim = vectors.shape[1] if len(vectors) else len(next(iter(encoded.values()), []))
+    full = np.zeros((len(keys), dim), np.float32)
+    keep = at >= 0
+    if len(vectors):
+        full[keep] = vectors
+    for row, key in zip(missing.tolist(), keys.take(pa.array(missing, pa.int64())).to_pylist()):
+        if key in encoded:
+            full[row], keep[row] = encoded[key], True
+    failed = missing[~keep[missing]]
+    if len(failed):
+        log.warning("%d caption(s) failed the text forward and are left out of the caption pools (e.g. %r)",
+                    len(failed), texts[int(failed[0])].as_py()[:80])
+        stats.add_count("captions_rejected", len(failed))
+    mask = pa.array(keep, pa.bool_())
+    return corpus_of(texts.filter(mask), full[keep] if len(failed) else full, keys.filter(mask))
+
+
+def _stored_vectors(tables: RunTables, keys: pa.Array, spec: str) -> tuple[np.ndarray, np.ndarray]:
+    """For each key, its first row in ``caption_embeddings`` (-1 where none), and the float32 vectors of the found
+    keys in key order; TcacError when the stored vectors are another model's. The vectors are streamed batch by
+    batch into one array: the driver holds them once, plus a batch."""
+    stored = tables.read(CAPTION_EMBEDDINGS, ["text", "model"])
+    if stored is None or stored.num_rows == 0:
+        return np.full(len(keys), -1, np.int64), np.zeros((0, 0), np.float32)
+    models = set(pc.unique(stored.column("model")).to_pylist())
+    if models != {spec}:
+        raise TcacError(f"{CAPTION_EMBEDDINGS} in {tables.uri} holds vectors of {sorted(models)}, but the CLIP "
+                        f"model is {spec!r}: use a new run_dir for a different model")
+    at = first_rows(keys, caption_keys(stored.column("text")))
+    dataset = tables.db.open_table(CAPTION_EMBEDDINGS).to_lance()
+    return at, _gather_vectors(dataset.to_batches(columns=["vector"]), at[at >= 0],
+                               dataset.schema.field("vector").type.list_size)
+
+
+def _gather_vectors(batches: Iterator[pa.RecordBatch], rows: np.ndarray, dim: int) -> np.ndarray:
+    """Rows ``rows`` (table positions) of the ``vector`` column streamed in ``batches``, in ``rows``' order, as one
+    writable float32 ``(len(rows), dim)`` array."""
+    out = np.empty((len(rows), dim), np.float32)
+    order = np.argsort(rows, kind="stable")
+    wanted = rows[order]
+    offset = 0
+    for batch in batches:
+        lo, hi = np.searchsorted(wanted, [offset, offset + batch.num_rows])
+        if hi > lo:
+            out[order[lo:hi]] = _vectors(batch.column("vector"))[wanted[lo:hi] - offset]
+        offset += batch.num_rows
+    return out
+
+
+def _encode(runner: Runner, texts: list[str], model: ResolvedModel, embed: EmbedConfig,
+            stats: StageStats) -> dict[str, np.ndarray]:
+    """Vectors of ``texts`` (captions missing in ``caption_embeddings``) by key, through the runner's text actor
+    pool; texts whose forward failed are absent."""
+    start = time.perf_counter()
+    encoded: dict[str, np.ndarray] = {}
+    for batch in runner.map_texts(pa.table({"text": pa.array(texts, pa.string())}), model, embed):
+        if LOST_FLAG in batch:
+            continue
+        statuses = batch.get("status", np.full(len(batch["text"]), OK, dtype=object))
+        for text, vector, status in zip(batch["text"], np.asarray(batch["vector"], dtype=np.float32), statuses):
+            if status == OK:
+                encoded[caption_key(str(text))] = vector
+    stats.add_time("infer_text", time.perf_counter() - start)
+    return encoded
 
 
 def load_originals(tables: RunTables, spec: str, image_ids: set[str]) -> dict[str, np.ndarray]:
@@ -228,7 +270,7 @@ class CaseSink:
     against its pool and buffers its ``tcac_cases`` rows; writes in few keyed writes."""
 
     def __init__(self, tables: RunTables, model: ResolvedModel, tcac: TcacConfig, corpus: CaptionCorpus,
-                 pools: dict[str, np.ndarray], gt: dict[str, int | None], originals: dict[str, np.ndarray],
+                 pools: CaptionPools, gt: np.ndarray, originals: dict[str, np.ndarray],
                  expected: dict[str, list[str]], uris: dict[str, str], write_every: int,
                  stats: StageStats) -> None:
         self.tables, self.model, self.tcac, self.corpus = tables, model, tcac, corpus
@@ -284,15 +326,16 @@ class CaseSink:
 
     def _score(self, image_id: str, parts: dict[str, tuple[np.ndarray, str]],
                logit_scale: float) -> list[dict[str, Any]]:
-        pool = self.pools[image_id]
+        at = self.pools.position(image_id)
+        pool = self.pools.pool(at)
         original = self.originals[image_id] if image_id in self.originals else parts[ORIGINAL][0]
         transforms = [t for t in self.expected[image_id] if t != ORIGINAL]
         probs = pool_probabilities(np.stack([original] + [parts[t][0] for t in transforms]),
                                    self.corpus.vectors[pool], logit_scale)
-        gt_row = self.gt.get(image_id)
-        where = np.flatnonzero(pool == gt_row) if gt_row is not None else np.zeros(0, np.int64)
+        gt_row = int(self.gt[at])
+        where = np.flatnonzero(pool == gt_row) if gt_row >= 0 else np.zeros(0, np.int64)
         gt = int(where[0]) if len(where) else None
-        texts = [self.corpus.texts[int(row)] for row in pool]
+        texts = self.corpus.texts.take(pool)
         rows = []
         for j, transform in enumerate(transforms, start=1):
             c = compare(probs[0], probs[j], self.tcac.top_k, gt)
@@ -337,59 +380,99 @@ def score_missing(config: Config, tables: RunTables, runner: Runner, model: Reso
     tcac = config.tcac
     start = time.perf_counter()
     corpus = load_corpus(tables, samples, runner, model, config.embed, stats)
-    by_id = {r["image_id"]: r for r in samples.select(["image_id", "uri", "captions", "caption"]).to_pylist()}
-    own = {image_id: corpus.rows(by_id[image_id]["captions"] or []) for image_id in todo}
-    gt = {image_id: corpus.lookup(by_id[image_id]["caption"] or "") for image_id in todo}
+    ids = pa.array(list(todo), pa.string())
+    todo_samples = samples.take(pa.array(first_rows(ids, samples.column("image_id").combine_chunks()), pa.int64()))
+    own = corpus.rows_of(todo_samples.column("captions"))
+    gt = corpus.find(pc.fill_null(todo_samples.column("caption"), ""))
     stats.add_time("corpus", time.perf_counter() - start)
-    no_pool = sorted(image_id for image_id, rows in own.items() if not rows)
-    if no_pool:
+    empty = own.sizes() == 0
+    if empty.any():
+        no_pool = sorted(ids.filter(pa.array(empty, pa.bool_())).to_pylist())
         log.warning("%d images have no caption to build a pool from (e.g. %s); skipped", len(no_pool), no_pool[0])
-        todo = {image_id: names for image_id, names in todo.items() if own[image_id]}
+        keep = np.flatnonzero(~empty)
+        ids, own, gt = ids.take(pa.array(keep, pa.int64())), own.take(keep), gt[keep]
+        todo_samples = todo_samples.take(pa.array(keep, pa.int64()))
+        todo = {image_id: todo[image_id] for image_id in ids.to_pylist()}
     start = time.perf_counter()
     with runner.topk(config.neighbours) as search:
-        pools = caption_pools(corpus, {image_id: own[image_id] for image_id in todo}, tcac.pool_neighbours,
-                              topk=search.cross_topk)
+        pools = caption_pools(corpus, own, tcac.pool_neighbours, topk=search.cross_topk, image_ids=ids)
     stats.notes["pool_search"] = dict(search.notes)
     stats.add_time("pools", time.perf_counter() - start)
-    if pools:
-        stats.notes["mean_pool_size"] = round(float(np.mean([len(p) for p in pools.values()])), 2)
+    if len(pools):
+        stats.notes["mean_pool_size"] = round(float(np.mean(pools.sizes())), 2)
+    uris = dict(zip(ids.to_pylist(), todo_samples.column("uri").to_pylist()))
     originals = load_originals(tables, model.spec, set(todo))
     stats.add_count("originals_reused", len(originals))
     expected = {image_id: ([] if image_id in originals else [ORIGINAL]) + names for image_id, names in todo.items()}
-    work = pa.table({"image_id": list(expected), "uri": [by_id[i]["uri"] for i in expected],
+    work = pa.table({"image_id": list(expected), "uri": [uris[i] for i in expected],
                      "transforms": [",".join(names) for names in expected.values()]})
-    sink = CaseSink(tables, model, tcac, corpus, pools, gt, originals, expected,
-                    {i: by_id[i]["uri"] for i in expected}, config.embed.write_every, stats)
+    sink = CaseSink(tables, model, tcac, corpus, pools, gt, originals, expected, uris, config.embed.write_every,
+                    stats)
     with tqdm(total=len(expected), unit="image", desc="tcac images", dynamic_ncols=True) as bar:
         for batch in runner.map_transformed(work, model, tcac, config.embed):
             bar.update(sink.add(batch))
     sink.close()
 
 
+CASE_COLUMNS = ("image_id", "transform", "model", "changed", "tv_distance", "top1_changed", "gt_rank_before",
+                "gt_rank_after", "rank", "is_case", "daf_case")
+"""The columns of ``tcac_cases`` that :func:`finalize` reads (about 60 bytes a row instead of about 2 KB)."""
+
+MARKS = ("rank", "is_case", "daf_case")
+"""The columns :func:`finalize` sets."""
+
+REWRITE_ROWS = 16_384
+"""Rows of ``tcac_cases`` the rewrite of :func:`finalize` holds at a time."""
+
+
 def finalize(tables: RunTables, tcac: TcacConfig, stats: StageStats) -> pa.Table | None:
     """Sort and mark ``tcac_cases`` (rank, is_case, daf_case) and recompute ``tcac_summary``; each table is
-    rewritten only when its content changed. Returns the summary (None when there are no cases)."""
+    rewritten only when its content changed. Returns the summary (None when there are no cases).
+
+    Only the narrow :data:`CASE_COLUMNS` are read; the rewrite streams the table in sorted order,
+    :data:`REWRITE_ROWS` rows at a time."""
     start = time.perf_counter()
-    cases = tables.read(TCAC_CASES)
+    cases = tables.read(TCAC_CASES, CASE_COLUMNS)
     if cases is None:
         return None
-    cases = cases.select(TCAC_CASES_SCHEMA.names).cast(TCAC_CASES_SCHEMA)
+    cases = cases.cast(pa.schema([TCAC_CASES_SCHEMA.field(name) for name in CASE_COLUMNS]))
     daf = tables.read(DAF_CASES, ["image_id"]) if tables.exists(DAF_CASES) else None
-    daf_ids = set(daf.column("image_id").to_pylist()) if daf is not None else set()
-    marked = mark_cases(cases, tcac.cases_per_transform, daf_ids, tcac.transforms)
-    if not marked.equals(cases):
-        tables.replace(TCAC_CASES, marked, TCAC_CASES_SCHEMA)
+    daf_ids = daf.column("image_id").combine_chunks() if daf is not None else pa.array([], pa.string())
+    positions = pa.array(np.arange(cases.num_rows, dtype=np.int64))
+    marked = mark_cases(cases.append_column("position", positions), tcac.cases_per_transform, daf_ids,
+                        tcac.transforms)
+    if not (marked.column("position").equals(pa.chunked_array([positions]))
+            and marked.select(MARKS).equals(cases.select(MARKS))):
+        rewrite_cases(tables, marked)
         stats.add_count("cases_rewritten", marked.num_rows)
     summary = summarize(marked, tcac.transforms)
     old = tables.read(TCAC_SUMMARY)
     if old is None or not old.select(TCAC_SUMMARY_SCHEMA.names).cast(TCAC_SUMMARY_SCHEMA).equals(summary):
         tables.replace(TCAC_SUMMARY, summary, TCAC_SUMMARY_SCHEMA)
+    both = pc.and_(marked.column("is_case"), marked.column("daf_case"))
     stats.counts.update(total_pairs=marked.num_rows, total_cases=int(pc.sum(marked.column("is_case")).as_py() or 0),
-                        total_daf_cases=len(set(pc.filter(marked.column("image_id"),
-                                                          pc.and_(marked.column("is_case"),
-                                                                  marked.column("daf_case"))).to_pylist())))
+                        total_daf_cases=pc.count_distinct(pc.filter(marked.column("image_id"), both)).as_py())
     stats.add_time("finalize", time.perf_counter() - start)
     return summary
+
+
+def rewrite_cases(tables: RunTables, marked: pa.Table) -> None:
+    """Overwrite ``tcac_cases`` with its rows in ``marked``'s order (its ``position`` column: row positions in the
+    table) and ``marked``'s marks, streamed from the current version in batches of :data:`REWRITE_ROWS`."""
+    dataset = tables.db.open_table(TCAC_CASES).to_lance()
+    reader = pa.RecordBatchReader.from_batches(TCAC_CASES_SCHEMA, _marked_batches(dataset, marked))
+    tables.db.create_table(TCAC_CASES, data=reader, schema=TCAC_CASES_SCHEMA, mode="overwrite")
+
+
+def _marked_batches(dataset: Any, marked: pa.Table) -> Iterator[pa.RecordBatch]:
+    """The rows of ``dataset`` at ``marked``'s positions, in that order, with ``marked``'s marks set."""
+    names = TCAC_CASES_SCHEMA.names
+    for start in range(0, marked.num_rows, REWRITE_ROWS):
+        part = marked.slice(start, REWRITE_ROWS)
+        rows = dataset.take(part.column("position").to_pylist(), columns=names)
+        for name in MARKS:
+            rows = rows.set_column(rows.schema.get_field_index(name), name, part.column(name))
+        yield from rows.select(names).cast(TCAC_CASES_SCHEMA).to_batches()
 
 
 def run_tcac(config: Config, tables: RunTables, runner: Runner, model: ResolvedModel | None = None) -> StageStats:
