@@ -598,7 +598,7 @@ def topk_placement(nodes: Sequence[dict[str, float]], neighbours: NeighboursConf
     node; never more CPU per actor than the smallest node has; at most ``neighbours.ray_workers``."""
     gpu_nodes = [node for node in nodes if node.get("GPU", 0) >= 1]
     if neighbours.device == "cuda" and not gpu_nodes:
-        raise RuntimeError("neighbours.device is cuda but the Ray cluster has no GPU")
+        raise PlacementError("neighbours.device is cuda but the Ray cluster has no GPU")
     if gpu_nodes and neighbours.device != "cpu":
         cpus = min(neighbours.ray_cpus_per_worker, *(node.get("CPU", 0.0) for node in gpu_nodes))
         capacity = sum(int(node["GPU"]) for node in gpu_nodes)
@@ -606,7 +606,7 @@ def topk_placement(nodes: Sequence[dict[str, float]], neighbours: NeighboursConf
     else:
         node_cpus = [node["CPU"] for node in nodes if node.get("CPU", 0) > 0]
         if not node_cpus:
-            raise RuntimeError("the Ray cluster has no CPU for the top-k actors")
+            raise PlacementError("the Ray cluster has no CPU for the top-k actors")
         cpus = min(neighbours.ray_cpus_per_worker, *node_cpus)
         capacity = sum(int(c / cpus + 1e-9) for c in node_cpus)
         device, gpus = "cpu", 0.0
@@ -711,7 +711,7 @@ def _local_device(setting: str) -> str:
     import torch
 
     if setting == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("neighbours.device is cuda but torch sees no GPU")
+        raise PlacementError("neighbours.device is cuda but torch sees no GPU")
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -879,7 +879,7 @@ class _TopkPool:
             timeout = None if active else max(0.0, deadline - time.monotonic())
             ready, _ = ray.wait([*in_flight, *waiting], num_returns=1, timeout=timeout)
             if not ready:
-                raise RuntimeError(self._unplaced_message())
+                raise PlacementError(self._unplaced_message())
             ref = ready[0]
             if ref in waiting:
                 actor = waiting.pop(ref)
