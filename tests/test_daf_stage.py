@@ -16,7 +16,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from clipaudit.config import Config, DafConfig, EmbedConfig, NeighboursConfig
+from clipaudit.config import Config, DafConfig, EmbedConfig, ModelsConfig, NeighboursConfig
 from clipaudit.io.readers.synthetic import KINDS, SceneSpec, ShapeGroup, render_scene
 from clipaudit.io.tables import RunTables
 from clipaudit.pipeline import run_pipeline
@@ -38,6 +38,8 @@ K = 5
 PLANTED_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple")
 LAYOUTS = [(kind, count) for count in (1, 2) for kind in KINDS]
 
+
+PLANTED_MODELS = ModelsConfig(clip="python:planted_models:colour_blind", reference="python:planted_models:colour_aware")
 
 def _specs() -> list[tuple[SceneSpec, str, bool]]:
     """(spec, layout key, planted) for every scene; backgrounds random (both models ignore them)."""
@@ -71,18 +73,18 @@ def planted(tmp_path_factory):
         samples.append(Sample(image_id=image_id, uri=str(path), captions=captions, caption=captions[0],
                               source="planted", label=spec.to_json()))
         truth[image_id] = (layout_key, is_planted)
-    config = Config(run_dir=str(root / "run"), neighbours=NeighboursConfig(k=K))
+    config = Config(run_dir=str(root / "run"), neighbours=NeighboursConfig(k=K), models=PLANTED_MODELS)
     tables = RunTables(config.run_dir)
     tables.insert_new(SAMPLES, samples_to_table(samples), "image_id", SAMPLES_SCHEMA)
-    models = {"clip": resolve_model("python:planted_models:colour_blind", "clip"),
-              "reference": resolve_model("python:planted_models:colour_aware", "reference")}
+    models = {"clip": resolve_model(PLANTED_MODELS.clip, "clip"),
+              "reference": resolve_model(PLANTED_MODELS.reference, "reference")}
     run_embed(tables, LocalRunner(), models, EmbedConfig(batch_size=32, text_batch_size=256))
     run_neighbours(config, tables)
     return config, tables, truth
 
 
 def _with_daf(config: Config, **daf) -> Config:
-    return Config(run_dir=config.run_dir, neighbours=config.neighbours, daf=DafConfig(**daf))
+    return Config(run_dir=config.run_dir, neighbours=config.neighbours, daf=DafConfig(**daf), models=config.models)
 
 
 def _precision_recall(found: set[str], expected: set[str]) -> tuple[float, float]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -126,11 +128,30 @@ def test_a_role_added_later_embeds_only_that_role(tmp_path, zoo, models):
     assert stats.counts["embedded_reference"] == good
 
 
-def test_another_model_in_the_same_run_dir_is_an_error(tmp_path, zoo, models):
+def test_a_spec_that_now_resolves_to_another_model_is_an_error(tmp_path, zoo, models):
+    """Rows are keyed by the spec as written (clip_model); the same spec resolving to another model (a fallback
+    that now finds the weights) must not mix two models' vectors under one key."""
     tables = make_run(tmp_path, zoo)
     run_embed(tables, LocalRunner(), {"clip": models["clip"]}, EMBED)
+    moved = dataclasses.replace(models["clip"], spec="open_clip:ViT-B-32/openai")
     with pytest.raises(EmbedError, match="new run_dir"):
-        run_embed(tables, LocalRunner(), {"clip": models["reference"]}, EMBED)
+        run_embed(tables, LocalRunner(), {"clip": moved}, EMBED)
+
+
+def test_a_second_clip_model_embeds_only_its_rows_keyed_by_its_spec(tmp_path, zoo, models):
+    tables = make_run(tmp_path, zoo)
+    run_embed(tables, LocalRunner(), models, EMBED)
+    second = dataclasses.replace(models["clip"], requested_spec="tiny-clip-second")
+    stats = run_embed(tables, LocalRunner(), {**models, "clip_2": second}, EMBED)
+    good = sum(1 for _, expected in zoo.values() if expected == GOOD)
+    assert stats.counts.get("embedded_clip", 0) == 0 and stats.counts.get("embedded_reference", 0) == 0
+    assert stats.counts["embedded_clip_2"] == good
+    assert stats.notes["embedded_by_model"] == {"tiny-clip-second": good}
+    rows = tables.read("image_embeddings_clip", ["image_id", "clip_model"])
+    assert sorted(set(rows.column("clip_model").to_pylist())) == ["tiny-clip", "tiny-clip-second"]
+    assert rows.num_rows == 2 * good
+    captions = tables.read("caption_embeddings", ["caption_id", "clip_model"])
+    assert captions.num_rows == 2 * len(set(captions.column("caption_id").to_pylist()))
 
 
 def test_no_samples_is_an_error(tmp_path, models):

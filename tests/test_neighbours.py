@@ -229,10 +229,10 @@ def test_the_stage_holds_one_roles_vectors_at_a_time(random_run, monkeypatch):
     alive: list[weakref.ref] = []
     load = neighbours.load_vectors
 
-    def tracked(tables_: RunTables, role: str) -> neighbours.RoleVectors:
+    def tracked(tables_: RunTables, role: str, clip_model: str | None = None) -> neighbours.RoleVectors:
         gc.collect()
         assert all(ref() is None for ref in alive), "the previous role's vectors are still held"
-        loaded = load(tables_, role)
+        loaded = load(tables_, role, clip_model)
         alive.append(weakref.ref(loaded.vectors))
         return loaded
 

@@ -99,12 +99,36 @@ def unread_dataset_keys(dataset: DatasetConfig) -> list[str]:
 class ModelsConfig:
     """Which models fill the CLIP role and the reference (DINOv2) role; specs resolved by the model registry."""
 
-    clip: str = "open_clip:ViT-B-32/openai"
+    clip: str | list[str] = "open_clip:ViT-B-32/openai"
+    """One spec, or a list of specs audited side by side in one run (one leaderboard row each); every table of
+    CLIP-role results keys its rows by ``clip_model``, the spec as written here."""
     reference: str = "hf:facebook/dinov2-base"
     fallback: Literal["none", "tiny"] = "none"
     """``tiny``: when a model's weights cannot be had, use tiny-clip / tiny-dino (random: findings meaningless)."""
     cache_dir: str | None = None
     """Where model weights are looked up (open_clip / Hugging Face cache); None: their defaults."""
+
+    def __post_init__(self) -> None:
+        specs = self.clip_models
+        if not specs:
+            raise ConfigError("models.clip: the list is empty (give at least one CLIP-role model spec)")
+        for i, spec in enumerate(specs):
+            if not spec.strip():
+                raise ConfigError(f"models.clip[{i}]: an empty spec")
+        repeated = sorted({spec for spec in specs if specs.count(spec) > 1})
+        if repeated:
+            raise ConfigError(f"models.clip: {repeated[0]!r} is listed more than once")
+
+    @property
+    def clip_models(self) -> list[str]:
+        """The CLIP-role specs, in config order (one element when ``clip`` is a single spec)."""
+        return [self.clip] if isinstance(self.clip, str) else list(self.clip)
+
+    @property
+    def clip_slots(self) -> dict[str, str]:
+        """Slot name -> spec of every CLIP-role model, in config order: ``clip``, then ``clip_2``, ``clip_3``, ...
+        (the names of their columns in batches and of their counts in the stats)."""
+        return {("clip" if i == 0 else f"clip_{i + 1}"): spec for i, spec in enumerate(self.clip_models)}
 
 
 @dataclass(frozen=True)
@@ -491,6 +515,13 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain data (what is written beside the outputs)."""
         return dataclasses.asdict(self)
+
+    def for_clip_model(self, spec: str) -> Config:
+        """This configuration with ``models.clip`` set to ``spec`` alone: what a per-model stage runs with."""
+        if spec not in self.models.clip_models:
+            raise ConfigError(f"models.clip: {spec!r} is not one of the configured CLIP-role models "
+                              f"({', '.join(self.models.clip_models)})")
+        return dataclasses.replace(self, models=dataclasses.replace(self.models, clip=spec))
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Config:

@@ -14,7 +14,7 @@ from clipaudit.errors import ClipauditError
 from clipaudit.io import fs
 from clipaudit.records import StageStats
 from clipaudit.runs import finish_run, start_run
-from clipaudit.stages.table import STAGES, StageContext, stage_named
+from clipaudit.stages.table import STAGES, StageContext, run_stage, stage_named
 
 __all__ = ["STAGES", "StageError", "parse_stages", "run_pipeline"]
 
@@ -49,16 +49,19 @@ def write_stats(config: Config, stats: StageStats) -> None:
 
 
 def resolve_models(config: Config) -> dict:
-    """Resolve both model roles on the driver (weights checked now, not in the actors)."""
+    """Resolve every model on the driver (weights checked now, not in the actors): slot name -> model, the
+    CLIP-role models in config order (``ModelsConfig.clip_slots``), then ``reference``."""
     from clipaudit.models import resolve_model
 
     m = config.models
-    models = {role: resolve_model(spec, role, fallback=m.fallback, cache_dir=m.cache_dir)
-              for role, spec in (("clip", m.clip), ("reference", m.reference))}
+    slots = [(slot, spec, "clip") for slot, spec in m.clip_slots.items()]
+    slots.append(("reference", m.reference, "reference"))
+    models = {slot: resolve_model(spec, role, fallback=m.fallback, cache_dir=m.cache_dir)
+              for slot, spec, role in slots}
     if any(model.is_random for model in models.values()):
         log.warning("RANDOM MODELS: %s. Their findings are meaningless; this run only shows the pipeline works.",
-                    ", ".join(f"{role}={model.spec} (asked for {model.requested_spec})"
-                              for role, model in models.items() if model.is_random))
+                    ", ".join(f"{slot}={model.spec} (asked for {model.requested_spec})"
+                              for slot, model in models.items() if model.is_random))
     return models
 
 
@@ -85,7 +88,7 @@ def run_pipeline(config: Config, stages: list[str]) -> dict[str, StageStats]:
         context = StageContext(config, tables, runner, models)
         for stage in stages:
             log.info("stage %s", stage)
-            stats = stage_named(stage).run(context)
+            stats = run_stage(stage, context)
             write_stats(config, stats)
             results[stage] = stats
     except BaseException as exc:

@@ -13,6 +13,8 @@ SAMPLES = "samples"
 REJECTS = "rejects"
 IMAGE_EMBEDDINGS = {"clip": "image_embeddings_clip", "reference": "image_embeddings_reference"}
 CAPTION_EMBEDDINGS = "caption_embeddings"
+CLIP_MODEL = "clip_model"
+"""The column that tells the CLIP-role models of one run apart: the spec as written in ``models.clip``."""
 
 
 @dataclass(frozen=True)
@@ -296,3 +298,18 @@ wrote to exhibit the type (two captions of visibly different images); ``sims`` t
 CLIP text tower (``model``); ``success_rate`` the share of pairs with similarity >= ``threshold`` (CLIP cannot tell
 them apart; null without pairs); ``threshold_mode`` ``absolute`` or ``corpus_quantile``; ``status`` the status of
 the request (``ok``, ``failed``, ``parse_failed``, ``pending`` when not sent). Recomputed and replaced every run."""
+
+
+LEADERBOARD = "leaderboard"
+LEADERBOARD_KEY = CLIP_MODEL
+
+CLIP_SCOPED = frozenset({IMAGE_EMBEDDINGS["clip"], CAPTION_EMBEDDINGS, NEIGHBOURS, DAF_CASES, BLIND_PAIRS, TCAC_CASES,
+                         TCAC_SUMMARY, FAILURE_TYPES, FAILURE_CHECKS})
+"""The tables of CLIP-role results: each has a ``clip_model`` column, part of its key, so the rows of several
+CLIP-role models live side by side (see :class:`clipaudit.io.tables.ModelTables`). A row shared by every model
+(the reference role's neighbour lists) has an empty ``clip_model``."""
+
+
+def with_clip_model(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with the ``clip_model`` column appended (as a CLIP-scoped table stores it)."""
+    return schema if CLIP_MODEL in schema.names else schema.append(pa.field(CLIP_MODEL, pa.string(), nullable=False))

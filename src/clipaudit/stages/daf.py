@@ -50,7 +50,7 @@ from clipaudit.records import (
     StageStats,
 )
 from clipaudit.stages.neighbours import RoleVectors, load_vectors
-from clipaudit.stages.upstream import empty_input_message
+from clipaudit.stages.upstream import empty_input_message, model_view
 
 if TYPE_CHECKING:
     from clipaudit.config import Config, DafConfig
@@ -300,6 +300,7 @@ def _record(stats: StageStats, lists: NeighbourLists, scores: ImageScores, cases
 
 def run_daf(config: Config, tables: RunTables) -> StageStats:
     """Run the DAF over the ``neighbours`` table; writes ``daf_cases`` and ``blind_pairs``, returns the stats."""
+    tables = model_view(tables, config)
     cfg = config.daf
     stats = StageStats(STAGE)
     started = time.perf_counter()

@@ -1,4 +1,10 @@
-"""Embed stage: every sample's image under both model roles, every caption under the CLIP text tower.
+"""Embed stage: every sample's image under every model (each CLIP-role model and the reference), every caption
+under each CLIP-role model's text tower.
+
+``models`` maps a slot name to a resolved model: ``clip`` (and ``clip_2``, ``clip_3``, ... when ``models.clip`` is a
+list) and ``reference``. Each image is read and decoded once, however many models there are; each model
+preprocesses it as it must. Rows of CLIP-role models carry ``clip_model`` (the spec as written in the config),
+which is part of their key: adding a model to the list later embeds only that model.
 
 Plans what is left to do from the tables (so a re-run or a resumed run skips finished work), hands the batch
 work to a runner (Ray or in-process) and is the single writer of the results: vectors into
@@ -22,8 +28,10 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from clipaudit.errors import ClipauditError
+from clipaudit.io.tables import sql_string
 from clipaudit.records import (
     CAPTION_EMBEDDINGS,
+    CLIP_MODEL,
     IMAGE_EMBEDDINGS,
     REJECTS,
     REJECTS_KEY,
@@ -32,6 +40,7 @@ from clipaudit.records import (
     StageStats,
     caption_embeddings_schema,
     image_embeddings_schema,
+    with_clip_model,
 )
 from clipaudit.stages.embed_batches import OK, Batch
 from clipaudit.stages.isolation import LOST_FLAG
@@ -67,22 +76,38 @@ def _ids(table: pa.Table | None, column: str = "image_id") -> pa.Array:
     return table.column(column).combine_chunks() if table is not None else pa.array([], pa.string())
 
 
-def _check_model(tables: RunTables, name: str, spec: str) -> None:
-    models = tables.read(name, ["model"])
+def table_of(model: ResolvedModel) -> str:
+    """The table holding ``model``'s image vectors (by its role)."""
+    return IMAGE_EMBEDDINGS[model.role]
+
+
+def model_filter(tables: RunTables, name: str, model: ResolvedModel) -> str | None:
+    """The SQL predicate selecting ``model``'s rows of table ``name``: its ``clip_model`` for a CLIP-role model
+    (EmbedError for a table written without that column), None for the reference role."""
+    if model.role != "clip":
+        return None
+    if tables.exists(name) and not tables.has_column(name, CLIP_MODEL):
+        raise EmbedError(f"{name} in {tables.uri} has no {CLIP_MODEL} column (written by an older clipaudit): "
+                         "use a new run_dir")
+    return f"{CLIP_MODEL} = {sql_string(model.requested_spec)}"
+
+
+def _check_model(tables: RunTables, name: str, model: ResolvedModel) -> None:
+    models = tables.read(name, ["model"], where=model_filter(tables, name, model))
     if models is None or models.num_rows == 0:
         return
     found = set(pc.unique(models.column("model")).to_pylist())
-    if found != {spec}:
+    if found != {model.spec}:
         raise EmbedError(
-            f"{name} in {tables.uri} holds vectors of {sorted(found)}, but the config asks for {spec!r}: "
+            f"{name} in {tables.uri} holds vectors of {sorted(found)}, but the config asks for {model.spec!r}: "
             "use a new run_dir for a different model"
         )
 
 
 def plan_images(tables: RunTables, models: dict[str, ResolvedModel]) -> pa.Table:
-    """Samples that some role still has to embed: columns image_id, uri, need_<role> for each role.
+    """Samples that some model still has to embed: columns image_id, uri, need_<slot> for each slot of ``models``.
 
-    An image is done for a role when its vector is in that role's table, and done for every role when the
+    An image is done for a model when its vector is in that model's rows, and done for every model when the
     embed stage already rejected it.
     """
     samples = tables.read(SAMPLES, ["image_id", "uri"])
@@ -91,11 +116,12 @@ def plan_images(tables: RunTables, models: dict[str, ResolvedModel]) -> pa.Table
     rejected = _ids(tables.read(REJECTS, ["item"], where=f"stage = '{STAGE}'"), "item")
     open_rows = pc.invert(pc.is_in(samples.column("image_id"), value_set=rejected))
     needs = []
-    for role, model in models.items():
-        _check_model(tables, IMAGE_EMBEDDINGS[role], model.spec)
-        done = _ids(tables.read(IMAGE_EMBEDDINGS[role], ["image_id"]))
+    for slot, model in models.items():
+        name = table_of(model)
+        _check_model(tables, name, model)
+        done = _ids(tables.read(name, ["image_id"], where=model_filter(tables, name, model)))
         need = pc.and_(open_rows, pc.invert(pc.is_in(samples.column("image_id"), value_set=done)))
-        samples = samples.append_column(f"need_{role}", need)
+        samples = samples.append_column(f"need_{slot}", need)
         needs.append(need)
     any_need = needs[0]
     for need in needs[1:]:
@@ -103,11 +129,12 @@ def plan_images(tables: RunTables, models: dict[str, ResolvedModel]) -> pa.Table
     return samples.filter(any_need).sort_by("image_id")
 
 
-def plan_captions(tables: RunTables, spec: str) -> pa.Table:
-    """Captions without a vector yet and not rejected: caption_id (``image_id#n``), image_id, text."""
-    _check_model(tables, CAPTION_EMBEDDINGS, spec)
+def plan_captions(tables: RunTables, model: ResolvedModel) -> pa.Table:
+    """Captions without a vector of ``model`` yet and not rejected: caption_id (``image_id#n``), image_id, text."""
+    _check_model(tables, CAPTION_EMBEDDINGS, model)
     samples = tables.read(SAMPLES, ["image_id", "captions"])
-    done = set(_ids(tables.read(CAPTION_EMBEDDINGS, ["caption_id"]), "caption_id").to_pylist())
+    done = set(_ids(tables.read(CAPTION_EMBEDDINGS, ["caption_id"],
+                                where=model_filter(tables, CAPTION_EMBEDDINGS, model)), "caption_id").to_pylist())
     done |= set(_ids(tables.read(REJECTS, ["item"], where=f"stage = '{STAGE}'"), "item").to_pylist())
     rows = {"caption_id": [], "image_id": [], "text": []}
     for image_id, captions in zip(samples.column("image_id").to_pylist(), samples.column("captions").to_pylist()):
@@ -127,7 +154,7 @@ class ImageSink:
     def __init__(self, tables: RunTables, models: dict[str, ResolvedModel], write_every: int,
                  stats: StageStats) -> None:
         self.tables, self.models, self.write_every, self.stats = tables, models, write_every, stats
-        self.vectors: dict[str, list[pa.Table]] = {role: [] for role in models}
+        self.vectors: dict[str, list[pa.Table]] = {slot: [] for slot in models}
         self.rejects: list[dict[str, str]] = []
         self.buffered = 0
 
@@ -140,15 +167,16 @@ class ImageSink:
             return n
         for phase in ("read", "decode"):
             self.stats.add_time(phase, float(np.sum(batch[f"t_{phase}"])))
-        for role, model in self.models.items():
-            self.stats.add_time(f"infer_{role}", float(np.sum(batch[f"t_infer_{role}"])))
-            rows = ok & batch[f"need_{role}"].astype(bool)
-            vectors = np.asarray(batch[f"vector_{role}"][rows], dtype=np.float32)
+        for slot, model in self.models.items():
+            self.stats.add_time(f"infer_{slot}", float(np.sum(batch[f"t_infer_{slot}"])))
+            rows = ok & batch[f"need_{slot}"].astype(bool)
+            vectors = np.asarray(batch[f"vector_{slot}"][rows], dtype=np.float32)
             if len(vectors):
-                self.vectors[role].append(pa.table({
+                self.vectors[slot].append(pa.table({
                     "image_id": pa.array(batch["image_id"][rows].tolist(), pa.string()),
                     "model": pa.array([model.spec] * len(vectors), pa.string()),
                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
+                    CLIP_MODEL: pa.array([model.requested_spec] * len(vectors), pa.string()),
                 }))
         self._reject(batch, np.flatnonzero(~ok))
         self.buffered += n
@@ -162,14 +190,20 @@ class ImageSink:
                                  "stage": STAGE, "reason": str(batch["status"][i]), "detail": str(batch["detail"][i])})
 
     def flush(self) -> None:
-        """Write what is buffered: vectors per role, then rejects."""
+        """Write what is buffered: vectors per model, then rejects."""
         start = time.perf_counter()
-        for role, parts in self.vectors.items():
+        for slot, parts in self.vectors.items():
             if parts:
+                model = self.models[slot]
                 rows = pa.concat_tables(parts)
                 schema = image_embeddings_schema(rows.schema.field("vector").type.list_size)
-                written = self.tables.insert_new(IMAGE_EMBEDDINGS[role], rows, "image_id", schema)
-                self.stats.add_count(f"embedded_{role}", written)
+                key = ["image_id"]
+                if model.role == "clip":
+                    schema, key = with_clip_model(schema), [*key, CLIP_MODEL]
+                written = self.tables.insert_new(table_of(model), rows, key, schema)
+                self.stats.add_count(f"embedded_{slot}", written)
+                self.stats.notes.setdefault("embedded_by_model", {}).setdefault(model.requested_spec, 0)
+                self.stats.notes["embedded_by_model"][model.requested_spec] += written
                 parts.clear()
         if self.rejects:
             written = self.tables.insert_new(REJECTS, pa.Table.from_pylist(self.rejects, schema=REJECTS_SCHEMA),
@@ -237,7 +271,8 @@ class CaptionSink:
         expanded = vectors[sources]
         self.parts.append(self.todo.take(rows).append_column(
             "model", pa.array([self.model.spec] * len(rows), pa.string())).append_column(
-            "vector", pa.FixedSizeListArray.from_arrays(pa.array(expanded.reshape(-1)), vectors.shape[1])))
+            "vector", pa.FixedSizeListArray.from_arrays(pa.array(expanded.reshape(-1)), vectors.shape[1])).append_column(
+            CLIP_MODEL, pa.array([self.model.requested_spec] * len(rows), pa.string())))
         self.buffered += len(rows)
         self.stats.add_count("text_encodings", len(vectors))
         if self.buffered >= self.write_every:
@@ -256,9 +291,11 @@ class CaptionSink:
         start = time.perf_counter()
         if self.parts:
             rows = pa.concat_tables(self.parts)
-            schema = caption_embeddings_schema(rows.schema.field("vector").type.list_size)
-            self.stats.add_count("embedded_captions", self.tables.insert_new(CAPTION_EMBEDDINGS, rows, "caption_id",
-                                                                             schema))
+            schema = with_clip_model(caption_embeddings_schema(rows.schema.field("vector").type.list_size))
+            written = self.tables.insert_new(CAPTION_EMBEDDINGS, rows, ["caption_id", CLIP_MODEL], schema)
+            self.stats.add_count("embedded_captions", written)
+            by_model = self.stats.notes.setdefault("embedded_captions_by_model", {})
+            by_model[self.model.requested_spec] = by_model.get(self.model.requested_spec, 0) + written
             self.parts.clear()
         if self.rejects:
             written = self.tables.insert_new(REJECTS, pa.Table.from_pylist(self.rejects, schema=REJECTS_SCHEMA),
@@ -271,8 +308,8 @@ class CaptionSink:
 
 def embed_captions(tables: RunTables, runner: Runner, model: ResolvedModel, embed: EmbedConfig,
                    stats: StageStats) -> None:
-    """Embed every caption that has no vector yet with the CLIP text tower, each distinct text once."""
-    todo = plan_captions(tables, model.spec)
+    """Embed every caption that has no vector of ``model`` yet with its text tower, each distinct text once."""
+    todo = plan_captions(tables, model)
     stats.add_count("captions_todo", todo.num_rows)
     if todo.num_rows == 0:
         return
@@ -281,13 +318,14 @@ def embed_captions(tables: RunTables, runner: Runner, model: ResolvedModel, embe
     _consume(runner.map_texts(texts, model, embed), sink.add, sink.flush, texts.num_rows, "caption text")
 
 
-def account(tables: RunTables, roles: Iterable[str]) -> dict[str, int]:
-    """Corpus-level accounting: samples in, images embedded by every role, images rejected by this stage, caption
+def account(tables: RunTables, models: Iterable[ResolvedModel]) -> dict[str, int]:
+    """Corpus-level accounting: samples in, images embedded by every model, images rejected by this stage, caption
     vectors, captions rejected by this stage."""
     samples = set(_ids(tables.read(SAMPLES, ["image_id"])).to_pylist())
     embedded = set(samples)
-    for role in roles:
-        embedded &= set(_ids(tables.read(IMAGE_EMBEDDINGS[role], ["image_id"])).to_pylist())
+    for model in models:
+        name = table_of(model)
+        embedded &= set(_ids(tables.read(name, ["image_id"], where=model_filter(tables, name, model))).to_pylist())
     items = set(_ids(tables.read(REJECTS, ["item"], where=f"stage = '{STAGE}'"), "item").to_pylist())
     rejected = items & samples
     return {"in": len(samples), "embedded": len(embedded), "rejected": len(rejected),
@@ -306,16 +344,19 @@ def check_rejects(tables: RunTables, totals: dict[str, int], limit: float) -> No
 
 
 def run_embed(tables: RunTables, runner: Runner, models: dict[str, ResolvedModel], embed: EmbedConfig) -> StageStats:
-    """Run the embed stage: images under every role in ``models``, then captions under the ``clip`` role."""
+    """Run the embed stage: images under every model of ``models`` (slot -> model; one decode per image), then
+    captions under each CLIP-role model's text tower."""
     stats = StageStats(STAGE)
     started = time.perf_counter()
     embed_images(tables, runner, models, embed, stats)
-    if "clip" in models:
-        embed_captions(tables, runner, models["clip"], embed, stats)
-    totals = account(tables, models)
+    for model in models.values():
+        if model.role == "clip":
+            embed_captions(tables, runner, model, embed, stats)
+    totals = account(tables, models.values())
     stats.counts.update({f"total_{k}": v for k, v in totals.items()})
     stats.add_time("wall", time.perf_counter() - started)
-    stats.notes.update(models={role: m.spec for role, m in models.items()},
+    stats.notes.update(models={slot: m.spec for slot, m in models.items()},
+                       clip_models=[m.requested_spec for m in models.values() if m.role == "clip"],
                        random_models=any(m.is_random for m in models.values()),
                        device=getattr(runner, "device", "cpu"))
     check_rejects(tables, totals, embed.max_reject_share)

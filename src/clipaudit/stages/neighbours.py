@@ -1,8 +1,11 @@
-"""Neighbours stage: the top-k cosine neighbours of every image under each model role -> ``neighbours``.
+"""Neighbours stage: the top-k cosine neighbours of every image under each model -> ``neighbours``.
 
-Only the images embedded by *both* roles (the intersection of ``image_embeddings_clip`` and
-``image_embeddings_reference``) take part, as queries and as candidates, so that an image's two lists are drawn
-from the same pool and can be compared; the stats say how many images each role had and how many were left out.
+The lists are computed per *slot*: each CLIP-role model of ``models.clip`` (rows with ``model = 'clip'`` and
+``clip_model`` its spec) and the reference (``model = 'reference'``, ``clip_model`` empty: one set of reference
+lists shared by every CLIP-role model). Only the images embedded by *every* model (the intersection of
+``image_embeddings_clip`` per model and ``image_embeddings_reference``) take part, as queries and as candidates,
+so that an image's lists are drawn from the same pool and can be compared; the stats say how many images each
+slot had and how many were left out.
 Rows are ordered by image_id, so ties (equal similarities) go to the smaller image_id, deterministically.
 
 ``neighbours.method``:
@@ -24,8 +27,9 @@ corpora, and ``ray.runner: local``, search in this process (on its GPU when ther
 about N^2 d / 2 multiply-adds per role; past :data:`CPU_EXACT_WARN` images on CPUs it is hours: the stage warns
 there, and GPUs or ``method: ann`` are the way (on one GPU, fp16, N of a few million is minutes).
 
-Re-running reuses the table when it already holds, for both roles, exactly the current image set with the same
-k, method and model specs; otherwise the table is recomputed and replaced as a whole (one write).
+Re-running reuses a slot's lists when the table already holds, for that slot, exactly the current image set with
+the same k, method and model spec; only the other slots are computed, and their rows replaced (one write per
+slot): adding a CLIP-role model to the list computes only its lists.
 """
 
 from __future__ import annotations
@@ -45,7 +49,16 @@ import pyarrow.compute as pc
 from clipaudit import knn
 from clipaudit.daf_metrics import overlap_counts
 from clipaudit.errors import ClipauditError
-from clipaudit.records import IMAGE_EMBEDDINGS, NEIGHBOURS, NEIGHBOURS_ANN, NEIGHBOURS_SCHEMA, StageStats
+from clipaudit.io.tables import sql_string
+from clipaudit.records import (
+    CLIP_MODEL,
+    IMAGE_EMBEDDINGS,
+    NEIGHBOURS,
+    NEIGHBOURS_ANN,
+    NEIGHBOURS_SCHEMA,
+    StageStats,
+    with_clip_model,
+)
 
 if TYPE_CHECKING:
     from clipaudit.config import Config, NeighboursConfig
@@ -54,7 +67,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("clipaudit.neighbours")
 STAGE = "neighbours"
-ROLES = ("clip", "reference")
 CPU_EXACT_WARN = 250_000
 """Images above which exact search on a CPU takes hours: the stage warns and suggests a GPU or ``ann``."""
 ANN_QUERY_BATCH = 1024
@@ -63,6 +75,26 @@ ANN_QUERY_BATCH = 1024
 
 class NeighboursError(ClipauditError, RuntimeError):
     """The neighbours cannot be computed as asked (the message says why and what to do)."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One set of neighbour lists: a CLIP-role model (``clip_model`` its spec as written in the config) or the
+    reference (``clip_model`` empty). ``name`` (``clip``, ``clip_2``, ..., ``reference``) names it in the stats."""
+
+    name: str
+    role: str
+    clip_model: str = ""
+
+    def where(self) -> str:
+        """The SQL predicate selecting this slot's rows of ``neighbours``."""
+        return f"model = {sql_string(self.role)} AND {CLIP_MODEL} = {sql_string(self.clip_model)}"
+
+
+def slots_of(config: Config) -> list[Slot]:
+    """The slots of a run: every CLIP-role model in config order, then the reference."""
+    clip = [Slot(name, "clip", spec) for name, spec in config.models.clip_slots.items()]
+    return [*clip, Slot("reference", "reference")]
 
 
 @dataclass
@@ -135,10 +167,26 @@ def _one_spec(specs: set[str], name: str) -> str:
     return next(iter(specs))
 
 
-def load_ids(tables: RunTables, role: str) -> RoleIds:
-    """One role's image ids and model spec, without its vectors (errors as :func:`load_vectors`)."""
+def _model_rows(dataset, role: str, clip_model: str | None) -> tuple[pa.Table, np.ndarray | None]:
+    """The ``image_id`` and ``model`` columns of one model's rows, and their row positions in the dataset (None:
+    every row). A CLIP-role table holds one model's rows per ``clip_model``; one written without that column (by
+    an older clipaudit) holds one model only, and is read whole."""
+    scoped = clip_model and role == "clip" and CLIP_MODEL in dataset.schema.names
+    keys = dataset.to_table(columns=["image_id", "model", CLIP_MODEL] if scoped else ["image_id", "model"])
+    if not scoped:
+        return keys, None
+    positions = np.flatnonzero(pc.equal(keys.column(CLIP_MODEL), clip_model).to_numpy(zero_copy_only=False))
+    if len(positions) == 0:
+        raise NeighboursError(f"no embeddings of CLIP-role model {clip_model!r} in {IMAGE_EMBEDDINGS[role]}: run "
+                              "embed first (with every model of models.clip)")
+    return keys.take(pa.array(positions)).select(["image_id", "model"]), positions
+
+
+def load_ids(tables: RunTables, role: str, clip_model: str | None = None) -> RoleIds:
+    """One model's image ids and spec, without its vectors (errors as :func:`load_vectors`); ``clip_model``
+    picks the CLIP-role model (None: the table's only one)."""
     name = IMAGE_EMBEDDINGS[role]
-    table = _embedding_dataset(tables, role).to_table(columns=["image_id", "model"])
+    table, _ = _model_rows(_embedding_dataset(tables, role), role, clip_model)
     spec = _one_spec(set(pc.unique(table.column("model")).to_pylist()), name)
     return RoleIds(role, spec, table.column("image_id").combine_chunks())
 
@@ -186,11 +234,12 @@ def _fill_chunk(out: np.ndarray, column: pa.Array, ids: pa.Array, problems: _Loa
     normalise_in_place(out)
 
 
-def _read_fixed(dataset, name: str, dim: int) -> tuple[pa.Array, str, np.ndarray]:
-    """Read a fixed-size vector column chunk by chunk (``take`` of row ranges, whose buffers are freed after each
-    chunk) into one preallocated float32 array, normalised in place: ``(ids, spec, vectors)``; NeighboursError on
-    several specs, null or non-finite vectors."""
-    keys = dataset.to_table(columns=["image_id", "model"])
+def _read_fixed(dataset, name: str, dim: int, role: str,
+                clip_model: str | None) -> tuple[pa.Array, str, np.ndarray]:
+    """Read one model's fixed-size vectors chunk by chunk (``take`` of row ranges, whose buffers are freed after
+    each chunk) into one preallocated float32 array, normalised in place: ``(ids, spec, vectors)``;
+    NeighboursError on several specs, null or non-finite vectors."""
+    keys, positions = _model_rows(dataset, role, clip_model)
     spec = _one_spec(set(pc.unique(keys.column("model")).to_pylist()), name)
     ids = keys.column("image_id").combine_chunks()
     vectors = np.empty((len(ids), dim), dtype=np.float32)
@@ -198,16 +247,20 @@ def _read_fixed(dataset, name: str, dim: int) -> tuple[pa.Array, str, np.ndarray
     problems = _LoadProblems()
     for lo in range(0, len(ids), step):
         hi = min(lo + step, len(ids))
-        column = dataset.take(np.arange(lo, hi), columns=["vector"]).column("vector").combine_chunks()
+        rows = np.arange(lo, hi) if positions is None else positions[lo:hi]
+        column = dataset.take(rows, columns=["vector"]).column("vector").combine_chunks()
         _fill_chunk(vectors[lo:hi], column, ids[lo:hi], problems)
     problems.raise_any(name)
     return ids, spec, vectors
 
 
-def _read_whole(dataset, name: str) -> tuple[pa.Array, str, np.ndarray]:
-    """``(ids, spec, vectors)`` of a table whose vectors are variable-size lists (read whole, to name
+def _read_whole(dataset, name: str, role: str, clip_model: str | None) -> tuple[pa.Array, str, np.ndarray]:
+    """``(ids, spec, vectors)`` of one model in a table whose vectors are variable-size lists (read whole, to name
     mismatched dimensions); NeighboursError on several specs, null, mismatched or non-finite vectors."""
     table = dataset.to_table(columns=["image_id", "model", "vector"])
+    _, positions = _model_rows(dataset, role, clip_model)
+    if positions is not None:
+        table = table.take(pa.array(positions))
     ids = table.column("image_id").combine_chunks()
     spec = _one_spec(set(pc.unique(table.column("model")).to_pylist()), name)
     vectors = vector_matrix(table.column("vector"), ids, name)
@@ -218,17 +271,18 @@ def _read_whole(dataset, name: str) -> tuple[pa.Array, str, np.ndarray]:
     return ids, spec, vectors
 
 
-def load_vectors(tables: RunTables, role: str) -> RoleVectors:
-    """Read one role's embeddings, L2-normalised; NeighboursError when there are none ("run embed first") or
-    they are unusable. Fixed-size vectors (what embed writes) are read in chunks into one preallocated float32
-    matrix: the peak is that matrix and a few times :data:`READ_CHUNK_BYTES` more."""
+def load_vectors(tables: RunTables, role: str, clip_model: str | None = None) -> RoleVectors:
+    """Read one model's embeddings, L2-normalised (``clip_model`` picks the CLIP-role model; None: the table's
+    only one); NeighboursError when there are none ("run embed first") or they are unusable. Fixed-size vectors
+    (what embed writes) are read in chunks into one preallocated float32 matrix: the peak is that matrix and a
+    few times :data:`READ_CHUNK_BYTES` more."""
     name = IMAGE_EMBEDDINGS[role]
     dataset = _embedding_dataset(tables, role)
     kind = dataset.schema.field("vector").type
     if pa.types.is_fixed_size_list(kind):
-        ids, spec, vectors = _read_fixed(dataset, name, kind.list_size)
+        ids, spec, vectors = _read_fixed(dataset, name, kind.list_size, role, clip_model)
     else:
-        ids, spec, vectors = _read_whole(dataset, name)
+        ids, spec, vectors = _read_whole(dataset, name, role, clip_model)
     return RoleVectors(role, spec, ids, vectors)
 
 
@@ -345,104 +399,100 @@ def recall_at_k(vectors: np.ndarray, approx: np.ndarray, sample: int, seed: int,
     return float(overlap_counts(approx[rows], exact).mean() / k)
 
 
-def lists_table(image_ids: pa.Array, role: str, ids: np.ndarray, sims: np.ndarray, method: str,
+def lists_table(image_ids: pa.Array, slot: Slot, ids: np.ndarray, sims: np.ndarray, method: str,
                 spec: str) -> pa.Table:
-    """Rows of the ``neighbours`` table for one role (row i of ``ids`` indexes ``image_ids``)."""
+    """Rows of the ``neighbours`` table for one slot (row i of ``ids`` indexes ``image_ids``)."""
     n, k = ids.shape
     offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
     return pa.table({
         "image_id": image_ids,
-        "model": pa.array([role] * n, pa.string()),
+        "model": pa.array([slot.role] * n, pa.string()),
         "ids": pa.ListArray.from_arrays(offsets, image_ids.take(pa.array(ids.reshape(-1)))),
         "sims": pa.ListArray.from_arrays(offsets, pa.array(sims.reshape(-1).astype(np.float32))),
         "k": pa.array(np.full(n, k, dtype=np.int32)),
         "method": pa.array([method] * n, pa.string()),
         "spec": pa.array([spec] * n, pa.string()),
-    }, schema=NEIGHBOURS_SCHEMA)
+        CLIP_MODEL: pa.array([slot.clip_model] * n, pa.string()),
+    }, schema=with_clip_model(NEIGHBOURS_SCHEMA))
 
 
-def is_up_to_date(tables: RunTables, image_ids: pa.Array, k: int, method: str, specs: dict[str, str]) -> bool:
-    """Whether ``neighbours`` already holds, for every role, exactly ``image_ids`` with this k, method and spec."""
-    if not tables.exists(NEIGHBOURS):
+def is_up_to_date(tables: RunTables, slot: Slot, image_ids: pa.Array, k: int, method: str, spec: str) -> bool:
+    """Whether ``neighbours`` already holds, for ``slot``, exactly ``image_ids`` with this k, method and spec."""
+    wanted = ["image_id", "model", "k", "method", "spec", CLIP_MODEL]
+    if not tables.exists(NEIGHBOURS) or not set(wanted) <= set(tables.db.open_table(NEIGHBOURS).schema.names):
         return False
-    wanted = ["image_id", "model", "k", "method", "spec"]
-    if not set(wanted) <= set(tables.db.open_table(NEIGHBOURS).schema.names):
-        return False
-    existing = tables.read(NEIGHBOURS, wanted)
-    if existing.num_rows != len(specs) * len(image_ids):
-        return False
-    for role, spec in specs.items():
-        rows = existing.filter(pc.equal(existing.column("model"), role))
-        same = (rows.num_rows == len(image_ids)
-                and pc.all(pc.equal(rows.column("k"), k)).as_py()
-                and pc.all(pc.equal(rows.column("method"), method)).as_py()
-                and pc.all(pc.equal(rows.column("spec"), spec)).as_py()
-                and rows.column("image_id").take(pc.sort_indices(rows.column("image_id"))).equals(
-                    pa.chunked_array([image_ids])))
-        if not same:
-            return False
-    return True
+    rows = tables.read(NEIGHBOURS, ["image_id", "k", "method", "spec"], where=slot.where())
+    return (rows.num_rows == len(image_ids)
+            and pc.all(pc.equal(rows.column("k"), k)).as_py()
+            and pc.all(pc.equal(rows.column("method"), method)).as_py()
+            and pc.all(pc.equal(rows.column("spec"), spec)).as_py()
+            and rows.column("image_id").take(pc.sort_indices(rows.column("image_id"))).equals(
+                pa.chunked_array([image_ids])))
 
 
-def _search(tables: RunTables, role: str, vectors: np.ndarray, cfg: NeighboursConfig, device: str,
+def _search(tables: RunTables, slot: Slot, vectors: np.ndarray, cfg: NeighboursConfig, device: str,
             stats: StageStats, search: TopkSearch) -> tuple[np.ndarray, np.ndarray]:
     started = time.perf_counter()
     if cfg.method == "ann":
-        ids, sims = ann_neighbours(tables, role, vectors, cfg, device)
-        stats.add_time(f"search_{role}", time.perf_counter() - started)
+        ids, sims = ann_neighbours(tables, slot.role, vectors, cfg, device)
+        stats.add_time(f"search_{slot.name}", time.perf_counter() - started)
         if cfg.recall_sample:
             started = time.perf_counter()
             recall = recall_at_k(vectors, ids, cfg.recall_sample, cfg.seed, device)
-            stats.notes.setdefault("recall_at_k", {})[role] = recall
+            stats.notes.setdefault("recall_at_k", {})[slot.name] = recall
             stats.add_time("recall", time.perf_counter() - started)
-            log.info("ann %s: recall@%d = %.4f on %d sampled images", role, cfg.k, recall,
+            log.info("ann %s: recall@%d = %.4f on %d sampled images", slot.name, cfg.k, recall,
                      min(cfg.recall_sample, len(vectors)))
         return ids, sims
     ids, sims = search.self_topk(vectors, cfg.k)
-    stats.notes.setdefault("search", {})[role] = dict(search.notes)
-    stats.add_time(f"search_{role}", time.perf_counter() - started)
+    stats.notes.setdefault("search", {})[slot.name] = dict(search.notes)
+    stats.add_time(f"search_{slot.name}", time.perf_counter() - started)
     return ids, sims
 
 
 def check_size(n: int, k: int) -> None:
     """NeighboursError unless there are images and ``k`` is smaller than their number ``n``."""
     if n == 0:
-        raise NeighboursError("no image is embedded by both the clip and the reference role: run embed first "
-                              "(with both models) on the same samples")
+        raise NeighboursError("no image is embedded by every model (the clip models and the reference): run embed "
+                              "first (with every model) on the same samples")
     if k >= n:
         raise NeighboursError(f"neighbours.k={k} must be smaller than N={n}, the number of images embedded "
-                              "by both models (each image's own vector is excluded)")
+                              "by every model (each image's own vector is excluded)")
 
 
-def _role_lists(tables: RunTables, role: str, image_ids: pa.Array, cfg: NeighboursConfig, device: str,
+def _slot_lists(tables: RunTables, slot: Slot, image_ids: pa.Array, cfg: NeighboursConfig, device: str,
                 stats: StageStats, search: TopkSearch) -> pa.Table:
-    """Load one role's vectors, search them over ``image_ids`` and return its rows of the table; the vectors are
+    """Load one slot's vectors, search them over ``image_ids`` and return its rows of the table; the vectors are
     released when it returns."""
     started = time.perf_counter()
-    vectors = load_vectors(tables, role)
+    vectors = load_vectors(tables, slot.role, slot.clip_model or None)
     rows = restrict(vectors, image_ids)
     stats.add_time("read", time.perf_counter() - started)
-    ids, sims = _search(tables, role, rows, cfg, device, stats, search)
-    stats.notes.setdefault("mean_kth_similarity", {})[role] = float(sims[:, -1].mean())
-    return lists_table(image_ids, role, ids, sims, cfg.method, vectors.spec)
+    ids, sims = _search(tables, slot, rows, cfg, device, stats, search)
+    stats.notes.setdefault("mean_kth_similarity", {})[slot.name] = float(sims[:, -1].mean())
+    return lists_table(image_ids, slot, ids, sims, cfg.method, vectors.spec)
 
 
-def compute_and_write(tables: RunTables, roles: Mapping[str, RoleIds], image_ids: pa.Array, cfg: NeighboursConfig,
+def compute_and_write(tables: RunTables, slots: list[Slot], image_ids: pa.Array, cfg: NeighboursConfig,
                       device: str, stats: StageStats, search: TopkSearch) -> int:
-    """Search every role over ``image_ids`` (exact: through ``search``), loading one role's vectors at a time,
-    and replace the ``neighbours`` table with one write; rows written."""
+    """Search each of ``slots`` over ``image_ids`` (exact: through ``search``), one slot's vectors at a time, and
+    replace that slot's rows of ``neighbours`` with one write; rows written."""
     n = len(image_ids)
     if device == "cpu" and cfg.method == "exact" and n > CPU_EXACT_WARN:
         log.warning("exact neighbours of %d images on the CPU will take long; use a GPU or neighbours.method: ann",
                     n)
-    log.info("neighbours: %d images embedded by both roles (clip %d, reference %d); k=%d, %s on %s", n,
-             len(roles["clip"].ids), len(roles["reference"].ids), cfg.k, cfg.method, device)
-    parts = [_role_lists(tables, role, image_ids, cfg, device, stats, search) for role in roles]
-    started = time.perf_counter()
-    rows = pa.concat_tables(parts)
-    tables.replace(NEIGHBOURS, rows, NEIGHBOURS_SCHEMA)
-    stats.add_time("write", time.perf_counter() - started)
-    return rows.num_rows
+    log.info("neighbours: %d images embedded by every model; computing %s; k=%d, %s on %s", n,
+             ", ".join(slot.name for slot in slots), cfg.k, cfg.method, device)
+    if tables.exists(NEIGHBOURS) and not tables.has_column(NEIGHBOURS, CLIP_MODEL):
+        tables.db.drop_table(NEIGHBOURS)
+    written = 0
+    for slot in slots:
+        rows = _slot_lists(tables, slot, image_ids, cfg, device, stats, search)
+        started = time.perf_counter()
+        tables.replace_where(NEIGHBOURS, rows, with_clip_model(NEIGHBOURS_SCHEMA), slot.where())
+        stats.add_time("write", time.perf_counter() - started)
+        written += rows.num_rows
+    return written
 
 
 def run_neighbours(config: Config, tables: RunTables,
@@ -451,33 +501,40 @@ def run_neighbours(config: Config, tables: RunTables,
 
     ``runner`` places the exact search (its ``topk``); None: a runner of its own per ``config.ray``, which
     starts Ray only for a search of at least ``neighbours.ray_min_images`` images and stops it afterwards.
-    Counts: ``images`` (embedded by both roles), ``images_<role>`` and ``left_out_<role>`` (embedded by that
-    role only), ``rows_written``. Notes: k, method, device, the models, ``reused``, ``recall_at_k`` (ann),
-    ``search`` (per role: where the exact search ran, on how many workers).
+    Counts: ``images`` (embedded by every model), ``images_<slot>`` and ``left_out_<slot>`` (embedded by that
+    model but not by all), ``rows_written``. Notes: k, method, device, the models, ``reused`` (whether every
+    slot's lists were reused), ``computed`` (the slots whose lists were computed), ``recall_at_k`` (ann),
+    ``search`` (per slot: where the exact search ran, on how many workers).
     """
     cfg = config.neighbours
     stats = StageStats(STAGE)
     started = time.perf_counter()
-    roles = {role: load_ids(tables, role) for role in ROLES}
-    image_ids = common_ids(roles)
+    slots = slots_of(config)
+    embedded = {slot.name: load_ids(tables, slot.role, slot.clip_model or None) for slot in slots}
+    image_ids = common_ids(embedded)
     n = len(image_ids)
-    for role, embedded in roles.items():
-        stats.add_count(f"images_{role}", len(embedded.ids))
-        stats.add_count(f"left_out_{role}", len(embedded.ids) - n)
+    for name, ids in embedded.items():
+        stats.add_count(f"images_{name}", len(ids.ids))
+        stats.add_count(f"left_out_{name}", len(ids.ids) - n)
     stats.add_count("images", n)
     stats.add_time("read", time.perf_counter() - started)
     check_size(n, cfg.k)
     device = resolve_device(cfg.device)
-    specs = {role: embedded.spec for role, embedded in roles.items()}
+    specs = {name: ids.spec for name, ids in embedded.items()}
     stats.notes.update(k=cfg.k, method=cfg.method, device=device, models=specs,
-                       population=(f"the {n} images embedded by both roles (their intersection), so the two "
+                       clip_models={slot.name: slot.clip_model for slot in slots if slot.role == "clip"},
+                       population=(f"the {n} images embedded by every model (their intersection), so the "
                                    "neighbour lists of an image are drawn from the same pool"))
-    reused = is_up_to_date(tables, image_ids, cfg.k, cfg.method, specs)
+    stale = [slot for slot in slots
+             if not is_up_to_date(tables, slot, image_ids, cfg.k, cfg.method, specs[slot.name])]
+    reused = [slot.name for slot in slots if slot not in stale]
     if reused:
-        log.info("neighbours: the table already holds k=%d %s neighbours of these %d images; reused", cfg.k,
-                 cfg.method, n)
-    stats.notes["reused"] = reused
-    if not reused:
+        log.info("neighbours: the table already holds k=%d %s neighbours of these %d images for %s; reused", cfg.k,
+                 cfg.method, n, ", ".join(reused))
+    stats.notes["reused"] = not stale
+    stats.notes["computed"] = [slot.name for slot in stale]
+    stats.notes["computed_clip_models"] = [slot.clip_model for slot in stale if slot.role == "clip"]
+    if stale:
         with ExitStack() as stack:
             if runner is None:
                 from clipaudit.runtime import LazyRunner
@@ -485,7 +542,7 @@ def run_neighbours(config: Config, tables: RunTables,
                 runner = LazyRunner(config)
                 stack.callback(runner.close)
             search = stack.enter_context(runner.topk(cfg))
-            stats.add_count("rows_written", compute_and_write(tables, roles, image_ids, cfg, device, stats, search))
+            stats.add_count("rows_written", compute_and_write(tables, stale, image_ids, cfg, device, stats, search))
     else:
         stats.add_count("rows_written", 0)
     stats.add_time("wall", time.perf_counter() - started)

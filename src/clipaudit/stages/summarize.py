@@ -74,7 +74,7 @@ from clipaudit.records import (
     TCAC_CASES,
     StageStats,
 )
-from clipaudit.stages.upstream import empty_input_message
+from clipaudit.stages.upstream import empty_input_message, model_view
 
 if TYPE_CHECKING:
     from clipaudit.config import Config, LLMConfig
@@ -486,6 +486,7 @@ def _status_counts(session: LLMSession, ids: Iterable[str]) -> dict[str, Any]:
 def run_summarize(config: Config, tables: RunTables, runner: object | None = None) -> StageStats:
     """Run the summarize stage (see the module docstring); ``runner`` is the pipeline's, or None to make one only
     if something is to be sent."""
+    tables = model_view(tables, config)
     stats = StageStats(STAGE)
     started = time.perf_counter()
     cases = load_cases(config, tables)

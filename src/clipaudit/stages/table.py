@@ -3,13 +3,18 @@
 A stage is one module under :mod:`clipaudit.stages` with a ``run_<stage>`` function, plus one entry here. The
 entry's adapter hands the stage what it takes from a :class:`StageContext` (imports stay inside the adapters, so
 the CLI's ``--help`` and light tests import no torch, Ray or LanceDB). The pipeline (:mod:`clipaudit.pipeline`)
-walks this table; nothing else needs to know the list.
+walks this table through :func:`run_stage`; nothing else needs to know the list.
+
+A stage marked ``per_clip_model`` audits one CLIP-role model at a time: with ``models.clip`` a list, it runs once
+per model, with the config narrowed to that model and the tables seen through that model's view
+(:class:`~clipaudit.io.tables.ModelTables`); its stats are the sum over the models, with each model's own under
+``notes.per_model``. The other stages see every model at once (embed decodes each image once for all of them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -39,6 +44,8 @@ class Stage:
     schedules_models: bool = False
     """Model work on Ray: Ray is started before the first such stage (and before LanceDB is imported, which
     keeps Ray's workers from warning about fork)."""
+    per_clip_model: bool = False
+    """Runs once per CLIP-role model of ``models.clip`` (see the module docstring)."""
 
 
 def _ingest(ctx: StageContext) -> StageStats:
@@ -90,6 +97,12 @@ def _validate(ctx: StageContext) -> StageStats:
     return run_validate(ctx.config, ctx.tables, ctx.runner)
 
 
+def _leaderboard(ctx: StageContext) -> StageStats:
+    from clipaudit.stages.leaderboard import run_leaderboard
+
+    return run_leaderboard(ctx.config, ctx.tables)
+
+
 def _report(ctx: StageContext) -> StageStats:
     from clipaudit.stages.report import run_report
 
@@ -100,10 +113,11 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage("ingest", _ingest),
     Stage("embed", _embed, needs_models=True, schedules_models=True),
     Stage("neighbours", _neighbours),
-    Stage("daf", _daf),
-    Stage("tcac", _tcac, schedules_models=True),
-    Stage("summarize", _summarize),
-    Stage("validate", _validate),
+    Stage("daf", _daf, per_clip_model=True),
+    Stage("tcac", _tcac, schedules_models=True, per_clip_model=True),
+    Stage("summarize", _summarize, per_clip_model=True),
+    Stage("validate", _validate, per_clip_model=True),
+    Stage("leaderboard", _leaderboard),
     Stage("report", _report),
 )
 """Every stage, in pipeline order."""
@@ -115,3 +129,43 @@ _BY_NAME = {stage.name: stage for stage in STAGE_TABLE}
 def stage_named(name: str) -> Stage:
     """The table entry of stage ``name`` (KeyError for an unknown name: validate with the pipeline first)."""
     return _BY_NAME[name]
+
+
+def model_context(ctx: StageContext, slot: str, spec: str) -> StageContext:
+    """``ctx`` narrowed to one CLIP-role model: its config, its view of the tables, its resolved model as ``clip``."""
+    models = {role: model for role, model in ctx.models.items() if role == "reference"}
+    if slot in ctx.models:
+        models["clip"] = ctx.models[slot]
+    return replace(ctx, config=ctx.config.for_clip_model(spec), tables=ctx.tables.for_clip_model(spec),
+                   models=models)
+
+
+def run_stage(name: str, ctx: StageContext) -> StageStats:
+    """Run stage ``name``: once, or once per CLIP-role model for a ``per_clip_model`` stage (stats merged)."""
+    stage = stage_named(name)
+    slots = ctx.config.models.clip_slots
+    if not stage.per_clip_model or len(slots) == 1:
+        return stage.run(ctx)
+    per_model = {}
+    for slot, spec in slots.items():
+        per_model[spec] = stage.run(model_context(ctx, slot, spec))
+    return merge_stats(name, per_model)
+
+
+def merge_stats(name: str, per_model: dict[str, StageStats]) -> StageStats:
+    """One stage's stats over several CLIP-role models: counts and seconds summed, each model's stats (counts,
+    seconds, notes) under ``notes.per_model`` by spec, each model's one-line summary under ``notes.summary``."""
+    from clipaudit.records import StageStats
+
+    merged = StageStats(name)
+    for stats in per_model.values():
+        for key, value in stats.counts.items():
+            merged.add_count(key, value)
+        for key, value in stats.seconds.items():
+            merged.add_time(key, value)
+    merged.notes["per_model"] = {spec: {k: v for k, v in asdict(stats).items() if k != "stage"}
+                                 for spec, stats in per_model.items()}
+    summaries = {spec: stats.notes["summary"] for spec, stats in per_model.items() if "summary" in stats.notes}
+    if summaries:
+        merged.notes["summary"] = "; ".join(f"[{spec}] {line}" for spec, line in summaries.items())
+    return merged

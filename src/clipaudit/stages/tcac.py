@@ -49,7 +49,7 @@ from clipaudit.stages.embed_batches import OK, Batch
 from clipaudit.stages.isolation import LOST, LOST_FLAG
 from clipaudit.stages.reject_limit import check_reject_share
 from clipaudit.stages.tcac_batches import ORIGINAL
-from clipaudit.stages.upstream import empty_input_message
+from clipaudit.stages.upstream import empty_input_message, model_view
 from clipaudit.tcac_scoring import (
     CaptionCorpus,
     CaptionPools,
@@ -216,8 +216,8 @@ def _stored_vectors(tables: RunTables, keys: pa.Array, spec: str) -> tuple[np.nd
                         f"model is {spec!r}: use a new run_dir for a different model")
     at = first_rows(keys, caption_keys(stored.column("text")))
     dataset = tables.db.open_table(CAPTION_EMBEDDINGS).to_lance()
-    return at, _gather_vectors(dataset.to_batches(columns=["vector"]), at[at >= 0],
-                               dataset.schema.field("vector").type.list_size)
+    return at, _gather_vectors(dataset.to_batches(columns=["vector"], filter=tables.scope_filter(CAPTION_EMBEDDINGS)),
+                               at[at >= 0], dataset.schema.field("vector").type.list_size)
 
 
 def _gather_vectors(batches: Iterator[pa.RecordBatch], rows: np.ndarray, dim: int) -> np.ndarray:
@@ -457,19 +457,23 @@ def finalize(tables: RunTables, tcac: TcacConfig, stats: StageStats) -> pa.Table
 
 
 def rewrite_cases(tables: RunTables, marked: pa.Table) -> None:
-    """Overwrite ``tcac_cases`` with its rows in ``marked``'s order (its ``position`` column: row positions in the
-    table) and ``marked``'s marks, streamed from the current version in batches of :data:`REWRITE_ROWS`."""
+    """Rewrite (this model's rows of) ``tcac_cases`` in ``marked``'s order (its ``position`` column: positions among
+    the rows :meth:`~clipaudit.io.tables.RunTables.read` returns) with ``marked``'s marks, streamed from the current
+    version in batches of :data:`REWRITE_ROWS`."""
     dataset = tables.db.open_table(TCAC_CASES).to_lance()
-    reader = pa.RecordBatchReader.from_batches(TCAC_CASES_SCHEMA, _marked_batches(dataset, marked))
-    tables.db.create_table(TCAC_CASES, data=reader, schema=TCAC_CASES_SCHEMA, mode="overwrite")
+    positions = tables.positions(TCAC_CASES)
+    reader = pa.RecordBatchReader.from_batches(TCAC_CASES_SCHEMA, _marked_batches(dataset, marked, positions))
+    tables.rewrite(TCAC_CASES, reader)
 
 
-def _marked_batches(dataset: Any, marked: pa.Table) -> Iterator[pa.RecordBatch]:
-    """The rows of ``dataset`` at ``marked``'s positions, in that order, with ``marked``'s marks set."""
+def _marked_batches(dataset: Any, marked: pa.Table, positions: np.ndarray | None) -> Iterator[pa.RecordBatch]:
+    """The rows of ``dataset`` at ``marked``'s positions (mapped through ``positions``, the dataset positions of
+    the rows read, when not None), in that order, with ``marked``'s marks set."""
     names = TCAC_CASES_SCHEMA.names
     for start in range(0, marked.num_rows, REWRITE_ROWS):
         part = marked.slice(start, REWRITE_ROWS)
-        rows = dataset.take(part.column("position").to_pylist(), columns=names)
+        at = part.column("position").to_numpy()
+        rows = dataset.take((at if positions is None else positions[at]).tolist(), columns=names)
         for name in MARKS:
             rows = rows.set_column(rows.schema.get_field_index(name), name, part.column(name))
         yield from rows.select(names).cast(TCAC_CASES_SCHEMA).to_batches()
@@ -478,6 +482,7 @@ def _marked_batches(dataset: Any, marked: pa.Table) -> Iterator[pa.RecordBatch]:
 def run_tcac(config: Config, tables: RunTables, runner: Runner, model: ResolvedModel | None = None) -> StageStats:
     """Run the tcac stage: score the missing (image, transform) pairs, then re-mark the cases and recompute the
     summary. ``model`` is the resolved CLIP-role model (resolved from ``config.models`` when None)."""
+    tables = model_view(tables, config)
     stats = StageStats(STAGE)
     started = time.perf_counter()
     model = model if model is not None else resolve_clip(config)

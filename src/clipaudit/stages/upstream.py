@@ -1,4 +1,5 @@
-"""Why a stage's input is empty: the stage that feeds it never ran here, or it ran and kept nothing.
+"""What a stage reads from upstream: the run's tables as one CLIP-role model sees them (:func:`model_view`), and
+why a stage's input is empty: the stage that feeds it never ran here, or it ran and kept nothing.
 
 Every stage that finds its input table missing or empty raises its own error with the message of
 :func:`empty_input_message`, which tells the cases apart from what the run directory holds:
@@ -15,11 +16,13 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from clipaudit.errors import ClipauditError
 from clipaudit.io import fs
 from clipaudit.records import REJECTS
 
 if TYPE_CHECKING:
-    from clipaudit.io.tables import RunTables
+    from clipaudit.config import Config
+    from clipaudit.io.tables import ModelTables, RunTables
 
 EXAMPLES = 3
 """Rejects quoted in the message."""
@@ -76,3 +79,13 @@ def _stats(tables: RunTables, stage: str) -> dict | None:
     except ValueError:
         return {}
     return stats if isinstance(stats, dict) else {}
+
+
+def model_view(tables: RunTables | ModelTables, config: Config) -> ModelTables:
+    """The run's tables as the audit of ``config``'s one CLIP-role model sees them (a per-model stage runs with
+    ``config.for_clip_model(spec)``); ClipauditError when ``models.clip`` still lists several."""
+    specs = config.models.clip_models
+    if len(specs) != 1:
+        raise ClipauditError(f"this stage audits one CLIP-role model at a time, but models.clip lists {len(specs)}: "
+                             "run it through the pipeline, or with config.for_clip_model(spec)")
+    return tables.for_clip_model(specs[0])

@@ -41,7 +41,7 @@ from clipaudit.llm.requests import LLMRequest
 from clipaudit.records import CAPTION_EMBEDDINGS, FAILURE_CHECKS, FAILURE_CHECKS_SCHEMA, FAILURE_TYPES, StageStats
 from clipaudit.stages.isolation import describe, run_isolated
 from clipaudit.stages.summarize import LLMSession, PlannedCall
-from clipaudit.stages.upstream import empty_input_message
+from clipaudit.stages.upstream import empty_input_message, model_view
 
 if TYPE_CHECKING:
     from clipaudit.config import Config
@@ -177,13 +177,14 @@ def corpus_threshold(tables: RunTables, spec: str, quantile: float, pairs: int, 
         raise ValidateError(empty_input_message(tables, missing, "embed", CAPTION_EMBEDDINGS)
                             + " (or use validate.threshold_mode absolute)")
     dataset = tables.db.open_table(CAPTION_EMBEDDINGS).to_lance()
-    n = dataset.count_rows()
+    mine = tables.positions(CAPTION_EMBEDDINGS)
+    n = dataset.count_rows() if mine is None else len(mine)
     if n < 2:
         raise ValidateError(f"{CAPTION_EMBEDDINGS} holds {n} captions: too few for validate.corpus_quantile")
     rng = np.random.default_rng(seed)
     left, right = rng.integers(0, n, pairs), rng.integers(0, n, pairs)
     rows = np.unique(np.concatenate([left, right]))
-    sample = dataset.take(rows.tolist(), columns=["image_id", "model", "vector"])
+    sample = dataset.take((rows if mine is None else mine[rows]).tolist(), columns=["image_id", "model", "vector"])
     models = set(sample.column("model").to_pylist())
     if models != {spec}:
         raise ValidateError(f"{CAPTION_EMBEDDINGS} holds vectors of {sorted(models)}, but validate embeds with "
@@ -223,6 +224,7 @@ def checks_table(types: Sequence[FailureType], calls: Sequence[PlannedCall], sta
 
 def run_validate(config: Config, tables: RunTables, runner: object | None = None) -> StageStats:
     """Run the validate stage (see the module docstring)."""
+    tables = model_view(tables, config)
     stats = StageStats(STAGE)
     started = time.perf_counter()
     if config.llm.dry_run and not tables.exists(FAILURE_TYPES):
