@@ -8,7 +8,13 @@ foreground pixels (pixels that differ from the background, read at the top-left 
 layout vector next to a unit histogram of the foreground pixels' colours (4 levels per channel), with equal
 weight. Two colour variants of one layout have reference similarity 0.5 (same layout, no shared colour).
 
-Both are deterministic and work on any RGB image; neither needs weights.
+``python:planted_models:position_blind`` (the CLIP role) sees only *which colours* the shapes have: the unit
+histogram of the foreground pixels' colours. Two scenes that differ only by where one shape of one size is have
+exactly the same vector. ``python:planted_models:all_seeing`` (the CLIP role) sees what the reference sees.
+``python:planted_models:layout_only`` is the colour-blind model under another name (a fourth model for tests
+that add one to a run).
+
+All are deterministic and work on any RGB image; none needs weights.
 """
 
 from __future__ import annotations
@@ -86,6 +92,56 @@ class ColourAware:
             mask = foreground(pixels)
             out.append(np.concatenate([_unit(layout(mask) + 1e-6), _unit(colours(pixels, mask))]))
         return np.stack(out)
+
+
+class _HashedText:
+    """A hashed bag of words as the text tower (the text tower is not under test)."""
+
+    logit_scale = 100.0
+    dim = GRID * GRID
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """One hashed bag-of-words vector per text."""
+        return ColourBlind.encode_texts(self, texts)  # type: ignore[arg-type]
+
+
+class PositionBlind(_HashedText):
+    """Colours only: a CLIP-role plug-in that cannot tell where a shape is."""
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        """One unit colour-histogram vector per image (padded to the text dimension)."""
+        out = []
+        for image in images:
+            pixels = np.asarray(image.convert("RGB"))
+            hist = _unit(colours(pixels, foreground(pixels)) + 1e-6)
+            out.append(np.concatenate([hist, np.zeros(self.dim - len(hist))]))
+        return np.stack(out)
+
+
+class AllSeeing(_HashedText):
+    """Layout and colour, as the reference sees them: a CLIP-role plug-in without a planted blind spot."""
+
+    def __init__(self) -> None:
+        self.dim = ColourAware.dim
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        """The reference's vectors."""
+        return ColourAware().encode_images(images)
+
+
+def position_blind() -> PositionBlind:
+    """Factory of the position-blind CLIP-role model."""
+    return PositionBlind()
+
+
+def all_seeing() -> AllSeeing:
+    """Factory of the CLIP-role model that sees what the reference sees."""
+    return AllSeeing()
+
+
+def layout_only() -> ColourBlind:
+    """The colour-blind CLIP-role model under another spec."""
+    return ColourBlind()
 
 
 def colour_blind() -> ColourBlind:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 
 SAMPLES = "samples"
@@ -68,23 +69,40 @@ REJECTS_SCHEMA = pa.schema([
 REJECTS_KEY = ["stage", "source", "item"]
 
 
-def image_embeddings_schema(dim: int) -> pa.Schema:
-    """Schema of ``image_embeddings_clip`` / ``image_embeddings_reference``: one L2-normalised vector per image."""
+def vector_type(dim: int | None) -> pa.DataType:
+    """A vector column: fixed-size ``dim`` floats, or variable-size (None) where one table holds the vectors of
+    several CLIP-role models, whose dimensions may differ (each model's own rows have one dimension)."""
+    return pa.list_(pa.float32()) if dim is None else pa.list_(pa.float32(), dim)
+
+
+def vector_array(vectors: np.ndarray, fixed: bool) -> pa.Array:
+    """An ``(n, d)`` float32 array as a vector column (:func:`vector_type` ``d`` when ``fixed``, else variable)."""
+    values = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+    if fixed:
+        return pa.FixedSizeListArray.from_arrays(values, vectors.shape[1])
+    n, dim = vectors.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * dim + 1, max(dim, 1), dtype=np.int32)[:n + 1]), values)
+
+
+def image_embeddings_schema(dim: int | None) -> pa.Schema:
+    """Schema of ``image_embeddings_clip`` (``dim`` None: variable-size vectors, one dimension per CLIP-role model)
+    / ``image_embeddings_reference`` (fixed ``dim``): one L2-normalised vector per image."""
     return pa.schema([
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("model", pa.string(), nullable=False),
-        pa.field("vector", pa.list_(pa.float32(), dim)),
+        pa.field("vector", vector_type(dim)),
     ])
 
 
-def caption_embeddings_schema(dim: int) -> pa.Schema:
-    """Schema of ``caption_embeddings``: one CLIP text vector per caption (``caption_id`` = ``image_id#n``)."""
+def caption_embeddings_schema(dim: int | None) -> pa.Schema:
+    """Schema of ``caption_embeddings``: one CLIP text vector per caption (``caption_id`` = ``image_id#n``); ``dim``
+    None: variable-size vectors (the table holds every CLIP-role model's)."""
     return pa.schema([
         pa.field("caption_id", pa.string(), nullable=False),
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("text", pa.string()),
         pa.field("model", pa.string(), nullable=False),
-        pa.field("vector", pa.list_(pa.float32(), dim)),
+        pa.field("vector", vector_type(dim)),
     ])
 
 

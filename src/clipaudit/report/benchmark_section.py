@@ -3,6 +3,7 @@ commands that export it and score models on it."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,8 @@ def benchmark_section(view: RunView, missing: Callable[..., Markup]) -> Callable
             *(("text_pairs.parquet", f"caption pairs: {name}", num(n)) for name, n in counts["text_pairs"].items()),
         ]
         command = f"clipaudit export {view.label} BENCH_DIR"
+        if view.clip_model is not None:
+            command += f" --clip-model {shlex.quote(view.clip_model)}"
         return join([
             tag("h2", TITLE, id=ANCHOR),
             tag("p", "What an export of this run would contain (a versioned folder of Parquet files with a dataset "

@@ -98,3 +98,23 @@ def support_chart(names: Sequence[str], support: Sequence[int], success: Sequenc
             axes.text(value, y, f"  {100 * rate:.0f} % confirmed", va="center", fontsize=7)
     axes.spines[["top", "right"]].set_visible(False)
     return _png(figure)
+
+
+def model_bars(names: Sequence[str], values: Sequence[float | None], label: str,
+               share: bool = False) -> bytes:
+    """One horizontal bar per CLIP-role model (a leaderboard measure; a missing value is drawn as no bar and
+    labelled ``n/a``); ``share``: the axis runs from 0 to 1."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(4.6, max(1.4, 0.34 * len(names) + 0.9)))
+    ys = list(range(len(names)))
+    axes.barh(ys, [v or 0.0 for v in values], color="#2256c9")
+    labels = [(name if len(name) <= 36 else "\u2026" + name[-35:]).replace("$", r"\$") for name in names]
+    axes.set_yticks(ys, labels, fontsize=8)
+    axes.invert_yaxis()
+    if share:
+        axes.set_xlim(0, 1)
+    for y, value in zip(ys, values):
+        axes.text(value or 0.0, y, "  n/a" if value is None else f"  {value:.3f}", va="center", fontsize=7)
+    axes.set_xlabel(label, fontsize=9)
+    axes.spines[["top", "right"]].set_visible(False)
+    return _png(figure)

@@ -81,11 +81,16 @@ class ReportBuilder:
     """Builds ``report/index.html`` (and its ``thumbs/`` and ``charts/``) for the run ``view`` shows."""
 
     def __init__(self, view: RunView, summary: dict[str, Any], cfg: ReportConfig, report_dir: str,
-                 tcac_params: TransformParams | None = None, max_pixels: int = 64_000_000) -> None:
+                 tcac_params: TransformParams | None = None, max_pixels: int = 64_000_000,
+                 chart_prefix: str = "", index_link: str | None = None) -> None:
+        """``chart_prefix``: put before each chart's file name (the pages of several CLIP models share
+        ``charts/``); ``index_link``: the page of the whole run, linked from the header (a model's page)."""
         self.view = view
         self.summary = summary
         self.cfg = cfg
         self.report_dir = report_dir
+        self.chart_prefix = chart_prefix
+        self.index_link = index_link
         self.thumbs = Thumbnails(report_dir, cfg.thumb_px, cfg.jpeg_quality, max_pixels, cfg.workers, tcac_params)
         self.samples: dict[str, dict[str, Any]] = {}
         self.charts: list[str] = []
@@ -102,16 +107,22 @@ class ReportBuilder:
         nav = tag("nav", [tag("a", label, href=f"#{anchor}") for anchor, label in
                           (("overview", "Overview"), ("daf", "DAF"), ("tcac", "TCAC"), ("taxonomy", "Failure types"),
                            ("benchmark", "Benchmark"))])
-        header = tag("header", tag("h1", "clipaudit report"),
+        model = self.view.clip_model if self.index_link is not None else None
+        title = tag("h1", "clipaudit report") if model is None else tag("h1", "clipaudit report: ", tag("code", model))
+        back = (tag("div", tag("a", "\u2190 all CLIP models (leaderboard)", href=self.index_link), class_="back")
+                if self.index_link is not None else "")
+        header = tag("header", back, title,
                      tag("div", "run ", tag("code", s.get("run_id") or "-"), " \u00b7 ", tag("code", s["run_dir"]),
                          " \u00b7 generated ", s.get("generated_at"), class_="muted"), nav)
         footer = tag("footer", "Tables: ", tag("code", fs.join(s["run_dir"], "lancedb")),
                      f" (tagged {s.get('run_id')} when the run finished). Machine-readable figures: ",
                      tag("code", "summary.json"), ". Every caption and LLM answer on this page is shown as text.")
         body = join([header, *(section() for section in sections), footer])
-        return page(f"clipaudit report {s.get('run_id') or ''}".strip(), body)
+        title = f"clipaudit report {s.get('run_id') or ''}".strip()
+        return page(f"{title} ({model})" if model else title, body)
 
     def _chart(self, name: str, png: bytes, alt: str) -> Markup:
+        name = f"{self.chart_prefix}{name}"
         path = f"{CHARTS_DIR}/{name}.png"
         write_bytes(fs.join(self.report_dir, CHARTS_DIR, f"{name}.png"), png)
         self.charts.append(path)

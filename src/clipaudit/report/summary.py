@@ -24,10 +24,12 @@ from clipaudit.errors import ClipauditError
 from clipaudit.io import fs
 from clipaudit.records import (
     BLIND_PAIRS,
+    CLIP_MODEL,
     DAF_CASES,
     FAILURE_CHECKS,
     FAILURE_TYPES,
     IMAGE_EMBEDDINGS,
+    LEADERBOARD,
     LLM_CALLS,
     NEIGHBOURS,
     REJECTS,
@@ -54,19 +56,52 @@ class RunViewError(ClipauditError, ValueError):
 
 
 class RunView:
-    """A run directory's tables, stats and config; ``version`` (a run id) reads the tables as that run left them."""
+    """A run directory's tables, stats and config; ``version`` (a run id) reads the tables as that run left them.
 
-    def __init__(self, run_dir: str, version: str | None = None, tables: Any = None) -> None:
+    ``clip_model`` (a spec of ``models.clip``): the view of one CLIP-role model of a run that audited several
+    (see :meth:`for_clip_model`); None: the whole run."""
+
+    def __init__(self, run_dir: str, version: str | None = None, tables: Any = None,
+                 clip_model: str | None = None) -> None:
         if tables is None:
             if not fs.exists(fs.join(run_dir, "lancedb")):
                 raise RunViewError(f"{run_dir}: not a clipaudit run directory (no lancedb/ folder)")
             from clipaudit.io.tables import RunTables
 
             tables = RunTables(run_dir)
+        if clip_model is not None and getattr(tables, "clip_model", None) != clip_model:
+            tables = tables.for_clip_model(clip_model)
         self.run_dir = run_dir
         self.version = version
         self.tables = tables
+        self.clip_model = clip_model
         self._names: set[str] | None = None
+
+    def for_clip_model(self, spec: str) -> RunView:
+        """The view of one CLIP-role model (same run, same version): its tables are
+        :meth:`~clipaudit.io.tables.RunTables.for_clip_model`'s, its stats of a per-model stage are that model's
+        own (``notes.per_model[spec]``), its config has ``models.clip`` set to ``spec``."""
+        view = RunView(self.run_dir, self.version, tables=self.tables.for_clip_model(spec), clip_model=spec)
+        view._names = self._names
+        return view
+
+    def clip_models(self) -> list[str]:
+        """The CLIP-role specs of the run: ``models.clip`` of its resolved config (a spec or a list), else the
+        distinct ``clip_model`` values of its CLIP image embeddings (first seen first), else []."""
+        models = (self.config() or {}).get("models") or {}
+        specs = models.get("clip")
+        if isinstance(specs, str) and specs:
+            return [specs]
+        if isinstance(specs, list) and specs:
+            return [str(spec) for spec in specs]
+        name = IMAGE_EMBEDDINGS["clip"]
+        has_column = getattr(self.tables, "has_column", None)
+        if not self.exists(name) or has_column is None or not has_column(name, CLIP_MODEL):
+            return []
+        table = self.read(name, [CLIP_MODEL])
+        if table is None or table.num_rows == 0:
+            return []
+        return [str(v) for v in pc.unique(table.column(CLIP_MODEL)).to_pylist() if v]
 
     @classmethod
     def parse(cls, spec: str) -> RunView:
@@ -134,14 +169,24 @@ class RunView:
         if self.version is not None:
             return None
         path = fs.join(self.run_dir, "stats", f"{stage}.json")
-        return fs.read_json(path) if fs.exists(path) else None
+        stats = fs.read_json(path) if fs.exists(path) else None
+        if self.clip_model is None or not isinstance(stats, dict):
+            return stats
+        per_model = (stats.get("notes") or {}).get("per_model")
+        if isinstance(per_model, dict):
+            own = per_model.get(self.clip_model)
+            return None if own is None else {"stage": stage, **own}
+        return stats
 
     def config(self) -> dict[str, Any] | None:
         """The resolved config of the latest run (None for a tagged view or where there is none)."""
         if self.version is not None:
             return None
         path = fs.join(self.run_dir, "config.resolved.yaml")
-        return yaml.safe_load(fs.read_text(path)) if fs.exists(path) else None
+        config = yaml.safe_load(fs.read_text(path)) if fs.exists(path) else None
+        if self.clip_model is not None and isinstance(config, dict):
+            config = {**config, "models": {**(config.get("models") or {}), "clip": self.clip_model}}
+        return config
 
     def run_id(self) -> str | None:
         """The run this view shows: the tag, or the latest run started in the directory."""
@@ -187,7 +232,15 @@ def _column(table: pa.Table | None, name: str) -> list[Any]:
 
 
 def _models(view: RunView, embed_stats: dict[str, Any] | None) -> dict[str, str | None]:
-    models = dict(((embed_stats or {}).get("notes") or {}).get("models") or {})
+    notes = (embed_stats or {}).get("notes") or {}
+    models = dict(notes.get("models") or {})
+    if view.clip_model is not None:
+        requested = list(notes.get("clip_models") or [])
+        if view.clip_model in requested:
+            index = requested.index(view.clip_model)
+            models["clip"] = models.get("clip" if index == 0 else f"clip_{index + 1}")
+        else:
+            models["clip"] = None
     for role, name in IMAGE_EMBEDDINGS.items():
         if not models.get(role):
             first = view.read(name, ["model"], where=None)
@@ -343,17 +396,46 @@ def stage_status(view: RunView, stages: Sequence[str]) -> dict[str, dict[str, An
     return out
 
 
+def leaderboard_rows(view: RunView) -> list[dict[str, Any]] | None:
+    """The ``leaderboard`` rows ordered by rank (the stats' copy for a run whose table is gone); None when the
+    leaderboard stage has not run."""
+    table = view.read(LEADERBOARD)
+    if table is not None:
+        rows = table.to_pylist()
+    else:
+        rows = ((view.stats("leaderboard") or {}).get("notes") or {}).get("leaderboard")
+        if rows is None:
+            return None
+    return sorted(rows, key=lambda r: (r.get("rank") is None, r.get("rank") or 0, str(r.get(CLIP_MODEL))))
+
+
 def build_summary(view: RunView, run_id: str | None = None, stages: Sequence[str] | None = None) -> dict[str, Any]:
     """The headline figures of the run ``view`` shows (see the module docstring); sections of stages that did not
-    run are None."""
+    run are None.
+
+    A run of several CLIP-role models: the figures are those of the first model (as a one-model run has them),
+    with ``clip_models`` (the specs), ``leaderboard`` (its rows by rank) and ``per_model`` (spec -> the summary
+    of that model's view) added; ``stages`` is the whole run's."""
     from clipaudit.stages.table import STAGES
 
+    specs = view.clip_models() if view.clip_model is None else []
+    if len(specs) > 1:
+        per_model = {spec: build_summary(view.for_clip_model(spec), run_id, stages) for spec in specs}
+        return {**per_model[specs[0]], "stages": stage_status(view, stages or STAGES), "clip_models": specs,
+                "leaderboard": leaderboard_rows(view), "per_model": per_model}
+    return _build_summary(view, run_id, stages or STAGES)
+
+
+def _build_summary(view: RunView, run_id: str | None, stages: Sequence[str]) -> dict[str, Any]:
     config = view.config()
     embed_stats = view.stats("embed")
     models = _models(view, embed_stats)
     notes = (embed_stats or {}).get("notes") or {}
     tcac_notes = (view.stats("tcac") or {}).get("notes") or {}
-    if "random_models" in notes or "random_model" in tcac_notes:
+    if view.clip_model is not None and "random_models" in notes:
+        random_models = (any(is_random_spec(spec) for spec in models.values())
+                         or bool(tcac_notes.get("random_model")))
+    elif "random_models" in notes or "random_model" in tcac_notes:
         random_models = bool(notes.get("random_models")) or bool(tcac_notes.get("random_model"))
     else:
         random_models = any(is_random_spec(spec) for spec in models.values())
@@ -370,7 +452,7 @@ def build_summary(view: RunView, run_id: str | None = None, stages: Sequence[str
         "models_requested": requested if config else None,
         "random_models": random_models,
         "dataset": dataset or None,
-        "stages": stage_status(view, stages or STAGES),
+        "stages": stage_status(view, stages),
         "counts": _counts(view),
         "daf": _daf(view),
         "tcac": _tcac(view, config),

@@ -40,6 +40,7 @@ from clipaudit.records import (
     StageStats,
     caption_embeddings_schema,
     image_embeddings_schema,
+    vector_array,
     with_clip_model,
 )
 from clipaudit.stages.embed_batches import OK, Batch
@@ -175,7 +176,7 @@ class ImageSink:
                 self.vectors[slot].append(pa.table({
                     "image_id": pa.array(batch["image_id"][rows].tolist(), pa.string()),
                     "model": pa.array([model.spec] * len(vectors), pa.string()),
-                    "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
+                    "vector": vector_array(vectors, fixed=model.role != "clip"),
                     CLIP_MODEL: pa.array([model.requested_spec] * len(vectors), pa.string()),
                 }))
         self._reject(batch, np.flatnonzero(~ok))
@@ -196,10 +197,11 @@ class ImageSink:
             if parts:
                 model = self.models[slot]
                 rows = pa.concat_tables(parts)
-                schema = image_embeddings_schema(rows.schema.field("vector").type.list_size)
                 key = ["image_id"]
                 if model.role == "clip":
-                    schema, key = with_clip_model(schema), [*key, CLIP_MODEL]
+                    schema, key = with_clip_model(image_embeddings_schema(None)), [*key, CLIP_MODEL]
+                else:
+                    schema = image_embeddings_schema(rows.schema.field("vector").type.list_size)
                 written = self.tables.insert_new(table_of(model), rows, key, schema)
                 self.stats.add_count(f"embedded_{slot}", written)
                 self.stats.notes.setdefault("embedded_by_model", {}).setdefault(model.requested_spec, 0)
@@ -271,7 +273,7 @@ class CaptionSink:
         expanded = vectors[sources]
         self.parts.append(self.todo.take(rows).append_column(
             "model", pa.array([self.model.spec] * len(rows), pa.string())).append_column(
-            "vector", pa.FixedSizeListArray.from_arrays(pa.array(expanded.reshape(-1)), vectors.shape[1])).append_column(
+            "vector", vector_array(expanded.reshape(len(rows), vectors.shape[1]), fixed=False)).append_column(
             CLIP_MODEL, pa.array([self.model.requested_spec] * len(rows), pa.string())))
         self.buffered += len(rows)
         self.stats.add_count("text_encodings", len(vectors))
@@ -291,7 +293,7 @@ class CaptionSink:
         start = time.perf_counter()
         if self.parts:
             rows = pa.concat_tables(self.parts)
-            schema = with_clip_model(caption_embeddings_schema(rows.schema.field("vector").type.list_size))
+            schema = with_clip_model(caption_embeddings_schema(None))
             written = self.tables.insert_new(CAPTION_EMBEDDINGS, rows, ["caption_id", CLIP_MODEL], schema)
             self.stats.add_count("embedded_captions", written)
             by_model = self.stats.notes.setdefault("embedded_captions_by_model", {})

@@ -133,8 +133,8 @@ def vector_matrix(column: pa.ChunkedArray | pa.Array, ids: pa.Array, table_name:
                                   f"{odd!r}; every vector of a model must have one dimension: re-run embed "
                                   "into a new run_dir")
         dim = dims[0]["values"] if dims else 0
-    values = arr.flatten().to_numpy(zero_copy_only=False)
-    return np.ascontiguousarray(values, dtype=np.float32).reshape(len(arr), dim)
+    values = np.ascontiguousarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    return (values if values.flags.writeable else values.copy()).reshape(len(arr), dim)
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
@@ -257,10 +257,12 @@ def _read_fixed(dataset, name: str, dim: int, role: str,
 def _read_whole(dataset, name: str, role: str, clip_model: str | None) -> tuple[pa.Array, str, np.ndarray]:
     """``(ids, spec, vectors)`` of one model in a table whose vectors are variable-size lists (read whole, to name
     mismatched dimensions); NeighboursError on several specs, null, mismatched or non-finite vectors."""
-    table = dataset.to_table(columns=["image_id", "model", "vector"])
-    _, positions = _model_rows(dataset, role, clip_model)
-    if positions is not None:
-        table = table.take(pa.array(positions))
+    scoped = clip_model and role == "clip" and CLIP_MODEL in dataset.schema.names
+    where = f"{CLIP_MODEL} = {sql_string(clip_model)}" if scoped else None
+    table = dataset.to_table(columns=["image_id", "model", "vector"], filter=where)
+    if table.num_rows == 0:
+        raise NeighboursError(f"no embeddings of CLIP-role model {clip_model!r} in {name}: run embed first (with "
+                              "every model of models.clip)")
     ids = table.column("image_id").combine_chunks()
     spec = _one_spec(set(pc.unique(table.column("model")).to_pylist()), name)
     vectors = vector_matrix(table.column("vector"), ids, name)

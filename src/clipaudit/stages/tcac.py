@@ -120,10 +120,10 @@ def input_settings(preprocess: Preprocess) -> dict[str, Any]:
 
 
 def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed-size-list vector column as a float32 ``(n, d)`` array."""
+    """A vector column (fixed- or variable-size lists of one length) as a float32 ``(n, d)`` array."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    dim = array.type.list_size
-    return np.asarray(array.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(array), dim)
+    values = np.asarray(array.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    return values.reshape(len(array), len(values) // max(len(array), 1))
 
 
 def _check_existing(existing: pa.Table | None, spec: str, tcac: TcacConfig, preprocess: Preprocess,
@@ -216,8 +216,16 @@ def _stored_vectors(tables: RunTables, keys: pa.Array, spec: str) -> tuple[np.nd
                         f"model is {spec!r}: use a new run_dir for a different model")
     at = first_rows(keys, caption_keys(stored.column("text")))
     dataset = tables.db.open_table(CAPTION_EMBEDDINGS).to_lance()
+    rows = at[at >= 0]
+    dim = len(stored_first_vector(tables)) if len(rows) else 0
     return at, _gather_vectors(dataset.to_batches(columns=["vector"], filter=tables.scope_filter(CAPTION_EMBEDDINGS)),
-                               at[at >= 0], dataset.schema.field("vector").type.list_size)
+                               rows, dim)
+
+
+def stored_first_vector(tables: RunTables) -> list[float]:
+    """The first stored caption vector of the model (its dimension is the model's)."""
+    first = tables.read(CAPTION_EMBEDDINGS, ["vector"])
+    return first.column("vector")[0].as_py()
 
 
 def _gather_vectors(batches: Iterator[pa.RecordBatch], rows: np.ndarray, dim: int) -> np.ndarray:
