@@ -9,6 +9,11 @@ The pipeline is timed on two corpus sizes, so the fixed start-up cost (actor sta
 steady-state throughput separate: time(n) = start-up + n / throughput.
 
     python bench/embed.py [--images N] [--small N] [--batch-size B] [--clip SPEC] [--reference SPEC]
+
+``--multi SPEC --multi SPEC ...`` measures the other case: M CLIP-role models audited in one run. The embed stage
+decodes each image once and runs every model's preprocessing and forward; its total time is compared with the
+sum of M bare in-process loops (each model's preprocessing and forward over already-decoded images, all the
+machine's threads) plus one bare decode pass (goal: at most 1.1 x that sum).
 """
 
 from __future__ import annotations
@@ -81,6 +86,73 @@ def pipeline(paths: list[str], models: dict, embed, ray_config, scratch: Path, n
     return time.perf_counter() - start
 
 
+def bare_parts(paths: list[str], models: dict, batch_size: int, threads: int) -> dict[str, float]:
+    """Seconds of one decode pass (read + decode) and of each model's preprocess + forward loop over the decoded
+    images, each measured on its own in this process."""
+    import torch
+
+    from clipaudit.stages.embed_batches import decode_image, read_image_bytes
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    images = [decode_image(read_image_bytes(p), 10**9) for p in paths]
+    parts = {"decode": time.perf_counter() - start}
+    for slot, model in models.items():
+        loaded = model.load("cpu")
+        loaded.encode_images(model.preprocess(images[0])[None])
+        start = time.perf_counter()
+        for offset in range(0, len(images), batch_size):
+            loaded.encode_images(np.stack([model.preprocess(image) for image in images[offset:offset + batch_size]]))
+        parts[slot] = time.perf_counter() - start
+        del loaded
+    return parts
+
+
+def multi_model(args: argparse.Namespace) -> None:
+    """The M-model case: the embed stage over M CLIP-role models against M bare loops plus one decode pass."""
+    import ray
+
+    from clipaudit.config import EmbedConfig, ModelsConfig, RayConfig
+    from clipaudit.models import resolve_model
+
+    slots = ModelsConfig(clip=list(args.multi)).clip_slots
+    models = {slot: resolve_model(spec, "clip") for slot, spec in slots.items()}
+    embed = EmbedConfig(batch_size=args.batch_size, cpus_per_actor=min(0.5, args.cpus / (2 * len(models))),
+                        write_every=4096, torch_threads=args.threads or max(1, args.cpus // 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        paths = image_paths(args.images, scratch)
+        parts = bare_parts(paths, models, args.batch_size, args.cpus)
+        ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ray.data.DataContext.get_current().print_on_execution_start = False
+        small_s = pipeline(paths[:args.small], models, embed, RayConfig(), scratch, "small")
+        full_s = pipeline(paths, models, embed, RayConfig(), scratch, "full")
+        ray.shutdown()
+    bare_s = sum(parts.values())
+    steady_s = (full_s - small_s) * len(paths) / max(len(paths) - args.small, 1)
+    result = {
+        "case": f"M={len(models)} CLIP-role models", "images": len(paths),
+        "source": "flickr8k" if FLICKR.is_dir() else "synthetic", "models": list(slots.values()), "cpus": args.cpus,
+        "batch_size": args.batch_size, "bare_seconds": {k: round(v, 2) for k, v in parts.items()},
+        "bare_sum_s": round(bare_s, 2), "pipeline_end_to_end_s": round(full_s, 2),
+        "pipeline_steady_s": round(steady_s, 2), "end_to_end_ratio": round(full_s / bare_s, 3),
+        "steady_ratio": round(steady_s / bare_s, 3),
+    }
+    print(f"embed benchmark, {result['case']}: {len(paths)} images ({result['source']}), {args.cpus} CPUs, "
+          f"batch {args.batch_size}")
+    print("  bare: decode pass {:.1f} s + forwards {} = {:.1f} s".format(
+        parts["decode"], " + ".join(f"{parts[slot]:.1f}" for slot in models), bare_s))
+    print(f"  pipeline, steady state (start-up removed) {steady_s:8.1f} s   ratio {result['steady_ratio']:.2f} "
+          "(goal <= 1.1)")
+    print(f"  pipeline, end to end                      {full_s:8.1f} s   ratio {result['end_to_end_ratio']:.2f}")
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"embed-m{len(models)}.json").write_text(json.dumps(result, indent=2) + "\n")
+    json.dump(result, sys.stdout)
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=240)
@@ -90,7 +162,12 @@ def main() -> None:
     parser.add_argument("--reference", default="hf-random:dinov2-small")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per actor (0: cpus / 2)")
+    parser.add_argument("--multi", action="append", default=[], metavar="SPEC",
+                        help="a CLIP-role model of the M-model case (repeat; runs that case instead)")
     args = parser.parse_args()
+    if args.multi:
+        multi_model(args)
+        return
 
     import ray
 

@@ -147,7 +147,8 @@ def _table_dims(run_dir: str) -> dict[str, int]:
     dims = {}
     for role, name in IMAGE_EMBEDDINGS.items():
         if tables.exists(name):
-            dims[role] = tables.db.open_table(name).schema.field("vector").type.list_size
+            first = tables.read(name, ["vector"]).column("vector")
+            dims[role] = len(first[0].as_py()) if len(first) else 0
     return dims
 
 
@@ -212,8 +213,9 @@ def _setup_job(job: dict[str, Any]) -> dict[str, Any]:
         SAMPLES_SCHEMA,
         caption_embeddings_schema,
         image_embeddings_schema,
+        with_clip_model,
     )
-    from clipaudit.stages.neighbours import lists_table
+    from clipaudit.stages.neighbours import Slot, lists_table
 
     n, k, dims = job["n"], job["k"], job["dims"]
     rng = np.random.default_rng(job["seed"])
@@ -236,9 +238,11 @@ def _setup_job(job: dict[str, Any]) -> dict[str, Any]:
                             schema=schema)
     tables.replace(CAPTION_EMBEDDINGS, caption_rows, schema)
     clip, reference = _random_lists(rng, n, k, disagree=0.03)
-    parts = [lists_table(ids, "clip", clip, _sorted_sims(rng, n, k), "exact", "tiny-clip"),
-             lists_table(ids, "reference", reference, _sorted_sims(rng, n, k), "exact", "tiny-dino")]
-    tables.replace(NEIGHBOURS, pa.concat_tables(parts), NEIGHBOURS_SCHEMA)
+    parts = [lists_table(ids, Slot("clip", "clip", "tiny-clip"), clip, _sorted_sims(rng, n, k), "exact", "tiny-clip"),
+             lists_table(ids, Slot("reference", "reference"), reference, _sorted_sims(rng, n, k), "exact",
+                         "tiny-dino")]
+    schema = with_clip_model(NEIGHBOURS_SCHEMA)
+    tables.replace(NEIGHBOURS, pa.concat_tables(parts), schema)
     return {}
 
 

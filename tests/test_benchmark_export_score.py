@@ -18,7 +18,7 @@ from clipaudit.benchmark.export import export_benchmark
 from clipaudit.benchmark.format import FORMAT_VERSION, BenchmarkError
 from clipaudit.benchmark.score import score_benchmark
 from clipaudit.cli import main
-from clipaudit.config import Config, DafConfig, EmbedConfig, NeighboursConfig, TcacConfig
+from clipaudit.config import Config, DafConfig, EmbedConfig, ModelsConfig, NeighboursConfig, TcacConfig
 from clipaudit.io.readers.synthetic import KINDS, SceneSpec, ShapeGroup, render_scene
 from clipaudit.io.tables import RunTables
 from clipaudit.pipeline import write_resolved_config
@@ -74,7 +74,8 @@ def audited(tmp_path_factory):
         layout[image_id] = (group.kind, group.count, group.position)
     config = Config(run_dir=str(root / "run"), neighbours=NeighboursConfig(k=5), daf=DafConfig(max_overlap=0.4),
                     tcac=TcacConfig(transforms=["grayscale", "hflip"], cases_per_transform=8),
-                    embed=EmbedConfig(batch_size=32, text_batch_size=256))
+                    embed=EmbedConfig(batch_size=32, text_batch_size=256),
+                    models=ModelsConfig(clip=BLIND_SPEC, reference="python:planted_models:colour_aware"))
     write_resolved_config(config)
     tables = RunTables(config.run_dir)
     tables.insert_new(SAMPLES, samples_to_table(samples), "image_id", SAMPLES_SCHEMA)
@@ -87,11 +88,12 @@ def audited(tmp_path_factory):
     twin = samples[0]
     tables.insert_new(SAMPLES, samples_to_table([Sample("twin", twin.uri, twin.captions, twin.caption, "planted")]),
                       "image_id", SAMPLES_SCHEMA)
-    tables.insert_new(BLIND_PAIRS, pa.Table.from_pylist([{"image_a": twin.image_id, "image_b": "twin",
-                                                          "clip_sim": 1.0, "reference_sim": 0.5, "gap": 0.5,
-                                                          "rule": "absolute"}], schema=BLIND_PAIRS_SCHEMA),
-                      ["image_a", "image_b"], BLIND_PAIRS_SCHEMA)
-    tables.replace(FAILURE_CHECKS, pa.Table.from_pylist([{
+    audit = tables.for_clip_model(BLIND_SPEC)
+    audit.insert_new(BLIND_PAIRS, pa.Table.from_pylist([{"image_a": twin.image_id, "image_b": "twin",
+                                                         "clip_sim": 1.0, "reference_sim": 0.5, "gap": 0.5,
+                                                         "rule": "absolute"}], schema=BLIND_PAIRS_SCHEMA),
+                     ["image_a", "image_b"], BLIND_PAIRS_SCHEMA)
+    audit.replace(FAILURE_CHECKS, pa.Table.from_pylist([{
         "name": "colour binding", "method": "DAF", "description": "colours are not encoded",
         "pairs": json.dumps(TEXT_PAIRS), "n_pairs": 2, "sims": [0.95, 0.95], "success_rate": 1.0,
         "mean_sim": 0.95, "threshold": 0.8, "threshold_mode": "absolute", "model": BLIND_SPEC, "request_id": "r",
@@ -109,6 +111,7 @@ def test_export_then_score_separates_the_colour_blind_model_from_an_aligned_one(
     manifest = export_benchmark(run_dir, bench)
     pairs = pq.read_table(os.path.join(bench, "pairs.parquet")).to_pylist()
     assert pairs and manifest["counts"]["pairs_left_out"] == {"blind_pair": 1}
+    assert manifest["source"]["clip_model"] == BLIND_SPEC
     assert all(p["image_a"] < p["image_b"] and "twin" not in (p["image_a"], p["image_b"]) for p in pairs)
     assert all(caption_signature(p["caption_a"]) != caption_signature(p["caption_b"]) for p in pairs)
     assert all(os.path.isfile(os.path.join(bench, p["file_a"])) for p in pairs)
@@ -175,6 +178,9 @@ def test_bad_input_gets_a_clear_error(audited, tmp_path, capsys):
         export_benchmark(str(tmp_path / "empty"), str(tmp_path / "out"))
     assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
     assert "not a clipaudit run directory" in capsys.readouterr().err
+    assert main(["export", run_dir, str(tmp_path / "out"), "--clip-model", "tiny-clip"]) == 2
+    err = capsys.readouterr().err
+    assert "no CLIP-role model 'tiny-clip'" in err and BLIND_SPEC in err
 
     bench = tmp_path / "bench"
     export_benchmark(run_dir, str(bench), llm="off")

@@ -3,11 +3,11 @@
 The corpus: one circle per scene, at each of five positions in each of five colours (25 scenes, white
 background). Three CLIP-role plug-ins are audited in one run against one reference that sees layout and colour
 (``python:planted_models:colour_aware``): ``colour_blind`` (sees only where the shape is), ``position_blind``
-(sees only its colour) and ``all_seeing`` (sees what the reference sees). With k = 8 each blind model's
-neighbours of a scene start with the four scenes it cannot tell apart from it (identical vectors), which the reference
-finds only half similar: those are its CLIP-blind pairs. k = 8 takes in all eight scenes the reference finds
-equally close (four colour variants, four position variants), so its lists favour neither blind model. The all-seeing model agrees with the reference and has
-no blind pairs: it is ranked last in blindness.
+(sees only its colour) and ``all_seeing`` (sees what the reference sees). With k = 8, each blind model's
+neighbours of a scene start with the four scenes it cannot tell apart from it (identical vectors), which the
+reference finds only half similar: those are its CLIP-blind pairs. The reference's eight nearest are four colour
+variants and four position variants, all equally close, so its lists favour neither blind model. The all-seeing
+model agrees with the reference and has no blind pairs: it is ranked last in blindness.
 
 Then a fourth model is added to the list and the run repeated: only the new model's rows are computed (the stage
 stats say so) and the first three models' rows are unchanged.

@@ -59,7 +59,9 @@ def card_text(manifest: dict[str, Any]) -> str:
         *_table(["", ""], [
             ["format version", manifest["format_version"]],
             ["run", f"`{source.get('run_id') or '-'}`"],
-            ["audited CLIP", f"`{models.get('clip') or '-'}`"],
+            ["audited CLIP", f"`{models.get('clip') or '-'}`"
+             + (f" (`{source['clip_model']}` in the run's models.clip)"
+                if source.get("clip_model") and source["clip_model"] != models.get("clip") else "")],
             ["reference model", f"`{models.get('reference') or '-'}`"],
             ["random weights", "yes: the findings are meaningless" if source.get("random_models") else "no"],
             ["source corpus", ", ".join(f"{k}: {v}" for k, v in sorted(dataset.items())) or "-"],

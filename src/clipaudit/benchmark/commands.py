@@ -7,7 +7,8 @@ import sys
 
 
 def add_export_parser(commands: argparse._SubParsersAction) -> None:
-    """``clipaudit export RUN_DIR OUT_DIR [--images copy|reference] [--llm auto|off] [--set K=V]``."""
+    """``clipaudit export RUN_DIR OUT_DIR [--images copy|reference] [--llm auto|off] [--clip-model SPEC]
+    [--set K=V]``."""
     export = commands.add_parser(
         "export", help="write what an audit found as a benchmark folder (Parquet + dataset card)",
         description="Export a run's findings as a versioned benchmark folder: pairs.parquet (image pairs CLIP "
@@ -20,6 +21,9 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--llm", choices=("auto", "off"), default="auto",
                         help="auto: where the run's LLM stages ran, ask its LLM (llm.* of the run's config) for "
                              "two distinguishing captions per pair, cached in llm_calls; off: never ask")
+    export.add_argument("--clip-model", dest="clip_model", metavar="SPEC",
+                        help="which CLIP-role model's findings to export, for a run of several (a spec of its "
+                             "models.clip, as written there); default: the first")
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the run's config for the LLM requests (llm.dry_run=true); "
                              "repeatable")
@@ -30,7 +34,8 @@ def run_export(args: argparse.Namespace) -> int:
     """Run ``clipaudit export``."""
     from clipaudit.benchmark.export import export_benchmark
 
-    manifest = export_benchmark(args.run, args.out_dir, images=args.images, llm=args.llm, overrides=args.overrides)
+    manifest = export_benchmark(args.run, args.out_dir, images=args.images, llm=args.llm, overrides=args.overrides,
+                                clip_model=args.clip_model)
     counts = manifest["counts"]
     print(f"exported to {args.out_dir}: {sum(counts['pairs'].values())} image pairs "
           f"({sum(counts['pairs_left_out'].values())} left out: their captions do not tell them apart), "

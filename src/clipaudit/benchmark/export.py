@@ -59,9 +59,18 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
-def open_run(run: str) -> RunView:
-    """The run to export (``RUN_DIR`` or ``RUN_DIR@RUN_ID``), checked to hold what an export needs."""
+def open_run(run: str, clip_model: str | None = None) -> RunView:
+    """The run to export (``RUN_DIR`` or ``RUN_DIR@RUN_ID``), checked to hold what an export needs, as CLIP-role
+    model ``clip_model`` of it sees it (None: the run's first CLIP model; BenchmarkError for a model the run did
+    not audit)."""
     view = RunView.parse(run)
+    specs = view.clip_models()
+    if clip_model is not None and clip_model not in specs:
+        raise BenchmarkError(f"{view.label}: no CLIP-role model {clip_model!r} in this run; its models: "
+                             f"{', '.join(specs) or 'none found'} (--clip-model SPEC, as written in models.clip)")
+    spec = clip_model if clip_model is not None else (specs[0] if specs else None)
+    if spec is not None:
+        view = view.for_clip_model(spec)
     if not view.exists(SAMPLES):
         raise BenchmarkError(f"{view.label}: no {SAMPLES} table: run the audit first "
                              "(clipaudit run --config CONFIG)")
@@ -107,7 +116,10 @@ def run_config(view: RunView, overrides: Sequence[str] = ()) -> Any:
 
     path = fs.join(view.run_dir, "config.resolved.yaml")
     sets = [*overrides, f"run_dir={json.dumps(view.run_dir)}"]
-    return load_config(path if fs.exists(path) else None, sets)
+    config = load_config(path if fs.exists(path) else None, sets)
+    if view.clip_model is not None and view.clip_model in config.models.clip_models:
+        config = config.for_clip_model(view.clip_model)
+    return config
 
 
 def _models(view: RunView) -> dict[str, str | None]:
@@ -138,8 +150,11 @@ def _source(view: RunView) -> dict[str, Any]:
                if key in ("format", "captions", "images", "num_images", "seed", "caption_choice")
                and value is not None}
     models = _models(view)
-    return {"run_dir": view.run_dir, "run_id": view.run_id(), "models": models, "dataset": dataset,
-            "random_models": any(is_random_spec(spec) for spec in models.values() if spec)}
+    source = {"run_dir": view.run_dir, "run_id": view.run_id(), "models": models, "dataset": dataset,
+              "random_models": any(is_random_spec(spec) for spec in models.values() if spec)}
+    if view.clip_model is not None:
+        source["clip_model"] = view.clip_model
+    return source
 
 
 def _llm_captions(view: RunView, pairs: list[dict[str, Any]], llm: str,
@@ -194,19 +209,20 @@ def _prepare_out_dir(out_dir: str) -> None:
 
 
 def export_benchmark(run: str, out_dir: str, images: str = "copy", llm: str = "auto",
-                     overrides: Sequence[str] = ()) -> dict[str, Any]:
+                     overrides: Sequence[str] = (), clip_model: str | None = None) -> dict[str, Any]:
     """Export the findings of ``run`` (``RUN_DIR`` or ``RUN_DIR@RUN_ID``) to the benchmark folder ``out_dir``;
     returns the manifest written to ``benchmark.json``.
 
     ``images``: ``copy`` (into ``images/``) or ``reference`` (the URIs). ``llm``: ``auto`` asks the LLM for
     distinguishing captions when the run's LLM stages ran (with the run's ``llm`` config and ``overrides``);
-    ``off`` never asks.
+    ``off`` never asks. ``clip_model``: which CLIP-role model's findings, for a run of several (a spec of its
+    ``models.clip``; None: the first).
     """
     if images not in IMAGE_MODES:
         raise BenchmarkError(f"--images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
     if llm not in LLM_MODES:
         raise BenchmarkError(f"--llm must be one of {', '.join(LLM_MODES)}, got {llm!r}")
-    view = open_run(run)
+    view = open_run(run, clip_model)
     _prepare_out_dir(out_dir)
     pairs = collect_pairs(view)
     probes, mismatched = attach_pools(view, probe_rows(view))

@@ -97,8 +97,36 @@ def _side(view: RunView, summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def diff_runs(a: RunView, b: RunView) -> dict[str, Any]:
-    """Everything that changed from run ``a`` to run ``b`` as plain data (what ``--json`` writes)."""
+    """Everything that changed from run ``a`` to run ``b`` as plain data (what ``--json`` writes).
+
+    When both runs audited several CLIP-role models (their summaries have ``per_model``), the top level compares
+    the first model of each, and ``per_model`` holds the same comparison for every model in both runs, with
+    ``clip_models`` (in both, only in A, only in B) and ``leaderboard`` (each common model's rank and blindness
+    change)."""
     sa, sb = load_summary(a), load_summary(b)
+    corpus = corpus_overlap(a, b)
+    out = _diff_summaries(a, b, sa, sb, corpus)
+    per_a, per_b = sa.get("per_model"), sb.get("per_model")
+    if isinstance(per_a, dict) and isinstance(per_b, dict):
+        specs_a = list(sa.get("clip_models") or per_a)
+        specs_b = list(sb.get("clip_models") or per_b)
+        both = [spec for spec in specs_a if spec in per_b]
+        out["clip_models"] = {"both": both, "only_a": [s for s in specs_a if s not in per_b],
+                              "only_b": [s for s in specs_b if s not in per_a]}
+        out["per_model"] = {spec: _diff_summaries(a, b, per_a[spec], per_b[spec], corpus) for spec in both}
+        board_a = {row.get("clip_model"): row for row in sa.get("leaderboard") or []}
+        board_b = {row.get("clip_model"): row for row in sb.get("leaderboard") or []}
+        out["leaderboard"] = None if not board_a and not board_b else {
+            spec: {"rank": _change((board_a.get(spec) or {}).get("rank"), (board_b.get(spec) or {}).get("rank")),
+                   "blindness": _change((board_a.get(spec) or {}).get("blindness"),
+                                        (board_b.get(spec) or {}).get("blindness"))}
+            for spec in both}
+    return out
+
+
+def _diff_summaries(a: RunView, b: RunView, sa: dict[str, Any], sb: dict[str, Any],
+                    corpus: dict[str, Any] | None) -> dict[str, Any]:
+    """The comparison of two summaries (of two runs, or of one CLIP model in each)."""
     models_a, models_b = sa.get("models") or {}, sb.get("models") or {}
     stages_a, stages_b = sa.get("stages") or {}, sb.get("stages") or {}
     ta, tb = (sa.get("tcac") or {}).get("transforms") or {}, (sb.get("tcac") or {}).get("transforms") or {}
@@ -108,7 +136,7 @@ def diff_runs(a: RunView, b: RunView) -> dict[str, Any]:
         "models_changed": {role: _change(models_a.get(role), models_b.get(role))
                            for role in sorted(set(models_a) | set(models_b))
                            if models_a.get(role) != models_b.get(role)},
-        "corpus": corpus_overlap(a, b),
+        "corpus": corpus,
         "counts": _changes(sa.get("counts"), sb.get("counts"), _COUNTS),
         "daf": None if sa.get("daf") is None and sb.get("daf") is None else {
             "in_a": sa.get("daf") is not None, "in_b": sb.get("daf") is not None,
@@ -148,9 +176,44 @@ def _delta(change: dict[str, Any], share: bool = False) -> str:
 
 
 def format_diff(d: dict[str, Any]) -> str:
-    """The diff as text for a terminal or a nightly log."""
+    """The diff as text for a terminal or a nightly log (a block per CLIP model when both runs audited several)."""
     a, b = d["a"], d["b"]
     lines = [f"A: {a['label']} (run {a.get('run_id') or '-'})", f"B: {b['label']} (run {b.get('run_id') or '-'})"]
+    if "per_model" not in d:
+        return "\n".join(lines + _body_lines(d)) + "\n"
+    models = d.get("clip_models") or {}
+    lines.append(f"CLIP models: {len(models.get('both') or [])} in both runs"
+                 + (f"; only in A: {', '.join(models['only_a'])}" if models.get("only_a") else "")
+                 + (f"; only in B: {', '.join(models['only_b'])}" if models.get("only_b") else ""))
+    board = d.get("leaderboard")
+    if board is None:
+        lines.append("leaderboard: missing in both runs")
+    else:
+        lines.append("leaderboard (rank; blindness):")
+        for spec, change in board.items():
+            rank = change["rank"]
+            delta = rank.get("delta")
+            moved = f" ({'up' if delta < 0 else 'down'} {abs(delta)})" if delta else ""
+            lines.append(f"  {spec}: rank {_fmt(rank['a'])} -> {_fmt(rank['b'])}{moved}; blindness "
+                         f"{_delta(change['blindness'])}")
+    lines.append(_corpus_line(d.get("corpus")))
+    for spec, diff in d["per_model"].items():
+        lines.append(f"== CLIP model {spec} ==")
+        lines += ["  " + line for line in _body_lines(diff, with_corpus=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _corpus_line(corpus: dict[str, Any] | None) -> str:
+    if not corpus:
+        return "corpus: no samples table in one of the runs"
+    return (f"corpus: A {corpus['a']:,} images, B {corpus['b']:,}; {corpus['both']:,} in both (Jaccard "
+            f"{corpus['jaccard']:.3f}); {corpus['only_a']:,} only in A, {corpus['only_b']:,} only in B")
+
+
+def _body_lines(d: dict[str, Any], with_corpus: bool = True) -> list[str]:
+    """The lines of one comparison after the A / B header (``with_corpus``: with the corpus overlap line)."""
+    a, b = d["a"], d["b"]
+    lines: list[str] = []
     if d["models_changed"]:
         lines.append("models changed: " + "; ".join(f"{role} {c['a']} -> {c['b']}"
                                                     for role, c in d["models_changed"].items()))
@@ -160,12 +223,8 @@ def format_diff(d: dict[str, Any]) -> str:
         lines.append("WARNING: random models in " + " and ".join(x for x, s in (("A", a), ("B", b))
                                                                  if s.get("random_models"))
                      + ": their findings are meaningless")
-    corpus = d.get("corpus")
-    if corpus:
-        lines.append(f"corpus: A {corpus['a']:,} images, B {corpus['b']:,}; {corpus['both']:,} in both (Jaccard "
-                     f"{corpus['jaccard']:.3f}); {corpus['only_a']:,} only in A, {corpus['only_b']:,} only in B")
-    else:
-        lines.append("corpus: no samples table in one of the runs")
+    if with_corpus:
+        lines.append(_corpus_line(d.get("corpus")))
     if d["counts"]:
         lines.append("counts: " + "; ".join(f"{key} {_delta(c)}" for key, c in d["counts"].items()))
     daf = d.get("daf")
@@ -201,4 +260,4 @@ def format_diff(d: dict[str, Any]) -> str:
     for key, label in (("ran_in_a_only", "ran in A only"), ("ran_in_b_only", "ran in B only")):
         if stages[key]:
             lines.append(f"stages {label}: {', '.join(stages[key])}")
-    return "\n".join(lines) + "\n"
+    return lines

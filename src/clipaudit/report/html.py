@@ -142,6 +142,10 @@ th { background: #f0f0f3; font-weight: 600; }
 .strip { display: flex; gap: .5rem; align-items: flex-start; overflow-x: auto; padding: .3rem 0; }
 .strip-label { min-width: 6.5rem; max-width: 6.5rem; font-weight: 600; font-size: 12px; padding-top: .3rem; }
 .strip-label.clip { color: var(--clip); } .strip-label.ref { color: var(--ref); }
+.strip-label.model { min-width: 12rem; max-width: 12rem; overflow-wrap: anywhere; font-family: ui-monospace,
+                     Menlo, Consolas, monospace; }
+.chart-row { display: flex; flex-wrap: wrap; gap: .6rem; }
+.back { margin-bottom: .3rem; } .back a, a.model-link { color: var(--accent); }
 .cell { width: 112px; min-width: 112px; font-size: 11px; line-height: 1.25; }
 .cell img, .thumb-missing { display: block; border-radius: 3px; border: 2px solid transparent; }
 .cell.only-clip img { border-color: var(--clip); } .cell.only-ref img { border-color: var(--ref); }
