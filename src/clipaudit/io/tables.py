@@ -132,9 +132,9 @@ class RunTables:
         """Overwrite table ``name`` with the streamed ``batches`` (their schema is the table's)."""
         self.db.create_table(name, data=batches, schema=batches.schema, mode="overwrite")
 
-    def for_clip_model(self, clip_model: str) -> ModelTables:
+    def for_clip_model(self, clip_model: str, tag: str = "") -> ModelTables:
         """The tables as the audit of one CLIP-role model sees them (see :class:`ModelTables`)."""
-        return ModelTables(self, clip_model)
+        return ModelTables(self, clip_model, tag)
 
     def has_column(self, name: str, column: str) -> bool:
         """Whether table ``name`` exists and has ``column``."""
@@ -158,14 +158,19 @@ class ModelTables:
     through unchanged. A table written without the column (one model, by an older clipaudit) is read whole.
     """
 
-    def __init__(self, tables: RunTables, clip_model: str) -> None:
+    def __init__(self, tables: RunTables, clip_model: str, tag: str = "") -> None:
         self.base = tables
         self.clip_model = clip_model
+        self.tag = tag
+        """Names this model in the files a stage writes beside the tables (the LLM prompts of a dry run) when the
+        run audits several models; empty for a run of one."""
         self.run_dir, self.uri, self.db = tables.run_dir, tables.uri, tables.db
 
-    def for_clip_model(self, clip_model: str) -> ModelTables:
+    def for_clip_model(self, clip_model: str, tag: str = "") -> ModelTables:
         """The same view (for this model) or a view of the same tables for another one."""
-        return self if clip_model == self.clip_model else ModelTables(self.base, clip_model)
+        if clip_model == self.clip_model and tag in ("", self.tag):
+            return self
+        return ModelTables(self.base, clip_model, tag)
 
     def scope_filter(self, name: str) -> str | None:
         """The SQL predicate selecting this model's rows of table ``name`` (None: the table is not scoped, or has

@@ -105,7 +105,7 @@ def model_bars(names: Sequence[str], values: Sequence[float | None], label: str,
     """One horizontal bar per CLIP-role model (a leaderboard measure; a missing value is drawn as no bar and
     labelled ``n/a``); ``share``: the axis runs from 0 to 1."""
     plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(4.6, max(1.4, 0.34 * len(names) + 0.9)))
+    figure, axes = plt.subplots(figsize=(5.6, max(1.5, 0.34 * len(names) + 1.0)))
     ys = list(range(len(names)))
     axes.barh(ys, [v or 0.0 for v in values], color="#2256c9")
     labels = [(name if len(name) <= 36 else "\u2026" + name[-35:]).replace("$", r"\$") for name in names]

@@ -30,10 +30,10 @@ FLIP = "top1_flip_rate_"
 R1_BEFORE = "recall_at_1_before_"
 R1_AFTER = "recall_at_1_after_"
 MEASURES: tuple[tuple[str, str, bool], ...] = (
-    ("mean_overlap", "mean overlap@k with the reference (higher: better aligned)", True),
+    ("mean_overlap", "mean overlap@k with the reference", True),
     ("blind_pair_rate", "CLIP-blind pairs per image", False),
-    ("mean_top1_flip_rate", "top-1 caption flip rate, mean over transforms", True),
-    ("validation_success_rate", "validation success rate (failure types confirmed)", True),
+    ("mean_top1_flip_rate", "top-1 flip rate, mean over transforms", True),
+    ("validation_success_rate", "validation success rate", True),
 )
 """The leaderboard measures charted on the index page: (key, axis label, whether it is a share in [0, 1])."""
 _MAX_NEIGHBOURS = 10

@@ -220,28 +220,39 @@ def _check_finite(vectors: np.ndarray, ids: pa.Array, problems: _LoadProblems) -
         problems.first_non_finite = ids[int(np.flatnonzero(~finite)[0])].as_py()
 
 
+class _Ragged(Exception):
+    """Vectors of one model with different lengths: read the table whole to name them (:func:`_read_whole`)."""
+
+
 def _fill_chunk(out: np.ndarray, column: pa.Array, ids: pa.Array, problems: _LoadProblems) -> None:
     """Copy one chunk's vectors (of images ``ids``) into ``out``, its rows of the matrix, checked and normalised
-    in place."""
+    in place; :class:`_Ragged` when a variable-size vector has another length than ``out``'s rows."""
     if column.null_count:
         if problems.first_null is None:
             problems.first_null = ids[pc.index(pc.is_null(column), True).as_py()].as_py()
         problems.nulls += column.null_count
     if problems.nulls:
         return
+    if not pa.types.is_fixed_size_list(column.type) and not pc.all(
+            pc.equal(pc.list_value_length(column), out.shape[1])).as_py():
+        raise _Ragged
     out[:] = column.flatten().to_numpy(zero_copy_only=False).reshape(out.shape)
     _check_finite(out, ids, problems)
     normalise_in_place(out)
 
 
-def _read_fixed(dataset, name: str, dim: int, role: str,
-                clip_model: str | None) -> tuple[pa.Array, str, np.ndarray]:
-    """Read one model's fixed-size vectors chunk by chunk (``take`` of row ranges, whose buffers are freed after
-    each chunk) into one preallocated float32 array, normalised in place: ``(ids, spec, vectors)``;
-    NeighboursError on several specs, null or non-finite vectors."""
+def _read_chunked(dataset, name: str, dim: int | None, role: str,
+                  clip_model: str | None) -> tuple[pa.Array, str, np.ndarray]:
+    """Read one model's vectors chunk by chunk (``take`` of row ranges, whose buffers are freed after each chunk)
+    into one preallocated float32 array, normalised in place: ``(ids, spec, vectors)``; NeighboursError on several
+    specs, null or non-finite vectors. ``dim`` None (variable-size vectors): the first vector's length, and
+    :class:`_Ragged` when another differs."""
     keys, positions = _model_rows(dataset, role, clip_model)
     spec = _one_spec(set(pc.unique(keys.column("model")).to_pylist()), name)
     ids = keys.column("image_id").combine_chunks()
+    if dim is None:
+        first = dataset.take([0 if positions is None else int(positions[0])], columns=["vector"]).column("vector")
+        dim = len(first[0].as_py() or [])
     vectors = np.empty((len(ids), dim), dtype=np.float32)
     step = max(1, READ_CHUNK_BYTES // max(1, 4 * dim))
     problems = _LoadProblems()
@@ -255,8 +266,8 @@ def _read_fixed(dataset, name: str, dim: int, role: str,
 
 
 def _read_whole(dataset, name: str, role: str, clip_model: str | None) -> tuple[pa.Array, str, np.ndarray]:
-    """``(ids, spec, vectors)`` of one model in a table whose vectors are variable-size lists (read whole, to name
-    mismatched dimensions); NeighboursError on several specs, null, mismatched or non-finite vectors."""
+    """``(ids, spec, vectors)`` of one model in a table whose vectors are variable-size lists, read whole, to name
+    mismatched dimensions; NeighboursError on several specs, null, mismatched or non-finite vectors."""
     scoped = clip_model and role == "clip" and CLIP_MODEL in dataset.schema.names
     where = f"{CLIP_MODEL} = {sql_string(clip_model)}" if scoped else None
     table = dataset.to_table(columns=["image_id", "model", "vector"], filter=where)
@@ -277,13 +288,15 @@ def load_vectors(tables: RunTables, role: str, clip_model: str | None = None) ->
     """Read one model's embeddings, L2-normalised (``clip_model`` picks the CLIP-role model; None: the table's
     only one); NeighboursError when there are none ("run embed first") or they are unusable. Fixed-size vectors
     (what embed writes) are read in chunks into one preallocated float32 matrix: the peak is that matrix and a
-    few times :data:`READ_CHUNK_BYTES` more."""
+    few times :data:`READ_CHUNK_BYTES` more. Variable-size vectors (the CLIP tables, which hold several models)
+    are read the same way; where one model's vectors differ in length, the table is read whole to name them."""
     name = IMAGE_EMBEDDINGS[role]
     dataset = _embedding_dataset(tables, role)
     kind = dataset.schema.field("vector").type
-    if pa.types.is_fixed_size_list(kind):
-        ids, spec, vectors = _read_fixed(dataset, name, kind.list_size, role, clip_model)
-    else:
+    try:
+        ids, spec, vectors = _read_chunked(dataset, name, kind.list_size if pa.types.is_fixed_size_list(kind)
+                                           else None, role, clip_model)
+    except _Ragged:
         ids, spec, vectors = _read_whole(dataset, name, role, clip_model)
     return RoleVectors(role, spec, ids, vectors)
 

@@ -136,7 +136,7 @@ def model_context(ctx: StageContext, slot: str, spec: str) -> StageContext:
     models = {role: model for role, model in ctx.models.items() if role == "reference"}
     if slot in ctx.models:
         models["clip"] = ctx.models[slot]
-    return replace(ctx, config=ctx.config.for_clip_model(spec), tables=ctx.tables.for_clip_model(spec),
+    return replace(ctx, config=ctx.config.for_clip_model(spec), tables=ctx.tables.for_clip_model(spec, slot),
                    models=models)
 
 
