@@ -99,3 +99,15 @@ def test_nightly_job_audits_then_diffs_against_the_previous_night(tmp_path: Path
     assert d["corpus"]["both"] == 10 and d["corpus"]["only_b"] == 1
     assert d["counts"]["embedded"] == {"a": 10, "b": 11, "delta": 1}
     assert d["failure_types"] is None and d["stages"] == {"ran_in_a_only": [], "ran_in_b_only": []}
+
+
+def test_a_new_failure_type_of_any_model_counts_as_new():
+    from clipaudit.report.diff import new_failure_types
+
+    one = {"failure_types": {"new": [{"method": "DAF", "name": "colour"}]}}
+    assert new_failure_types(one) == ["colour"]
+    several = {"failure_types": {"new": []}, "per_model": {
+        "a": {"failure_types": {"new": []}},
+        "b": {"failure_types": {"new": [{"method": "TCAC", "name": "rotation"}]}}}}
+    assert new_failure_types(several) == ["b: rotation"]
+    assert new_failure_types({"per_model": {"a": {"failure_types": None}}}) == []

@@ -46,22 +46,22 @@ def _add_diff_parser(commands: argparse._SubParsersAction) -> None:
     diff.add_argument("run_b", metavar="RUN_B", help="the later run")
     diff.add_argument("--json", dest="json_out", metavar="OUT", help="also write the differences as JSON to OUT")
     diff.add_argument("--fail-on-new", action="store_true",
-                      help="exit with status 3 when RUN_B has failure types RUN_A does not (for nightly alerts)")
+                      help="exit with status 3 when RUN_B has failure types RUN_A does not, for any CLIP model "
+                           "(for nightly alerts)")
     diff.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def _diff(args: argparse.Namespace) -> int:
     """Run ``clipaudit diff``: print the differences, optionally write them as JSON."""
     from clipaudit.io import fs
-    from clipaudit.report.diff import diff_runs, format_diff
+    from clipaudit.report.diff import diff_runs, format_diff, new_failure_types
     from clipaudit.report.summary import RunView
 
     result = diff_runs(RunView.parse(args.run_a), RunView.parse(args.run_b))
     sys.stdout.write(format_diff(result))
     if args.json_out:
         fs.write_json(args.json_out, result)
-    types = result.get("failure_types") or {}
-    return 3 if args.fail_on_new and types.get("new") else 0
+    return 3 if args.fail_on_new and new_failure_types(result) else 0
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {

@@ -261,3 +261,17 @@ def _body_lines(d: dict[str, Any], with_corpus: bool = True) -> list[str]:
         if stages[key]:
             lines.append(f"stages {label}: {', '.join(stages[key])}")
     return lines
+
+
+def new_failure_types(d: dict[str, Any]) -> list[str]:
+    """The failure types of the later run that the earlier one did not have, for any CLIP-role model (``SPEC:
+    name`` for a model of a several-model run)."""
+    per_model = d.get("per_model")
+    if not per_model:
+        return [str(_name(item)) for item in (d.get("failure_types") or {}).get("new") or []]
+    return [f"{spec}: {_name(item)}" for spec, diff in per_model.items()
+            for item in (diff.get("failure_types") or {}).get("new") or []]
+
+
+def _name(item: Any) -> Any:
+    return item.get("name", item) if isinstance(item, dict) else item
