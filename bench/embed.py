@@ -13,7 +13,9 @@ steady-state throughput separate: time(n) = start-up + n / throughput.
 ``--multi SPEC --multi SPEC ...`` measures the other case: M CLIP-role models audited in one run. The embed stage
 decodes each image once and runs every model's preprocessing and forward; its total time is compared with the
 sum of M bare in-process loops (each model's preprocessing and forward over already-decoded images, all the
-machine's threads) plus one bare decode pass (goal: at most 1.1 x that sum).
+machine's threads) plus one bare decode pass (goal: at most 1.1 x that sum). Each model actor gets all the
+machine's threads by default here: the M pools run at once and finish at different times, and a pool that has
+finished leaves its cores to the others.
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ def multi_model(args: argparse.Namespace) -> None:
     slots = ModelsConfig(clip=list(args.multi)).clip_slots
     models = {slot: resolve_model(spec, "clip") for slot, spec in slots.items()}
     embed = EmbedConfig(batch_size=args.batch_size, cpus_per_actor=min(0.5, args.cpus / (2 * len(models))),
-                        write_every=4096, torch_threads=args.threads or max(1, args.cpus // 2))
+                        write_every=4096, torch_threads=args.threads or args.cpus)
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         paths = image_paths(args.images, scratch)
@@ -126,6 +128,7 @@ def multi_model(args: argparse.Namespace) -> None:
         ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ray.data.DataContext.get_current().print_on_execution_start = False
+        ray.data.DataContext.get_current().issue_detectors_config.detectors = []
         small_s = pipeline(paths[:args.small], models, embed, RayConfig(), scratch, "small")
         full_s = pipeline(paths, models, embed, RayConfig(), scratch, "full")
         ray.shutdown()
@@ -161,7 +164,8 @@ def main() -> None:
     parser.add_argument("--clip", default="open_clip:ViT-B-32/random")
     parser.add_argument("--reference", default="hf-random:dinov2-small")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per actor (0: cpus / 2)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per actor (0: cpus / 2; with --multi, cpus: the pools share the cores)")
     parser.add_argument("--multi", action="append", default=[], metavar="SPEC",
                         help="a CLIP-role model of the M-model case (repeat; runs that case instead)")
     args = parser.parse_args()
