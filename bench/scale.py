@@ -208,12 +208,11 @@ def _setup_job(job: dict[str, Any]) -> dict[str, Any]:
         CAPTION_EMBEDDINGS,
         IMAGE_EMBEDDINGS,
         NEIGHBOURS,
-        NEIGHBOURS_SCHEMA,
+        NEIGHBOURS_STORED_SCHEMA,
         SAMPLES,
         SAMPLES_SCHEMA,
         caption_embeddings_schema,
         image_embeddings_schema,
-        with_clip_model,
     )
     from clipaudit.stages.neighbours import Slot, lists_table
 
@@ -241,8 +240,7 @@ def _setup_job(job: dict[str, Any]) -> dict[str, Any]:
     parts = [lists_table(ids, Slot("clip", "clip", "tiny-clip"), clip, _sorted_sims(rng, n, k), "exact", "tiny-clip"),
              lists_table(ids, Slot("reference", "reference"), reference, _sorted_sims(rng, n, k), "exact",
                          "tiny-dino")]
-    schema = with_clip_model(NEIGHBOURS_SCHEMA)
-    tables.replace(NEIGHBOURS, pa.concat_tables(parts), schema)
+    tables.replace(NEIGHBOURS, pa.concat_tables(parts), NEIGHBOURS_STORED_SCHEMA)
     return {}
 
 

@@ -15,42 +15,24 @@ stats say so) and the first three models' rows are unchanged.
 
 from __future__ import annotations
 
-import csv
 import json
 from itertools import combinations
 from pathlib import Path
 
 import pytest
 
+from planted_scenes import write_corpus
+
 from clipaudit.config import load_config
-from clipaudit.io.readers.synthetic import SceneSpec, ShapeGroup, render_scene
 from clipaudit.io.tables import RunTables
 from clipaudit.pipeline import run_pipeline
 
-COLOURS = ("red", "green", "blue", "yellow", "purple")
-POSITIONS = ("left", "right", "top", "bottom", "center")
 REFERENCE = "python:planted_models:colour_aware"
 COLOUR_BLIND = "python:planted_models:colour_blind"
 POSITION_BLIND = "python:planted_models:position_blind"
 ALL_SEEING = "python:planted_models:all_seeing"
 FOURTH = "python:planted_models:layout_only"
 STAGES = ["ingest", "embed", "neighbours", "daf", "tcac", "leaderboard"]
-
-
-def _write_corpus(root: Path) -> dict[str, tuple[str, str]]:
-    """The scenes as PNGs plus a manifest; image_id (the file stem) -> (position, colour)."""
-    truth = {}
-    with open(root / "manifest.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "caption"])
-        for position in POSITIONS:
-            for colour in COLOURS:
-                spec = SceneSpec((ShapeGroup("circle", colour, position, 1),), "white")
-                name = f"{position}_{colour}"
-                render_scene(spec).save(root / f"{name}.png")
-                writer.writerow([f"{name}.png", spec.captions()[0]])
-                truth[name] = (position, colour)
-    return truth
 
 
 def _config(root: Path, clip: list[str]):
@@ -69,7 +51,7 @@ def _stats(run_dir: str, stage: str) -> dict:
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
     root = tmp_path_factory.mktemp("leaderboard")
-    truth = _write_corpus(root)
+    truth = write_corpus(root)
     config = _config(root, [COLOUR_BLIND, POSITION_BLIND, ALL_SEEING])
     run_pipeline(config, STAGES)
     return root, config, truth

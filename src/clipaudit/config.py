@@ -102,22 +102,24 @@ class ModelsConfig:
     clip: str | list[str] = "open_clip:ViT-B-32/openai"
     """One spec, or a list of specs audited side by side in one run (one leaderboard row each); every table of
     CLIP-role results keys its rows by ``clip_model``, the spec as written here."""
-    reference: str = "hf:facebook/dinov2-base"
+    reference: str | list[str] = "hf:facebook/dinov2-base"
+    """One spec, or a list: a DAF case then needs every reference (``daf.consensus: all``) or any of them (``any``)
+    to disagree with the CLIP model; rows of the reference role carry ``reference_model``, the spec as written."""
     fallback: Literal["none", "tiny"] = "none"
     """``tiny``: when a model's weights cannot be had, use tiny-clip / tiny-dino (random: findings meaningless)."""
     cache_dir: str | None = None
     """Where model weights are looked up (open_clip / Hugging Face cache); None: their defaults."""
 
     def __post_init__(self) -> None:
-        specs = self.clip_models
-        if not specs:
-            raise ConfigError("models.clip: the list is empty (give at least one CLIP-role model spec)")
-        for i, spec in enumerate(specs):
-            if not spec.strip():
-                raise ConfigError(f"models.clip[{i}]: an empty spec")
-        repeated = sorted({spec for spec in specs if specs.count(spec) > 1})
-        if repeated:
-            raise ConfigError(f"models.clip: {repeated[0]!r} is listed more than once")
+        for key, specs in (("clip", self.clip_models), ("reference", self.reference_models)):
+            if not specs:
+                raise ConfigError(f"models.{key}: the list is empty (give at least one model spec)")
+            for i, spec in enumerate(specs):
+                if not spec.strip():
+                    raise ConfigError(f"models.{key}[{i}]: an empty spec")
+            repeated = sorted({spec for spec in specs if specs.count(spec) > 1})
+            if repeated:
+                raise ConfigError(f"models.{key}: {repeated[0]!r} is listed more than once")
 
     @property
     def clip_models(self) -> list[str]:
@@ -129,6 +131,17 @@ class ModelsConfig:
         """Slot name -> spec of every CLIP-role model, in config order: ``clip``, then ``clip_2``, ``clip_3``, ...
         (the names of their columns in batches and of their counts in the stats)."""
         return {("clip" if i == 0 else f"clip_{i + 1}"): spec for i, spec in enumerate(self.clip_models)}
+
+    @property
+    def reference_models(self) -> list[str]:
+        """The reference specs, in config order (one element when ``reference`` is a single spec)."""
+        return [self.reference] if isinstance(self.reference, str) else list(self.reference)
+
+    @property
+    def reference_slots(self) -> dict[str, str]:
+        """Slot name -> spec of every reference model: ``reference``, then ``reference_2``, ..."""
+        return {("reference" if i == 0 else f"reference_{i + 1}"): spec
+                for i, spec in enumerate(self.reference_models)}
 
 
 @dataclass(frozen=True)
@@ -271,6 +284,9 @@ class DafConfig:
     """quantile: CLIP similarity at least this quantile of the neighbour pairs' CLIP similarities."""
     blind_reference_quantile: float = 0.1
     """quantile: reference similarity at most this quantile of the neighbour pairs' reference similarities."""
+    consensus: Literal["all", "any"] = "all"
+    """With several reference models: ``all``: an image is a case, and a pair CLIP-blind, only when every reference
+    disagrees with CLIP (fewer false alarms: one reference can be the one that is wrong); ``any``: when one does."""
 
     def __post_init__(self) -> None:
         problems = []

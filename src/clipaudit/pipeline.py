@@ -50,12 +50,12 @@ def write_stats(config: Config, stats: StageStats) -> None:
 
 def resolve_models(config: Config) -> dict:
     """Resolve every model on the driver (weights checked now, not in the actors): slot name -> model, the
-    CLIP-role models in config order (``ModelsConfig.clip_slots``), then ``reference``."""
+    CLIP-role models in config order (``ModelsConfig.clip_slots``), then the references (``reference_slots``)."""
     from clipaudit.models import resolve_model
 
     m = config.models
     slots = [(slot, spec, "clip") for slot, spec in m.clip_slots.items()]
-    slots.append(("reference", m.reference, "reference"))
+    slots += [(slot, spec, "reference") for slot, spec in m.reference_slots.items()]
     models = {slot: resolve_model(spec, role, fallback=m.fallback, cache_dir=m.cache_dir)
               for slot, spec, role in slots}
     if any(model.is_random for model in models.values()):

@@ -16,6 +16,8 @@ IMAGE_EMBEDDINGS = {"clip": "image_embeddings_clip", "reference": "image_embeddi
 CAPTION_EMBEDDINGS = "caption_embeddings"
 CLIP_MODEL = "clip_model"
 """The column that tells the CLIP-role models of one run apart: the spec as written in ``models.clip``."""
+REFERENCE_MODEL = "reference_model"
+"""The column that tells the reference models of one run apart: the spec as written in ``models.reference``."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,7 @@ in the top k of its pool; ``daf_cases`` counts the cases whose image is also a D
 
 
 NEIGHBOURS = "neighbours"
-NEIGHBOURS_KEY = ["image_id", "model"]
+NEIGHBOURS_KEY = ["image_id", "model", "clip_model", "reference_model"]
 NEIGHBOURS_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
     pa.field("model", pa.string(), nullable=False),
@@ -201,7 +203,10 @@ NEIGHBOURS_SCHEMA = pa.schema([
 ])
 """``neighbours``: one row per (image, role). ``model`` is the role (``clip`` or ``reference``), ``ids`` the
 image's top-``k`` neighbours by cosine similarity (itself excluded), ``sims`` their similarities, both
-similarity descending with ties by image_id; ``method`` ``exact`` or ``ann``; ``spec`` the model spec."""
+similarity descending with ties by image_id; ``method`` ``exact`` or ``ann``; ``spec`` the model spec. As stored,
+rows also carry ``clip_model`` (the CLIP-role model of a ``clip`` row; empty on ``reference`` rows, which every
+CLIP model shares) and ``reference_model`` (the reference of a ``reference`` row; empty on ``clip`` rows): the key is
+(image_id, model, clip_model, reference_model) (:data:`NEIGHBOURS_STORED_SCHEMA`)."""
 
 NEIGHBOURS_ANN = {"clip": "neighbours_ann_clip", "reference": "neighbours_ann_reference"}
 """Scratch tables holding the vectors and the LanceDB vector index of ``neighbours.method: ann``."""
@@ -223,6 +228,8 @@ DAF_CASES_SCHEMA = pa.schema([
     pa.field("reference_ids", pa.list_(pa.string())),
     pa.field("captions", pa.list_(pa.string())),
     pa.field("caption", pa.string()),
+    pa.field("references", pa.list_(pa.string())),
+    pa.field("reference_overlaps", pa.list_(pa.float32())),
 ])
 """``daf_cases``: the selected DAF failure cases, one row per image. ``overlap`` = |CLIP top-k & reference
 top-k| / k; ``rbo`` the rank-biased overlap of the two lists; ``score`` = 1 - rbo (divergence, higher is more
@@ -230,7 +237,10 @@ divergent); ``z`` the image's overlap as a standard score over the corpus; ``p_v
 unrelated neighbour lists of this corpus (permutation null) share at least as many neighbours; ``rank`` 1 = most
 divergent; ``clip_only`` / ``reference_only`` the neighbours in one list only, in that model's rank order;
 ``clip_ids`` / ``reference_ids`` the full lists; ``captions`` the image's caption then those of its
-``clip_only`` neighbours; ``caption`` the image's own caption."""
+``clip_only`` neighbours; ``caption`` the image's own caption; ``references`` the reference models that disagree
+with CLIP on the image and ``reference_overlaps`` its overlap with each reference (config order). With several
+references the figures are the least divergent reference's (``daf.consensus: all``) or the most divergent's
+(``any``), and ``reference_only`` / ``reference_ids`` are the first reference's."""
 
 BLIND_PAIRS_SCHEMA = pa.schema([
     pa.field("image_a", pa.string(), nullable=False),
@@ -239,10 +249,14 @@ BLIND_PAIRS_SCHEMA = pa.schema([
     pa.field("reference_sim", pa.float32()),
     pa.field("gap", pa.float32()),
     pa.field("rule", pa.string()),
+    pa.field("references", pa.list_(pa.string())),
 ])
 """``blind_pairs``: CLIP-blind pairs (MMVP): CLIP neighbour pairs that CLIP finds near-identical and the
 reference finds different; unordered (``image_a < image_b``) and deduplicated; ``reference_sim`` computed
-exactly from the reference vectors; ``gap`` = clip_sim - reference_sim; ``rule`` ``absolute`` or ``quantile``."""
+exactly from the reference vectors; ``gap`` = clip_sim - reference_sim; ``rule`` ``absolute`` or ``quantile``;
+``references`` the reference models that find the pair different. With several references ``reference_sim`` is
+the highest of theirs (``daf.consensus: all``: every reference must find the pair different) or the lowest
+(``any``)."""
 
 LLM_CALLS = "llm_calls"
 LLM_CALLS_KEY = "request_id"
@@ -331,3 +345,9 @@ CLIP-role models live side by side (see :class:`clipaudit.io.tables.ModelTables`
 def with_clip_model(schema: pa.Schema) -> pa.Schema:
     """``schema`` with the ``clip_model`` column appended (as a CLIP-scoped table stores it)."""
     return schema if CLIP_MODEL in schema.names else schema.append(pa.field(CLIP_MODEL, pa.string(), nullable=False))
+
+
+NEIGHBOURS_STORED_SCHEMA = with_clip_model(NEIGHBOURS_SCHEMA).append(
+    pa.field(REFERENCE_MODEL, pa.string(), nullable=False))
+"""``neighbours`` as the neighbours stage writes it: :data:`NEIGHBOURS_SCHEMA` plus ``clip_model`` and
+``reference_model``."""

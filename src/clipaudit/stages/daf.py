@@ -22,6 +22,13 @@ CLIP-blind pairs (MMVP): the unordered, deduplicated CLIP neighbour pairs with C
 above / below quantiles of those pairs' similarities (``quantile``); reference similarities are computed exactly
 (fp32) from the reference vectors.
 
+Several references (``models.reference`` a list): every figure above is computed against each reference, and
+``daf.consensus`` combines them per image: ``all`` takes the least divergent reference's figures (an image is a
+case only when every reference disagrees with CLIP: one reference can be the one that is wrong), ``any`` the most
+divergent's. A pair is CLIP-blind when every (``all``) or some (``any``) reference finds it different. The
+``references`` column of both tables names the references that disagree; the corpus figures in the stats are the
+first reference's, with every reference's under ``per_reference``.
+
 Both tables are recomputed and replaced as a whole on every run (cheap next to the neighbours), so a re-run
 never duplicates a row.
 """
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -46,6 +53,7 @@ from clipaudit.records import (
     DAF_CASES_SCHEMA,
     IMAGE_EMBEDDINGS,
     NEIGHBOURS,
+    REFERENCE_MODEL,
     SAMPLES,
     StageStats,
 )
@@ -58,7 +66,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("clipaudit.daf")
 STAGE = "daf"
-ROLES = ("clip", "reference")
 
 
 class DafError(ClipauditError, RuntimeError):
@@ -67,13 +74,24 @@ class DafError(ClipauditError, RuntimeError):
 
 @dataclass
 class NeighbourLists:
-    """Both roles' top-k lists as row indices into ``image_ids`` (sorted), with their similarities."""
+    """Both roles' top-k lists as row indices into ``image_ids`` (sorted), with their similarities.
+
+    ``reference`` / ``reference_sims`` are the first reference's lists; with several references, ``references``
+    names them all (config order) and ``others`` holds the lists of the others by spec."""
 
     image_ids: pa.Array
     clip: np.ndarray
     clip_sims: np.ndarray
     reference: np.ndarray
     reference_sims: np.ndarray
+    references: tuple[str, ...] = ("",)
+    others: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def per_reference(self) -> list[NeighbourLists]:
+        """These lists once per reference (each with that reference's lists as ``reference``)."""
+        first = replace(self, references=self.references[:1], others={})
+        return [first, *(replace(first, reference=ids, reference_sims=sims, references=(spec,))
+                         for spec, (ids, sims) in self.others.items())]
 
     @property
     def n(self) -> int:
@@ -99,12 +117,19 @@ class ImageScores:
     rank: np.ndarray
     selected: np.ndarray
     null: dm.NullDistribution
+    reference_overlaps: np.ndarray | None = None
+    """``(references, n)``: each image's overlap with each reference (None: one reference, ``overlap``)."""
+    per_reference: tuple[ImageScores, ...] = ()
+    """With several references: the figures against each (config order); empty with one."""
 
 
-def _role_lists(table: pa.Table, role: str, tables: RunTables) -> pa.Table:
+def _role_lists(table: pa.Table, role: str, tables: RunTables, reference: str | None = None) -> pa.Table:
     rows = table.filter(pc.equal(table.column("model"), role))
+    if reference is not None and REFERENCE_MODEL in rows.column_names:
+        rows = rows.filter(pc.equal(rows.column(REFERENCE_MODEL), reference))
     if rows.num_rows == 0:
-        raise DafError(f"{NEIGHBOURS} in {tables.uri} has no rows for the {role} role: run the neighbours stage")
+        which = f"the {role} role" if reference is None else f"reference model {reference!r}"
+        raise DafError(f"{NEIGHBOURS} in {tables.uri} has no rows for {which}: run the neighbours stage")
     return rows.take(pc.sort_indices(rows.column("image_id")))
 
 
@@ -129,38 +154,81 @@ def _sim_matrix(lists: pa.ChunkedArray, k: int, role: str) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, k)
 
 
-def load_lists(tables: RunTables) -> NeighbourLists:
-    """Both roles' neighbour lists from ``neighbours``; DafError when missing or inconsistent."""
-    table = tables.read(NEIGHBOURS, ["image_id", "model", "ids", "sims"])
+def load_lists(tables: RunTables, references: list[str] | None = None) -> NeighbourLists:
+    """The CLIP lists and each reference's lists (``references``, as written in the config; None: the table's one
+    reference) from ``neighbours``; DafError when missing or inconsistent."""
+    table = tables.read(NEIGHBOURS)
     if table is None or table.num_rows == 0:
         raise DafError(empty_input_message(tables, f"no neighbours in {tables.uri}", "neighbours", NEIGHBOURS))
-    clip, reference = (_role_lists(table, role, tables) for role in ROLES)
+    specs = references if references and REFERENCE_MODEL in table.column_names else [None]
+    clip = _role_lists(table, "clip", tables)
     image_ids = clip.column("image_id").combine_chunks()
-    if not reference.column("image_id").combine_chunks().equals(image_ids):
-        raise DafError(f"{NEIGHBOURS}: the clip and reference lists cover different images: "
-                       "re-run the neighbours stage")
     k = int(pc.list_value_length(clip.column("ids").combine_chunks())[0].as_py())
+    lists = {}
+    for spec in specs:
+        reference = _role_lists(table, "reference", tables, spec)
+        if not reference.column("image_id").combine_chunks().equals(image_ids):
+            raise DafError(f"{NEIGHBOURS}: the clip and reference lists cover different images: "
+                           "re-run the neighbours stage")
+        lists[spec or ""] = (_id_matrix(reference.column("ids"), image_ids, k, "reference"),
+                             _sim_matrix(reference.column("sims"), k, "reference"))
+    (first, (ids, sims)), *others = lists.items()
     return NeighbourLists(
         image_ids=image_ids,
         clip=_id_matrix(clip.column("ids"), image_ids, k, "clip"),
         clip_sims=_sim_matrix(clip.column("sims"), k, "clip"),
-        reference=_id_matrix(reference.column("ids"), image_ids, k, "reference"),
-        reference_sims=_sim_matrix(reference.column("sims"), k, "reference"),
+        reference=ids, reference_sims=sims,
+        references=tuple(lists), others=dict(others),
     )
 
 
-def score_images(lists: NeighbourLists, cfg: DafConfig) -> ImageScores:
-    """Overlap, RBO, divergence score, z, permutation p-values, ranks and the selected cases."""
+def _one_reference(lists: NeighbourLists, cfg: DafConfig) -> ImageScores:
+    """The figures against ``lists.reference`` alone (selection and ranks not yet set)."""
     prefix = dm.prefix_overlaps(lists.clip, lists.reference)
     counts = prefix[:, -1]
     rbo = dm.rbo_from_agreement(prefix / np.arange(1, lists.k + 1), cfg.rbo_p, cfg.rbo)
-    score = 1.0 - rbo
     null = dm.permutation_null(lists.clip, lists.reference, cfg.permutations, cfg.seed, cfg.null_sample,
                                cfg.rbo_p, cfg.rbo)
-    selected, rank = dm.select_cases(score, counts, lists.k, cfg.max_overlap, cfg.top_n)
     overlap = counts / lists.k
-    return ImageScores(counts, overlap, rbo, score, dm.z_scores(overlap), dm.null_p_values(counts, null), rank,
-                       selected, null)
+    empty = np.zeros(0, dtype=np.int64)
+    return ImageScores(counts, overlap, rbo, 1.0 - rbo, dm.z_scores(overlap), dm.null_p_values(counts, null),
+                       empty, empty, null)
+
+
+def combine(per_reference: list[ImageScores], consensus: str) -> ImageScores:
+    """One set of figures from several references' (``daf.consensus``): ``all``, the least divergent reference's
+    value of each figure (most shared neighbours, highest RBO and z, lowest p-value); ``any``, the most
+    divergent's. The null is the first reference's."""
+    least = consensus == "all"
+
+    def pick(name: str, divergent_high: bool) -> np.ndarray:
+        values = np.stack([getattr(scores, name) for scores in per_reference])
+        return values.min(axis=0) if least == divergent_high else values.max(axis=0)
+
+    counts = pick("counts", divergent_high=False)
+    first = per_reference[0]
+    return ImageScores(counts, pick("overlap", False), pick("rbo", False), pick("score", True), pick("z", False),
+                       pick("p_value", True), first.rank, first.selected, first.null,
+                       np.stack([scores.overlap for scores in per_reference]), tuple(per_reference))
+
+
+def score_images(lists: NeighbourLists, cfg: DafConfig) -> ImageScores:
+    """Overlap, RBO, divergence score, z, permutation p-values, ranks and the selected cases (with several
+    references, combined per ``daf.consensus``: see :func:`combine`)."""
+    per_reference = [_one_reference(one, cfg) for one in lists.per_reference()]
+    scores = per_reference[0] if len(per_reference) == 1 else combine(per_reference, cfg.consensus)
+    selected, rank = dm.select_cases(scores.score, scores.counts, lists.k, cfg.max_overlap, cfg.top_n)
+    return replace(scores, selected=selected, rank=rank)
+
+
+def disagreeing(lists: NeighbourLists, scores: ImageScores, rows: np.ndarray, cfg: DafConfig) -> pa.ListArray:
+    """For each of ``rows``, the references that disagree with CLIP on it: overlap at most ``daf.max_overlap``
+    (when set), else at most the image's combined overlap."""
+    per = scores.reference_overlaps if scores.reference_overlaps is not None else scores.overlap[None, :]
+    bound = scores.overlap[rows] if cfg.max_overlap is None else np.full(len(rows), cfg.max_overlap)
+    keep = (per[:, rows] <= bound[None, :] + 1e-9).T
+    names = pa.array(list(lists.references), pa.string())
+    return _ragged(names, np.broadcast_to(np.arange(len(lists.references)), keep.shape), keep)
 
 
 def image_captions(tables: RunTables, image_ids: pa.Array) -> pa.Array:
@@ -187,7 +255,7 @@ def _not_in_other(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def cases_table(lists: NeighbourLists, scores: ImageScores, captions: pa.Array) -> pa.Table:
+def cases_table(lists: NeighbourLists, scores: ImageScores, captions: pa.Array, cfg: DafConfig) -> pa.Table:
     """The ``daf_cases`` rows of the selected images, most divergent first; ``captions`` is aligned with
     ``lists.image_ids``. Built column by column (no Python object per case or per neighbour)."""
     names, picked = lists.image_ids, np.asarray(scores.selected, dtype=np.int64)
@@ -197,6 +265,8 @@ def cases_table(lists: NeighbourLists, scores: ImageScores, captions: pa.Array) 
     own_then_only = np.concatenate([np.ones((len(picked), 1), dtype=bool), clip_only], axis=1)
     everything = np.ones(clip.shape, dtype=bool)
     index = pa.array(picked, pa.int64())
+    per = scores.reference_overlaps if scores.reference_overlaps is not None else scores.overlap[None, :]
+    overlaps = per[:, picked].T.astype(np.float32)
     return pa.table({
         "image_id": names.take(index),
         "overlap": pa.array(scores.overlap[picked], pa.float32()),
@@ -211,6 +281,10 @@ def cases_table(lists: NeighbourLists, scores: ImageScores, captions: pa.Array) 
         "reference_ids": _ragged(names, reference, everything),
         "captions": _ragged(captions, own_then_clip, own_then_only),
         "caption": captions.take(index),
+        "references": disagreeing(lists, scores, picked, cfg),
+        "reference_overlaps": pa.ListArray.from_arrays(
+            pa.array(np.arange(0, overlaps.size + 1, max(overlaps.shape[1], 1), dtype=np.int32)[:len(picked) + 1]),
+            pa.array(overlaps.reshape(-1))),
     }, schema=DAF_CASES_SCHEMA)
 
 
@@ -223,19 +297,34 @@ def vector_rows(vectors: RoleVectors, image_ids: pa.Array) -> np.ndarray:
     return rows.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def blind_pairs(lists: NeighbourLists, reference: RoleVectors,
+def reference_similarities(tables: RunTables, lists: NeighbourLists, lo: np.ndarray,
+                           hi: np.ndarray) -> np.ndarray:
+    """``(references, pairs)``: each reference's exact cosine similarity of every pair (rows of
+    ``lists.image_ids``), one reference's vectors in memory at a time."""
+    sims = np.empty((len(lists.references), len(lo)), dtype=np.float32)
+    for i, spec in enumerate(lists.references):
+        reference = load_vectors(tables, "reference", spec or None)
+        rows = vector_rows(reference, lists.image_ids)
+        sims[i] = dm.pair_cosines(reference.vectors, rows[lo], rows[hi])
+        del reference
+    return sims
+
+
+def blind_pairs(lists: NeighbourLists, tables: RunTables,
                 cfg: DafConfig) -> tuple[pa.Table, dm.BlindThresholds, int]:
     """CLIP-blind pairs among the CLIP neighbour pairs: (table sorted by gap, thresholds used, pairs examined).
 
-    Rows index ``lists.image_ids``, which is sorted, so ordering by row index is ordering by image_id."""
+    With several references the pair's ``reference_sim`` is the highest of theirs (``daf.consensus: all``) or the
+    lowest (``any``). Rows index ``lists.image_ids``, which is sorted, so ordering by row index is ordering by
+    image_id."""
     lo, hi, clip_sim = dm.neighbour_pairs(lists.clip, lists.clip_sims)
-    rows = vector_rows(reference, lists.image_ids)
-    reference_sim = dm.pair_cosines(reference.vectors, rows[lo], rows[hi])
+    per = reference_similarities(tables, lists, lo, hi)
+    reference_sim = per.max(axis=0) if cfg.consensus == "all" else per.min(axis=0)
     mask, thresholds = dm.blind_pair_mask(clip_sim, reference_sim, cfg.blind_rule, cfg.blind_clip_min,
                                           cfg.blind_reference_max, cfg.blind_clip_quantile,
                                           cfg.blind_reference_quantile)
     a, b = lo[mask], hi[mask]
-    clip_sim, reference_sim = clip_sim[mask], reference_sim[mask]
+    clip_sim, reference_sim, per = clip_sim[mask], reference_sim[mask], per[:, mask]
     gap = clip_sim - reference_sim
     order = np.lexsort((b, a, -gap))
     table = pa.table({
@@ -245,6 +334,9 @@ def blind_pairs(lists: NeighbourLists, reference: RoleVectors,
         "reference_sim": pa.array(reference_sim[order], pa.float32()),
         "gap": pa.array(gap[order], pa.float32()),
         "rule": pa.repeat(pa.scalar(thresholds.rule, pa.string()), len(order)),
+        "references": _ragged(pa.array(list(lists.references), pa.string()),
+                              np.broadcast_to(np.arange(len(lists.references)), (len(order), len(lists.references))),
+                              (per[:, order] <= thresholds.reference_max + 1e-6).T),
     }, schema=BLIND_PAIRS_SCHEMA)
     return table, thresholds, len(lo)
 
@@ -282,8 +374,16 @@ def corpus_figures(lists: NeighbourLists, scores: ImageScores, cfg: DafConfig) -
 
 def _record(stats: StageStats, lists: NeighbourLists, scores: ImageScores, cases: int, pairs: int,
             thresholds: dm.BlindThresholds, examined: int, cfg: DafConfig) -> None:
-    """Counts, corpus figures and a one-line summary into the stats (and the log)."""
-    figures = corpus_figures(lists, scores, cfg)
+    """Counts, corpus figures (the first reference's; each reference's under ``per_reference`` when there are
+    several) and a one-line summary into the stats (and the log)."""
+    if scores.per_reference:
+        per = {spec: corpus_figures(one, one_scores, cfg)
+               for spec, one, one_scores in zip(lists.references, lists.per_reference(), scores.per_reference)}
+        figures = per[lists.references[0]]
+        stats.notes["per_reference"] = per
+        stats.notes["consensus"] = cfg.consensus
+    else:
+        figures = corpus_figures(lists, scores, cfg)
     stats.notes.update(figures)
     stats.notes["blind_pairs"] = {"rule": thresholds.rule, "clip_min": thresholds.clip_min,
                                   "reference_max": thresholds.reference_max}
@@ -304,17 +404,17 @@ def run_daf(config: Config, tables: RunTables) -> StageStats:
     cfg = config.daf
     stats = StageStats(STAGE)
     started = time.perf_counter()
-    lists = load_lists(tables)
+    lists = load_lists(tables, config.models.reference_models)
     captions = image_captions(tables, lists.image_ids)
     stats.add_time("read", time.perf_counter() - started)
 
     phase = time.perf_counter()
     scores = score_images(lists, cfg)
-    cases = cases_table(lists, scores, captions)
+    cases = cases_table(lists, scores, captions, cfg)
     stats.add_time("score", time.perf_counter() - phase)
 
     phase = time.perf_counter()
-    pairs, thresholds, examined = blind_pairs(lists, load_vectors(tables, "reference"), cfg)
+    pairs, thresholds, examined = blind_pairs(lists, tables, cfg)
     stats.add_time("blind_pairs", time.perf_counter() - phase)
 
     phase = time.perf_counter()

@@ -2,9 +2,11 @@
 under each CLIP-role model's text tower.
 
 ``models`` maps a slot name to a resolved model: ``clip`` (and ``clip_2``, ``clip_3``, ... when ``models.clip`` is a
-list) and ``reference``. Each image is read and decoded once, however many models there are; each model
-preprocesses it as it must. Rows of CLIP-role models carry ``clip_model`` (the spec as written in the config),
-which is part of their key: adding a model to the list later embeds only that model.
+list) and ``reference`` (and ``reference_2``, ... when ``models.reference`` is a list). Each image is read and
+decoded once, however many models there are; each model preprocesses it as it must. Rows carry the model's spec as
+written in the config (``clip_model`` or ``reference_model``), which is part of their key: adding a model to a
+list later embeds only that model. Vectors are variable-size lists (one table holds the models of a role, whose
+dimensions may differ).
 
 Plans what is left to do from the tables (so a re-run or a resumed run skips finished work), hands the batch
 work to a runner (Ray or in-process) and is the single writer of the results: vectors into
@@ -35,6 +37,7 @@ from clipaudit.records import (
     IMAGE_EMBEDDINGS,
     REJECTS,
     REJECTS_KEY,
+    REFERENCE_MODEL,
     REJECTS_SCHEMA,
     SAMPLES,
     StageStats,
@@ -82,15 +85,19 @@ def table_of(model: ResolvedModel) -> str:
     return IMAGE_EMBEDDINGS[model.role]
 
 
-def model_filter(tables: RunTables, name: str, model: ResolvedModel) -> str | None:
-    """The SQL predicate selecting ``model``'s rows of table ``name``: its ``clip_model`` for a CLIP-role model
-    (EmbedError for a table written without that column), None for the reference role."""
-    if model.role != "clip":
-        return None
-    if tables.exists(name) and not tables.has_column(name, CLIP_MODEL):
-        raise EmbedError(f"{name} in {tables.uri} has no {CLIP_MODEL} column (written by an older clipaudit): "
+def spec_column(model: ResolvedModel) -> str:
+    """The column holding the spec of ``model``'s rows: ``clip_model`` or ``reference_model`` (by its role)."""
+    return CLIP_MODEL if model.role == "clip" else REFERENCE_MODEL
+
+
+def model_filter(tables: RunTables, name: str, model: ResolvedModel) -> str:
+    """The SQL predicate selecting ``model``'s rows of table ``name`` (EmbedError for a table written without the
+    spec column, by an older clipaudit)."""
+    column = spec_column(model)
+    if tables.exists(name) and not tables.has_column(name, column):
+        raise EmbedError(f"{name} in {tables.uri} has no {column} column (written by an older clipaudit): "
                          "use a new run_dir")
-    return f"{CLIP_MODEL} = {sql_string(model.requested_spec)}"
+    return f"{column} = {sql_string(model.requested_spec)}"
 
 
 def _check_model(tables: RunTables, name: str, model: ResolvedModel) -> None:
@@ -176,8 +183,8 @@ class ImageSink:
                 self.vectors[slot].append(pa.table({
                     "image_id": pa.array(batch["image_id"][rows].tolist(), pa.string()),
                     "model": pa.array([model.spec] * len(vectors), pa.string()),
-                    "vector": vector_array(vectors, fixed=model.role != "clip"),
-                    CLIP_MODEL: pa.array([model.requested_spec] * len(vectors), pa.string()),
+                    "vector": vector_array(vectors, fixed=False),
+                    spec_column(model): pa.array([model.requested_spec] * len(vectors), pa.string()),
                 }))
         self._reject(batch, np.flatnonzero(~ok))
         self.buffered += n
@@ -197,11 +204,9 @@ class ImageSink:
             if parts:
                 model = self.models[slot]
                 rows = pa.concat_tables(parts)
-                key = ["image_id"]
-                if model.role == "clip":
-                    schema, key = with_clip_model(image_embeddings_schema(None)), [*key, CLIP_MODEL]
-                else:
-                    schema = image_embeddings_schema(rows.schema.field("vector").type.list_size)
+                column = spec_column(model)
+                schema = image_embeddings_schema(None).append(pa.field(column, pa.string(), nullable=False))
+                key = ["image_id", column]
                 written = self.tables.insert_new(table_of(model), rows, key, schema)
                 self.stats.add_count(f"embedded_{slot}", written)
                 self.stats.notes.setdefault("embedded_by_model", {}).setdefault(model.requested_spec, 0)

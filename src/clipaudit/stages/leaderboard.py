@@ -7,7 +7,8 @@ reference lists and the same transformed pixels:
 
 * ``mean_overlap``: the mean overlap@k of the model's neighbour lists with the reference's (the DAF's alignment;
   higher is better), with ``chance_overlap`` (k / (N - 1)) and ``overlap_p_value`` (the permutation null: the
-  chance that unrelated lists agree as much) beside it;
+  chance that unrelated lists agree as much) beside it; with several references, the mean over them and the
+  largest p-value;
 * ``blind_pairs`` (the model's CLIP-blind pairs) and ``blind_pair_rate`` (per image);
 * ``daf_cases``: how many images the DAF picked as failure cases;
 * per transform ``t``: ``top1_flip_rate_<t>`` (share of images whose top caption changed),
@@ -91,15 +92,15 @@ def alignment(view: ModelTables, config: Config) -> dict[str, Any]:
     if view.count(NEIGHBOURS) == 0:
         return {}
     try:
-        lists = load_lists(view)
+        lists = load_lists(view, config.models.reference_models)
     except DafError as exc:
         log.warning("leaderboard: no usable neighbour lists for %s (%s)", view.clip_model, exc)
         return {}
-    figures = corpus_figures(lists, score_images(lists, config.daf), config.daf)
-    p_value = figures["null"].get("corpus_p_value")
-    return {"images": lists.n, "k": lists.k, "mean_overlap": figures["mean_overlap"],
-            "chance_overlap": figures["chance_overlap"],
-            "overlap_p_value": None if p_value is None or np.isnan(p_value) else p_value}
+    figures = [corpus_figures(one, score_images(one, config.daf), config.daf) for one in lists.per_reference()]
+    p_values = [f["null"].get("corpus_p_value") for f in figures]
+    p_values = [p for p in p_values if p is not None and not np.isnan(p)]
+    return {"images": lists.n, "k": lists.k, "mean_overlap": float(np.mean([f["mean_overlap"] for f in figures])),
+            "chance_overlap": figures[0]["chance_overlap"], "overlap_p_value": max(p_values) if p_values else None}
 
 
 def transform_measures(view: ModelTables, transforms: list[str]) -> dict[str, float | None]:

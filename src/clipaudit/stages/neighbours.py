@@ -1,11 +1,11 @@
 """Neighbours stage: the top-k cosine neighbours of every image under each model -> ``neighbours``.
 
 The lists are computed per *slot*: each CLIP-role model of ``models.clip`` (rows with ``model = 'clip'`` and
-``clip_model`` its spec) and the reference (``model = 'reference'``, ``clip_model`` empty: one set of reference
-lists shared by every CLIP-role model). Only the images embedded by *every* model (the intersection of
-``image_embeddings_clip`` per model and ``image_embeddings_reference``) take part, as queries and as candidates,
-so that an image's lists are drawn from the same pool and can be compared; the stats say how many images each
-slot had and how many were left out.
+``clip_model`` its spec) and each reference of ``models.reference`` (``model = 'reference'``, ``reference_model``
+its spec, ``clip_model`` empty: reference lists are shared by every CLIP-role model). Only the images embedded by
+*every* model (the intersection over the models' rows of ``image_embeddings_clip`` and
+``image_embeddings_reference``) take part, as queries and as candidates, so that an image's lists are drawn from
+the same pool and can be compared; the stats say how many images each slot had and how many were left out.
 Rows are ordered by image_id, so ties (equal similarities) go to the smaller image_id, deterministically.
 
 ``neighbours.method``:
@@ -55,9 +55,9 @@ from clipaudit.records import (
     IMAGE_EMBEDDINGS,
     NEIGHBOURS,
     NEIGHBOURS_ANN,
-    NEIGHBOURS_SCHEMA,
+    NEIGHBOURS_STORED_SCHEMA,
+    REFERENCE_MODEL,
     StageStats,
-    with_clip_model,
 )
 
 if TYPE_CHECKING:
@@ -79,22 +79,31 @@ class NeighboursError(ClipauditError, RuntimeError):
 
 @dataclass(frozen=True)
 class Slot:
-    """One set of neighbour lists: a CLIP-role model (``clip_model`` its spec as written in the config) or the
-    reference (``clip_model`` empty). ``name`` (``clip``, ``clip_2``, ..., ``reference``) names it in the stats."""
+    """One set of neighbour lists: a CLIP-role model (``clip_model`` its spec as written in the config) or a
+    reference (``reference_model`` its spec). ``name`` (``clip``, ``clip_2``, ..., ``reference``, ``reference_2``,
+    ...) names it in the stats."""
 
     name: str
     role: str
     clip_model: str = ""
+    reference_model: str = ""
+
+    @property
+    def spec(self) -> str:
+        """The model's spec as written in the config."""
+        return self.clip_model if self.role == "clip" else self.reference_model
 
     def where(self) -> str:
         """The SQL predicate selecting this slot's rows of ``neighbours``."""
-        return f"model = {sql_string(self.role)} AND {CLIP_MODEL} = {sql_string(self.clip_model)}"
+        return (f"model = {sql_string(self.role)} AND {CLIP_MODEL} = {sql_string(self.clip_model)} AND "
+                f"{REFERENCE_MODEL} = {sql_string(self.reference_model)}")
 
 
 def slots_of(config: Config) -> list[Slot]:
-    """The slots of a run: every CLIP-role model in config order, then the reference."""
-    clip = [Slot(name, "clip", spec) for name, spec in config.models.clip_slots.items()]
-    return [*clip, Slot("reference", "reference")]
+    """The slots of a run: every CLIP-role model in config order, then every reference."""
+    clip = [Slot(name, "clip", clip_model=spec) for name, spec in config.models.clip_slots.items()]
+    return [*clip, *(Slot(name, "reference", reference_model=spec)
+                     for name, spec in config.models.reference_slots.items())]
 
 
 @dataclass
@@ -167,26 +176,36 @@ def _one_spec(specs: set[str], name: str) -> str:
     return next(iter(specs))
 
 
-def _model_rows(dataset, role: str, clip_model: str | None) -> tuple[pa.Table, np.ndarray | None]:
+def _spec_column(role: str) -> str:
+    return CLIP_MODEL if role == "clip" else REFERENCE_MODEL
+
+
+def _scoped(dataset, role: str, spec: str | None) -> bool:
+    """Whether one model's rows are picked out of the role's table by its spec column (False: the table is read
+    whole: no spec asked for, or a table written without the column, by an older clipaudit, which holds one
+    model)."""
+    return bool(spec) and _spec_column(role) in dataset.schema.names
+
+
+def _model_rows(dataset, role: str, spec: str | None) -> tuple[pa.Table, np.ndarray | None]:
     """The ``image_id`` and ``model`` columns of one model's rows, and their row positions in the dataset (None:
-    every row). A CLIP-role table holds one model's rows per ``clip_model``; one written without that column (by
-    an older clipaudit) holds one model only, and is read whole."""
-    scoped = clip_model and role == "clip" and CLIP_MODEL in dataset.schema.names
-    keys = dataset.to_table(columns=["image_id", "model", CLIP_MODEL] if scoped else ["image_id", "model"])
-    if not scoped:
-        return keys, None
-    positions = np.flatnonzero(pc.equal(keys.column(CLIP_MODEL), clip_model).to_numpy(zero_copy_only=False))
+    every row). A role's table holds one model's rows per ``clip_model`` / ``reference_model``."""
+    if not _scoped(dataset, role, spec):
+        return dataset.to_table(columns=["image_id", "model"]), None
+    column = _spec_column(role)
+    keys = dataset.to_table(columns=["image_id", "model", column])
+    positions = np.flatnonzero(pc.equal(keys.column(column), spec).to_numpy(zero_copy_only=False))
     if len(positions) == 0:
-        raise NeighboursError(f"no embeddings of CLIP-role model {clip_model!r} in {IMAGE_EMBEDDINGS[role]}: run "
-                              "embed first (with every model of models.clip)")
+        raise NeighboursError(f"no embeddings of {role} model {spec!r} in {IMAGE_EMBEDDINGS[role]}: run embed first "
+                              f"(with every model of models.{role})")
     return keys.take(pa.array(positions)).select(["image_id", "model"]), positions
 
 
-def load_ids(tables: RunTables, role: str, clip_model: str | None = None) -> RoleIds:
-    """One model's image ids and spec, without its vectors (errors as :func:`load_vectors`); ``clip_model``
-    picks the CLIP-role model (None: the table's only one)."""
+def load_ids(tables: RunTables, role: str, spec: str | None = None) -> RoleIds:
+    """One model's image ids and spec, without its vectors (errors as :func:`load_vectors`); ``spec`` picks the
+    model of the role (None: the table's only one)."""
     name = IMAGE_EMBEDDINGS[role]
-    table, _ = _model_rows(_embedding_dataset(tables, role), role, clip_model)
+    table, _ = _model_rows(_embedding_dataset(tables, role), role, spec)
     spec = _one_spec(set(pc.unique(table.column("model")).to_pylist()), name)
     return RoleIds(role, spec, table.column("image_id").combine_chunks())
 
@@ -242,13 +261,13 @@ def _fill_chunk(out: np.ndarray, column: pa.Array, ids: pa.Array, problems: _Loa
 
 
 def _read_chunked(dataset, name: str, dim: int | None, role: str,
-                  clip_model: str | None) -> tuple[pa.Array, str, np.ndarray]:
+                  spec: str | None) -> tuple[pa.Array, str, np.ndarray]:
     """Read one model's vectors chunk by chunk (``take`` of row ranges, whose buffers are freed after each chunk)
     into one preallocated float32 array, normalised in place: ``(ids, spec, vectors)``; NeighboursError on several
     specs, null or non-finite vectors. ``dim`` None (variable-size vectors): the first vector's length, and
     :class:`_Ragged` when another differs."""
-    keys, positions = _model_rows(dataset, role, clip_model)
-    spec = _one_spec(set(pc.unique(keys.column("model")).to_pylist()), name)
+    keys, positions = _model_rows(dataset, role, spec)
+    resolved = _one_spec(set(pc.unique(keys.column("model")).to_pylist()), name)
     ids = keys.column("image_id").combine_chunks()
     if dim is None:
         first = dataset.take([0 if positions is None else int(positions[0])], columns=["vector"]).column("vector")
@@ -262,31 +281,30 @@ def _read_chunked(dataset, name: str, dim: int | None, role: str,
         column = dataset.take(rows, columns=["vector"]).column("vector").combine_chunks()
         _fill_chunk(vectors[lo:hi], column, ids[lo:hi], problems)
     problems.raise_any(name)
-    return ids, spec, vectors
+    return ids, resolved, vectors
 
 
-def _read_whole(dataset, name: str, role: str, clip_model: str | None) -> tuple[pa.Array, str, np.ndarray]:
+def _read_whole(dataset, name: str, role: str, spec: str | None) -> tuple[pa.Array, str, np.ndarray]:
     """``(ids, spec, vectors)`` of one model in a table whose vectors are variable-size lists, read whole, to name
     mismatched dimensions; NeighboursError on several specs, null, mismatched or non-finite vectors."""
-    scoped = clip_model and role == "clip" and CLIP_MODEL in dataset.schema.names
-    where = f"{CLIP_MODEL} = {sql_string(clip_model)}" if scoped else None
+    where = f"{_spec_column(role)} = {sql_string(spec)}" if _scoped(dataset, role, spec) else None
     table = dataset.to_table(columns=["image_id", "model", "vector"], filter=where)
     if table.num_rows == 0:
-        raise NeighboursError(f"no embeddings of CLIP-role model {clip_model!r} in {name}: run embed first (with "
-                              "every model of models.clip)")
+        raise NeighboursError(f"no embeddings of {role} model {spec!r} in {name}: run embed first (with every "
+                              f"model of models.{role})")
     ids = table.column("image_id").combine_chunks()
-    spec = _one_spec(set(pc.unique(table.column("model")).to_pylist()), name)
+    resolved = _one_spec(set(pc.unique(table.column("model")).to_pylist()), name)
     vectors = vector_matrix(table.column("vector"), ids, name)
     problems = _LoadProblems()
     _check_finite(vectors, ids, problems)
     problems.raise_any(name)
     normalise_in_place(vectors)
-    return ids, spec, vectors
+    return ids, resolved, vectors
 
 
-def load_vectors(tables: RunTables, role: str, clip_model: str | None = None) -> RoleVectors:
-    """Read one model's embeddings, L2-normalised (``clip_model`` picks the CLIP-role model; None: the table's
-    only one); NeighboursError when there are none ("run embed first") or they are unusable. Fixed-size vectors
+def load_vectors(tables: RunTables, role: str, spec: str | None = None) -> RoleVectors:
+    """Read one model's embeddings, L2-normalised (``spec`` picks the model of the role, as written in the config;
+    None: the table's only one); NeighboursError when there are none ("run embed first") or they are unusable. Fixed-size vectors
     (what embed writes) are read in chunks into one preallocated float32 matrix: the peak is that matrix and a
     few times :data:`READ_CHUNK_BYTES` more. Variable-size vectors (the CLIP tables, which hold several models)
     are read the same way; where one model's vectors differ in length, the table is read whole to name them."""
@@ -294,11 +312,11 @@ def load_vectors(tables: RunTables, role: str, clip_model: str | None = None) ->
     dataset = _embedding_dataset(tables, role)
     kind = dataset.schema.field("vector").type
     try:
-        ids, spec, vectors = _read_chunked(dataset, name, kind.list_size if pa.types.is_fixed_size_list(kind)
-                                           else None, role, clip_model)
+        ids, resolved, vectors = _read_chunked(dataset, name, kind.list_size if pa.types.is_fixed_size_list(kind)
+                                               else None, role, spec)
     except _Ragged:
-        ids, spec, vectors = _read_whole(dataset, name, role, clip_model)
-    return RoleVectors(role, spec, ids, vectors)
+        ids, resolved, vectors = _read_whole(dataset, name, role, spec)
+    return RoleVectors(role, resolved, ids, vectors)
 
 
 def restrict(vectors: RoleVectors, image_ids: pa.Array) -> np.ndarray:
@@ -428,13 +446,14 @@ def lists_table(image_ids: pa.Array, slot: Slot, ids: np.ndarray, sims: np.ndarr
         "method": pa.array([method] * n, pa.string()),
         "spec": pa.array([spec] * n, pa.string()),
         CLIP_MODEL: pa.array([slot.clip_model] * n, pa.string()),
-    }, schema=with_clip_model(NEIGHBOURS_SCHEMA))
+        REFERENCE_MODEL: pa.array([slot.reference_model] * n, pa.string()),
+    }, schema=NEIGHBOURS_STORED_SCHEMA)
 
 
 def is_up_to_date(tables: RunTables, slot: Slot, image_ids: pa.Array, k: int, method: str, spec: str) -> bool:
     """Whether ``neighbours`` already holds, for ``slot``, exactly ``image_ids`` with this k, method and spec."""
-    wanted = ["image_id", "model", "k", "method", "spec", CLIP_MODEL]
-    if not tables.exists(NEIGHBOURS) or not set(wanted) <= set(tables.db.open_table(NEIGHBOURS).schema.names):
+    if not tables.exists(NEIGHBOURS) or not set(NEIGHBOURS_STORED_SCHEMA.names) <= set(
+            tables.db.open_table(NEIGHBOURS).schema.names):
         return False
     rows = tables.read(NEIGHBOURS, ["image_id", "k", "method", "spec"], where=slot.where())
     return (rows.num_rows == len(image_ids)
@@ -480,7 +499,7 @@ def _slot_lists(tables: RunTables, slot: Slot, image_ids: pa.Array, cfg: Neighbo
     """Load one slot's vectors, search them over ``image_ids`` and return its rows of the table; the vectors are
     released when it returns."""
     started = time.perf_counter()
-    vectors = load_vectors(tables, slot.role, slot.clip_model or None)
+    vectors = load_vectors(tables, slot.role, slot.spec)
     rows = restrict(vectors, image_ids)
     stats.add_time("read", time.perf_counter() - started)
     ids, sims = _search(tables, slot, rows, cfg, device, stats, search)
@@ -498,13 +517,14 @@ def compute_and_write(tables: RunTables, slots: list[Slot], image_ids: pa.Array,
                     n)
     log.info("neighbours: %d images embedded by every model; computing %s; k=%d, %s on %s", n,
              ", ".join(slot.name for slot in slots), cfg.k, cfg.method, device)
-    if tables.exists(NEIGHBOURS) and not tables.has_column(NEIGHBOURS, CLIP_MODEL):
+    if tables.exists(NEIGHBOURS) and not set(NEIGHBOURS_STORED_SCHEMA.names) <= set(
+            tables.db.open_table(NEIGHBOURS).schema.names):
         tables.db.drop_table(NEIGHBOURS)
     written = 0
     for slot in slots:
         rows = _slot_lists(tables, slot, image_ids, cfg, device, stats, search)
         started = time.perf_counter()
-        tables.replace_where(NEIGHBOURS, rows, with_clip_model(NEIGHBOURS_SCHEMA), slot.where())
+        tables.replace_where(NEIGHBOURS, rows, NEIGHBOURS_STORED_SCHEMA, slot.where())
         stats.add_time("write", time.perf_counter() - started)
         written += rows.num_rows
     return written
@@ -525,7 +545,7 @@ def run_neighbours(config: Config, tables: RunTables,
     stats = StageStats(STAGE)
     started = time.perf_counter()
     slots = slots_of(config)
-    embedded = {slot.name: load_ids(tables, slot.role, slot.clip_model or None) for slot in slots}
+    embedded = {slot.name: load_ids(tables, slot.role, slot.spec) for slot in slots}
     image_ids = common_ids(embedded)
     n = len(image_ids)
     for name, ids in embedded.items():
@@ -537,7 +557,7 @@ def run_neighbours(config: Config, tables: RunTables,
     device = resolve_device(cfg.device)
     specs = {name: ids.spec for name, ids in embedded.items()}
     stats.notes.update(k=cfg.k, method=cfg.method, device=device, models=specs,
-                       clip_models={slot.name: slot.clip_model for slot in slots if slot.role == "clip"},
+                       specs={slot.name: slot.spec for slot in slots},
                        population=(f"the {n} images embedded by every model (their intersection), so the "
                                    "neighbour lists of an image are drawn from the same pool"))
     stale = [slot for slot in slots
