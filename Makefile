@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench lint clean
+.PHONY: setup demo demo-models test test-all bench lint clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(VENV)/bin/clipaudit run --config configs/demo.yaml
+
+demo-models: setup
+	$(VENV)/bin/clipaudit run --config configs/leaderboard.yaml
 
 test: setup
 	$(PY) -m pytest -q

@@ -13,6 +13,7 @@ per model, with the config narrowed to that model and the tables seen through th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from clipaudit.io.tables import RunTables
     from clipaudit.records import StageStats
 
+
+log = logging.getLogger("clipaudit")
 
 @dataclass(frozen=True)
 class StageContext:
@@ -147,7 +150,8 @@ def run_stage(name: str, ctx: StageContext) -> StageStats:
     if not stage.per_clip_model or len(slots) == 1:
         return stage.run(ctx)
     per_model = {}
-    for slot, spec in slots.items():
+    for number, (slot, spec) in enumerate(slots.items(), start=1):
+        log.info("stage %s, CLIP model %d of %d: %s", name, number, len(slots), spec)
         per_model[spec] = stage.run(model_context(ctx, slot, spec))
     return merge_stats(name, per_model)
 
