@@ -20,7 +20,6 @@ from itertools import combinations
 from pathlib import Path
 
 import pytest
-
 from planted_scenes import write_corpus
 
 from clipaudit.config import load_config

@@ -304,10 +304,10 @@ def _read_whole(dataset, name: str, role: str, spec: str | None) -> tuple[pa.Arr
 
 def load_vectors(tables: RunTables, role: str, spec: str | None = None) -> RoleVectors:
     """Read one model's embeddings, L2-normalised (``spec`` picks the model of the role, as written in the config;
-    None: the table's only one); NeighboursError when there are none ("run embed first") or they are unusable. Fixed-size vectors
-    (what embed writes) are read in chunks into one preallocated float32 matrix: the peak is that matrix and a
-    few times :data:`READ_CHUNK_BYTES` more. Variable-size vectors (the CLIP tables, which hold several models)
-    are read the same way; where one model's vectors differ in length, the table is read whole to name them."""
+    None: the table's only one); NeighboursError when there are none ("run embed first") or they are unusable.
+    The vectors are read in chunks into one preallocated float32 matrix: the peak is that matrix and a few times
+    :data:`READ_CHUNK_BYTES` more. Where one model's vectors differ in length (variable-size lists: a role's table
+    holds several models), the table is read whole to name them."""
     name = IMAGE_EMBEDDINGS[role]
     dataset = _embedding_dataset(tables, role)
     kind = dataset.schema.field("vector").type

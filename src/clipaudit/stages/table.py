@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from clipaudit.io.tables import RunTables
     from clipaudit.records import StageStats
 
-
 log = logging.getLogger("clipaudit")
+
 
 @dataclass(frozen=True)
 class StageContext:
