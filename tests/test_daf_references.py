@@ -80,3 +80,17 @@ def test_with_consensus_any_one_reference_that_sees_colour_is_enough(corpus):
     for case in cases:
         assert case["references"] == [AWARE]
         assert case["reference_overlaps"][1] == pytest.approx(1.0) and case["reference_overlaps"][0] <= 0.25
+
+
+def test_the_report_and_the_export_work_with_several_references(corpus, tmp_path):
+    root, _ = corpus
+    tables = _run(root, "any")
+    config = load_config(str(Path(tables.run_dir) / "config.resolved.yaml"))
+    run_pipeline(config, ["report"])
+    summary = json.loads((Path(tables.run_dir) / "summary.json").read_text())
+    assert summary["daf"]["cases"] == 25
+    assert (Path(tables.run_dir) / "report" / "index.html").stat().st_size > 0
+    from clipaudit.benchmark.export import export_benchmark
+
+    manifest = export_benchmark(tables.run_dir, str(tmp_path / "bench"), llm="off")
+    assert manifest["counts"]["pairs"]["blind_pair"] > 0

@@ -95,6 +95,11 @@ def unread_dataset_keys(dataset: DatasetConfig) -> list[str]:
     return unread
 
 
+def slot_name(role: str, index: int) -> str:
+    """The slot of the ``index``-th model of a role (0-based): ``clip``, ``clip_2``, ... / ``reference``, ..."""
+    return role if index == 0 else f"{role}_{index + 1}"
+
+
 @dataclass(frozen=True)
 class ModelsConfig:
     """Which models fill the CLIP role and the reference (DINOv2) role; specs resolved by the model registry."""
@@ -130,7 +135,7 @@ class ModelsConfig:
     def clip_slots(self) -> dict[str, str]:
         """Slot name -> spec of every CLIP-role model, in config order: ``clip``, then ``clip_2``, ``clip_3``, ...
         (the names of their columns in batches and of their counts in the stats)."""
-        return {("clip" if i == 0 else f"clip_{i + 1}"): spec for i, spec in enumerate(self.clip_models)}
+        return {slot_name("clip", i): spec for i, spec in enumerate(self.clip_models)}
 
     @property
     def reference_models(self) -> list[str]:
@@ -140,8 +145,7 @@ class ModelsConfig:
     @property
     def reference_slots(self) -> dict[str, str]:
         """Slot name -> spec of every reference model: ``reference``, then ``reference_2``, ..."""
-        return {("reference" if i == 0 else f"reference_{i + 1}"): spec
-                for i, spec in enumerate(self.reference_models)}
+        return {slot_name("reference", i): spec for i, spec in enumerate(self.reference_models)}
 
 
 @dataclass(frozen=True)

@@ -77,12 +77,15 @@ def candidate_pairs(view: RunView) -> dict[tuple[str, str], set[str]]:
 
 
 def unit_vectors(view: RunView, role: str, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
-    """The stored unit image vectors of ``image_ids`` under a model role (``clip`` or ``reference``)."""
+    """The stored unit image vectors of ``image_ids`` under a model role (``clip`` or ``reference``; with several
+    references, the first's)."""
     ids = sorted(set(image_ids))
     out: dict[str, np.ndarray] = {}
+    only = view.first_reference_filter(IMAGE_EMBEDDINGS[role]) if role == "reference" else None
     for start in range(0, len(ids), 500):
-        table = view.read(IMAGE_EMBEDDINGS[role], ["image_id", "vector"], where=in_filter("image_id",
-                                                                                          ids[start:start + 500]))
+        where = in_filter("image_id", ids[start:start + 500])
+        table = view.read(IMAGE_EMBEDDINGS[role], ["image_id", "vector"],
+                          where=where if only is None else f"{where} AND {only}")
         if table is not None:
             out.update({i: np.asarray(v, dtype=np.float32) for i, v in zip(table.column("image_id").to_pylist(),
                                                                            table.column("vector").to_pylist())})

@@ -225,11 +225,14 @@ class ModelsIndexBuilder:
         return render
 
     def _neighbour_lists(self, view: RunView, image_ids: set[str], role: str) -> dict[str, list[str]]:
-        """image_id -> the ``role`` neighbour list of ``image_ids`` in ``view``'s ``neighbours`` rows."""
+        """image_id -> the ``role`` neighbour list of ``image_ids`` in ``view``'s ``neighbours`` rows (with several
+        references, the first's)."""
         out: dict[str, list[str]] = {}
         ids = sorted(image_ids)
         for start in range(0, len(ids), 500):
             where = f"model = '{role}' AND {in_filter('image_id', ids[start:start + 500])}"
+            only = view.first_reference_filter(NEIGHBOURS) if role == "reference" else None
+            where = where if only is None else f"{where} AND {only}"
             table_ = view.read(NEIGHBOURS, ["image_id", "ids"], where=where)
             for row in [] if table_ is None else table_.to_pylist():
                 out[row["image_id"]] = list(row.get("ids") or [])

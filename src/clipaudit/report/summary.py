@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
+from clipaudit.config import slot_name
 from clipaudit.errors import ClipauditError
 from clipaudit.io import fs
 from clipaudit.records import (
@@ -32,6 +33,7 @@ from clipaudit.records import (
     LEADERBOARD,
     LLM_CALLS,
     NEIGHBOURS,
+    REFERENCE_MODEL,
     REJECTS,
     SAMPLES,
     TCAC_CASES,
@@ -102,6 +104,17 @@ class RunView:
         if table is None or table.num_rows == 0:
             return []
         return [str(v) for v in pc.unique(table.column(CLIP_MODEL)).to_pylist() if v]
+
+    def first_reference_filter(self, name: str) -> str | None:
+        """The SQL predicate leaving out the rows of every reference model but the first in table ``name`` (the
+        reference embeddings, or ``neighbours``, whose CLIP rows have no reference) when the run has several
+        references; None with one reference, or for a table without ``reference_model``."""
+        references = ((self.config() or {}).get("models") or {}).get("reference")
+        if not isinstance(references, list) or len(references) < 2 or not self.exists(name):
+            return None
+        if REFERENCE_MODEL not in self.tables.db.open_table(name).schema.names:
+            return None
+        return in_filter(REFERENCE_MODEL, ["", str(references[0])])
 
     @classmethod
     def parse(cls, spec: str) -> RunView:
@@ -238,7 +251,7 @@ def _models(view: RunView, embed_stats: dict[str, Any] | None) -> dict[str, str 
         requested = list(notes.get("clip_models") or [])
         if view.clip_model in requested:
             index = requested.index(view.clip_model)
-            models["clip"] = models.get("clip" if index == 0 else f"clip_{index + 1}")
+            models["clip"] = models.get(slot_name("clip", index))
         else:
             models["clip"] = None
     for role, name in IMAGE_EMBEDDINGS.items():
@@ -290,7 +303,7 @@ def _counts(view: RunView) -> dict[str, Any]:
 
 def _daf_from_neighbours(view: RunView) -> dict[str, Any] | None:
     """Overlap@k figures recomputed from the ``neighbours`` table (for a tagged run, whose stats are gone)."""
-    table = view.read(NEIGHBOURS, ["image_id", "model", "ids"])
+    table = view.read(NEIGHBOURS, ["image_id", "model", "ids"], where=view.first_reference_filter(NEIGHBOURS))
     if table is None or table.num_rows == 0:
         return None
     lists: dict[str, dict[str, list[str]]] = {"clip": {}, "reference": {}}
