@@ -279,7 +279,9 @@ class ModelTables:
         if scoped is None:
             self.base.replace(name, rows, schema)
             return
-        self.base.replace_where(name, scoped[0], scoped[1], f"clip_model = {sql_string(self.clip_model)}")
+        from clipaudit.records import CLIP_MODEL
+
+        self.base.replace_where(name, scoped[0], scoped[1], f"{CLIP_MODEL} = {sql_string(self.clip_model)}")
 
 
 def _dedupe(rows: pa.Table, keys: list[str]) -> pa.Table:

@@ -216,29 +216,25 @@ def _stored_vectors(tables: RunTables, keys: pa.Array, spec: str) -> tuple[np.nd
                         f"model is {spec!r}: use a new run_dir for a different model")
     at = first_rows(keys, caption_keys(stored.column("text")))
     dataset = tables.db.open_table(CAPTION_EMBEDDINGS).to_lance()
-    rows = at[at >= 0]
-    dim = len(stored_first_vector(tables)) if len(rows) else 0
-    return at, _gather_vectors(dataset.to_batches(columns=["vector"], filter=tables.scope_filter(CAPTION_EMBEDDINGS)),
-                               rows, dim)
+    batches = dataset.to_batches(columns=["vector"], filter=tables.scope_filter(CAPTION_EMBEDDINGS))
+    return at, _gather_vectors(batches, at[at >= 0])
 
 
-def stored_first_vector(tables: RunTables) -> list[float]:
-    """The first stored caption vector of the model (its dimension is the model's)."""
-    first = tables.read(CAPTION_EMBEDDINGS, ["vector"])
-    return first.column("vector")[0].as_py()
-
-
-def _gather_vectors(batches: Iterator[pa.RecordBatch], rows: np.ndarray, dim: int) -> np.ndarray:
-    """Rows ``rows`` (table positions) of the ``vector`` column streamed in ``batches``, in ``rows``' order, as one
-    writable float32 ``(len(rows), dim)`` array."""
-    out = np.empty((len(rows), dim), np.float32)
+def _gather_vectors(batches: Iterator[pa.RecordBatch], rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (positions among the streamed rows) of the ``vector`` column streamed in ``batches``, in
+    ``rows``' order, as one writable float32 ``(len(rows), d)`` array (``d`` from the first vector; ``(0, 0)``
+    when ``rows`` is empty)."""
+    out = np.zeros((0, 0), np.float32)
     order = np.argsort(rows, kind="stable")
     wanted = rows[order]
     offset = 0
     for batch in batches:
         lo, hi = np.searchsorted(wanted, [offset, offset + batch.num_rows])
         if hi > lo:
-            out[order[lo:hi]] = _vectors(batch.column("vector"))[wanted[lo:hi] - offset]
+            vectors = _vectors(batch.column("vector"))[wanted[lo:hi] - offset]
+            if not out.size:
+                out = np.empty((len(rows), vectors.shape[1]), np.float32)
+            out[order[lo:hi]] = vectors
         offset += batch.num_rows
     return out
 
