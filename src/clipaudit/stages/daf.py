@@ -157,7 +157,10 @@ def _sim_matrix(lists: pa.ChunkedArray, k: int, role: str) -> np.ndarray:
 def load_lists(tables: RunTables, references: list[str] | None = None) -> NeighbourLists:
     """The CLIP lists and each reference's lists (``references``, as written in the config; None: the table's one
     reference) from ``neighbours``; DafError when missing or inconsistent."""
-    table = tables.read(NEIGHBOURS)
+    columns = ["image_id", "model", "ids", "sims"]
+    if tables.has_column(NEIGHBOURS, REFERENCE_MODEL):
+        columns.append(REFERENCE_MODEL)
+    table = tables.read(NEIGHBOURS, columns)
     if table is None or table.num_rows == 0:
         raise DafError(empty_input_message(tables, f"no neighbours in {tables.uri}", "neighbours", NEIGHBOURS))
     specs = references if references and REFERENCE_MODEL in table.column_names else [None]
