@@ -77,11 +77,9 @@ def vector_type(dim: int | None) -> pa.DataType:
     return pa.list_(pa.float32()) if dim is None else pa.list_(pa.float32(), dim)
 
 
-def vector_array(vectors: np.ndarray, fixed: bool) -> pa.Array:
-    """An ``(n, d)`` float32 array as a vector column (:func:`vector_type` ``d`` when ``fixed``, else variable)."""
+def vector_array(vectors: np.ndarray) -> pa.Array:
+    """An ``(n, d)`` float32 array as a variable-size vector column (:func:`vector_type` None)."""
     values = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
-    if fixed:
-        return pa.FixedSizeListArray.from_arrays(values, vectors.shape[1])
     n, dim = vectors.shape
     return pa.ListArray.from_arrays(pa.array(np.arange(0, n * dim + 1, max(dim, 1), dtype=np.int32)[:n + 1]), values)
 

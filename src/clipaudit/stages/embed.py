@@ -183,7 +183,7 @@ class ImageSink:
                 self.vectors[slot].append(pa.table({
                     "image_id": pa.array(batch["image_id"][rows].tolist(), pa.string()),
                     "model": pa.array([model.spec] * len(vectors), pa.string()),
-                    "vector": vector_array(vectors, fixed=False),
+                    "vector": vector_array(vectors),
                     spec_column(model): pa.array([model.requested_spec] * len(vectors), pa.string()),
                 }))
         self._reject(batch, np.flatnonzero(~ok))
@@ -278,7 +278,7 @@ class CaptionSink:
         expanded = vectors[sources]
         self.parts.append(self.todo.take(rows).append_column(
             "model", pa.array([self.model.spec] * len(rows), pa.string())).append_column(
-            "vector", vector_array(expanded.reshape(len(rows), vectors.shape[1]), fixed=False)).append_column(
+            "vector", vector_array(expanded.reshape(len(rows), vectors.shape[1]))).append_column(
             CLIP_MODEL, pa.array([self.model.requested_spec] * len(rows), pa.string())))
         self.buffered += len(rows)
         self.stats.add_count("text_encodings", len(vectors))
