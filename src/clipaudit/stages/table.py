@@ -136,7 +136,7 @@ def stage_named(name: str) -> Stage:
 
 def model_context(ctx: StageContext, slot: str, spec: str) -> StageContext:
     """``ctx`` narrowed to one CLIP-role model: its config, its view of the tables, its resolved model as ``clip``."""
-    models = {role: model for role, model in ctx.models.items() if role == "reference"}
+    models = {name: model for name, model in ctx.models.items() if model.role == "reference"}
     if slot in ctx.models:
         models["clip"] = ctx.models[slot]
     return replace(ctx, config=ctx.config.for_clip_model(spec), tables=ctx.tables.for_clip_model(spec, slot),
