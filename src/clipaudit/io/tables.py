@@ -27,6 +27,10 @@ def quiet_lance_logs() -> None:
 class RunTables:
     """The tables of one run directory."""
 
+    tag = ""
+    """Names a CLIP-role model in the files a stage writes beside the tables; empty for the whole run (see
+    :attr:`ModelTables.tag`)."""
+
     def __init__(self, run_dir: str) -> None:
         quiet_lance_logs()
         import lancedb

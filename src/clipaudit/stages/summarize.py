@@ -264,8 +264,7 @@ class LLMSession:
             "prompt_tokens_estimate": estimate_prompt_tokens(c.request.messages),
             "answered": c.request.request_id in answered, "meta": c.meta,
         }, ensure_ascii=False, sort_keys=True) for c in calls]
-        tag = getattr(self.tables, "tag", "")
-        stem = f"{label}_{tag}" if tag else label
+        stem = f"{label}_{self.tables.tag}" if self.tables.tag else label
         path = fs.join(self.config.run_dir, LLM_DIR, f"{stem}_prompts.jsonl")
         fs.write_text(path, "".join(line + "\n" for line in lines))
         fs.write_json(fs.join(self.config.run_dir, LLM_DIR, f"{stem}_estimate.json"), estimate)
