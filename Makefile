@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-models test test-all bench lint clean
+.PHONY: setup demo demo-models test test-all bench bench-gpu lint clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ bench: setup
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) bench/embed.py
 	$(PY) bench/knn.py --quick
+
+bench-gpu: setup
+	$(PY) bench/gpu.py --json bench/results/gpu.json
 
 lint: setup
 	$(PY) -m ruff check src tests bench jobs

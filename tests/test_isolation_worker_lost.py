@@ -8,7 +8,20 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clipaudit.stages.isolation import LOST, LOST_FLAG, bisect_stream
+from clipaudit.placement import PlacementError
+from clipaudit.stages.isolation import (
+    INFRASTRUCTURE,
+    KILLS_WORKER,
+    LOST,
+    LOST_BEFORE,
+    LOST_FLAG,
+    NODE_LOST,
+    RETRYABLE_REASONS,
+    ROW,
+    InfrastructureError,
+    bisect_stream,
+    reopen_retryable,
+)
 
 
 class Poisoned:
@@ -60,3 +73,85 @@ def test_a_failure_after_every_row_came_back_loses_nothing():
 
     batches = list(bisect_stream(run, pa.table({"id": [1, 2, 3]}), "id"))
     assert len(batches) == 1 and batches[0]["id"].tolist() == [1, 2, 3]
+
+
+class NodeLostOnce:
+    """A run that loses "a node" once, after ``after`` rows came back: the rest must be run again, whole."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.runs, self.sizes = after, 0, []
+
+    def __call__(self, part: pa.Table):
+        self.runs += 1
+        self.sizes.append(part.num_rows)
+        ids = part.column("id").to_pylist()
+        for start in range(0, len(ids), 4):
+            if self.runs == 1 and start >= self.after:
+                raise ConnectionResetError("node 10.0.0.2 went away")
+            yield {"id": np.asarray(ids[start:start + 4]), "status": np.full(len(ids[start:start + 4]), "ok",
+                                                                              dtype=object)}
+
+
+def test_a_lost_node_reruns_the_rest_whole_and_rejects_nothing():
+    run = NodeLostOnce(after=8)
+    batches = list(bisect_stream(run, pa.table({"id": list(range(20))}), "id", classify=lambda exc: NODE_LOST,
+                                 node_loss_retries=1))
+    ids = [i for batch in batches for i in batch["id"].tolist()]
+    assert sorted(ids) == list(range(20)) and not any(LOST_FLAG in batch for batch in batches)
+    assert run.sizes == [20, 12], "the rows not back yet ran again as one run, not in halves"
+
+
+def test_node_losses_past_the_limit_stop_the_stage_without_a_reject():
+    def run(part: pa.Table):
+        yield {"id": np.asarray(part.column("id").to_pylist()[:1]), "status": np.array(["ok"], dtype=object)}
+        raise ConnectionResetError("node lost")
+
+    got = []
+    with pytest.raises(InfrastructureError, match=r"3 node losses in one stage, more than ray.node_loss_retries \(2\)"):
+        for batch in bisect_stream(run, pa.table({"id": list(range(10))}), "id", classify=lambda exc: NODE_LOST,
+                                   node_loss_retries=2):
+            got.append(batch)
+    assert all(LOST_FLAG not in batch for batch in got)
+
+
+def test_an_infrastructure_failure_is_raised_and_no_row_is_rejected():
+    def run(part: pa.Table):
+        raise PlacementError("a model actor needs 0.5 CPU on one node, and no node has that")
+        yield  # pragma: no cover
+
+    with pytest.raises(PlacementError, match="no node has that"):
+        list(bisect_stream(run, pa.table({"id": list(range(10))}), "id", classify=lambda exc: INFRASTRUCTURE))
+
+    def gone(part: pa.Table):
+        raise OSError("GCS unreachable")
+        yield  # pragma: no cover
+
+    with pytest.raises(InfrastructureError, match="nothing was rejected") as caught:
+        list(bisect_stream(gone, pa.table({"id": [1]}), "id", classify=lambda exc: INFRASTRUCTURE))
+    assert isinstance(caught.value.__cause__, OSError)
+
+
+def test_a_row_lost_again_after_a_retry_is_final():
+    todo = pa.table({"id": list(range(12)), LOST_BEFORE: [i in (3, 7) for i in range(12)]})
+    statuses: dict[int, str] = {}
+    for batch in bisect_stream(Poisoned({3, 9}), todo, "id", classify=lambda exc: ROW):
+        assert LOST_BEFORE not in batch, "the mark is not passed to the run"
+        statuses.update(zip(batch["id"].tolist(), batch["status"].tolist()))
+    assert {i: s for i, s in statuses.items() if s != "ok"} == {3: KILLS_WORKER, 9: LOST}
+    assert RETRYABLE_REASONS == {LOST}
+
+
+def test_retryable_rejects_are_reopened_and_final_ones_stay(tmp_path):
+    from clipaudit.io.tables import RunTables
+    from clipaudit.records import REJECTS, REJECTS_KEY, REJECTS_SCHEMA
+
+    tables = RunTables(str(tmp_path / "run"))
+    rows = [("embed", "a", LOST), ("embed", "b", KILLS_WORKER), ("embed", "c", "undecodable"), ("tcac", "d", LOST)]
+    tables.insert_new(REJECTS, pa.Table.from_pylist(
+        [{"source": f"{item}.png", "item": item, "stage": stage, "reason": reason, "detail": ""}
+         for stage, item, reason in rows], schema=REJECTS_SCHEMA), REJECTS_KEY, REJECTS_SCHEMA)
+    assert reopen_retryable(tables, "embed") == {"a"}
+    left = sorted(tables.read(REJECTS, ["item"]).column("item").to_pylist())
+    assert left == ["b", "c", "d"]
+    assert reopen_retryable(tables, "embed") == set()
+    assert reopen_retryable(tables, "tcac") == {"d"}

@@ -10,7 +10,9 @@ import pytest
 
 from clipaudit import knn
 from clipaudit.config import Config, NeighboursConfig
-from clipaudit.runtime import TopkSearch, topk_placement
+from clipaudit.placement import NodeShape, plan_placement
+from clipaudit.runtime import TopkSearch
+from clipaudit.runtime.topk import topk_request
 
 ray = pytest.importorskip("ray")
 
@@ -27,6 +29,11 @@ def _tied(n: int, seed: int) -> np.ndarray:
     return pool[np.random.default_rng(seed).integers(0, len(pool), n)]
 
 
+def _topk_placement(nodes: list[dict[str, float]], cfg: NeighboursConfig):
+    shapes = [NodeShape(f"n{i}", node.get("CPU", 0.0), node.get("GPU", 0.0)) for i, node in enumerate(nodes)]
+    return plan_placement(shapes, topk_request(cfg))
+
+
 @pytest.mark.parametrize(
     ("nodes", "cfg", "expected"),
     [
@@ -40,15 +47,16 @@ def _tied(n: int, seed: int) -> np.ndarray:
     ],
 )
 def test_actors_are_sized_from_each_node(nodes, cfg, expected) -> None:
-    p = topk_placement(nodes, cfg)
-    assert (p.device, p.workers, p.cpus_per_worker, p.gpus_per_worker, p.threads) == expected
+    """The top-k pool through the one planner every pool uses (clipaudit.placement)."""
+    p = _topk_placement(nodes, cfg)
+    assert (p.device, p.actors, p.cpus_per_actor, p.gpus_per_actor, p.threads) == expected
 
 
 def test_placement_errors() -> None:
-    with pytest.raises(RuntimeError, match="no GPU"):
-        topk_placement([{"CPU": 2.0}], NeighboursConfig(device="cuda"))
-    with pytest.raises(RuntimeError, match="no CPU"):
-        topk_placement([{"CPU": 0.0}], NeighboursConfig())
+    with pytest.raises(RuntimeError, match="device is cuda but no node of the cluster has a GPU"):
+        _topk_placement([{"CPU": 2.0}], NeighboursConfig(device="cuda"))
+    with pytest.raises(RuntimeError, match="a top-k actor needs 1 CPU on one node, and no node has that"):
+        _topk_placement([{"CPU": 0.0}], NeighboursConfig())
 
 
 def test_ray_search_gives_the_in_process_result(ray_local) -> None:
@@ -122,13 +130,13 @@ def test_neighbours_stage_and_caption_pools_on_ray(ray_local, tmp_path) -> None:
 
 
 def test_unplaceable_actors_fail_fast_with_what_they_ask(ray_local, monkeypatch: pytest.MonkeyPatch) -> None:
-    import clipaudit.runtime as runtime
+    import clipaudit.runtime.topk as topk
 
-    monkeypatch.setattr(runtime, "TOPK_START_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(topk, "TOPK_START_TIMEOUT_S", 2.0)
     holder = ray.remote(num_cpus=2)(type("Holder", (), {"ping": lambda self: None})).remote()
     ray.get(holder.ping.remote())
     try:
-        with pytest.raises(RuntimeError, match=r"no top-k actor started within 2 s: each asks for 1.0 CPU"):
+        with pytest.raises(RuntimeError, match=r"no top-k actor started within 2 s: each asks for 1 CPU"):
             TopkSearch(NeighboursConfig(ray_min_images=0), lambda: None).self_topk(_normalised(200, 8, 7), 3)
     finally:
         ray.kill(holder)

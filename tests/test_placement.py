@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import pytest
 
-from clipaudit.placement import NodeShape, PlacementError, plan_placement, spread_leftover
+from clipaudit.placement import NodeShape, PlacementError, PoolRequest, plan_placement, spread_leftover
 
 
-def plan(nodes: list[NodeShape], *, pools: int = 2, actors: int = 1, cpus: float = 0.5, gpus: float = 1.0,
+def plan(nodes: list[NodeShape], *, pools: int = 2, actors: int = 1, cpus: float | None = 0.5, gpus: float = 1.0,
          device: str = "auto"):
-    return plan_placement(nodes, device_setting=device, pools=pools, actors_per_pool=actors, cpus_per_actor=cpus,
-                          gpus_per_actor=gpus)
+    return plan_placement(nodes, PoolRequest(what="model actor", keys="embed.cpus_per_actor", device_setting=device,
+                                             actors=pools * actors, cpus_per_actor=cpus, gpus_per_actor=gpus))
+
+
+def topk(nodes: list[NodeShape], *, cpus: float = 1.0, workers: int | None = None, device: str = "auto"):
+    return plan_placement(nodes, PoolRequest(what="top-k actor", keys="neighbours.ray_cpus_per_worker",
+                                             device_setting=device, actors=None, cpus_per_actor=cpus, gpu_cpus=cpus,
+                                             max_actors=workers, with_tasks=False))
 
 
 def test_one_two_cpu_node_keeps_whole_cpu_tasks():
@@ -60,7 +66,7 @@ def test_gpu_actors_beyond_the_gpus_are_refused():
 
 
 def test_cuda_asked_without_a_gpu_names_the_nodes():
-    with pytest.raises(PlacementError, match=r"ray.device is cuda but no node.*head \(2 CPU\)"):
+    with pytest.raises(PlacementError, match=r"device is cuda but no node.*head \(2 CPU\)"):
         plan([NodeShape("head", 2)], device="cuda")
 
 
@@ -80,3 +86,47 @@ def test_nodes_sharing_a_session_folder_are_found():
     assert shared_session_dirs(shared) == {"/tmp/ray/session_1": ["aaaaaaaa", "bbbbbbbb"]}
     private = [node("aaaaaaaa11", "ray/session_1"), node("bbbbbbbb22", "ray/node2/session_1")]
     assert shared_session_dirs(private) == {}
+
+
+def test_default_share_shrinks_until_four_actors_and_a_decode_task_fit_two_cpus():
+    """The leaderboard config on one 2-CPU machine: three CLIP models and a reference, defaults only."""
+    placement = plan([NodeShape("laptop", 2)], pools=4, cpus=None)
+    assert (placement.cpus_per_actor, placement.task_cpus, placement.actors, placement.shrunk) == (0.25, 1.0, 4, True)
+    assert placement.threads == 1
+
+
+def test_default_share_stays_when_it_fits():
+    placement = plan([NodeShape("laptop", 2)], pools=2, cpus=None)
+    assert (placement.cpus_per_actor, placement.shrunk) == (0.5, False)
+
+
+def test_a_share_the_user_set_is_never_shrunk():
+    with pytest.raises(PlacementError, match="no node has CPU left for the decode tasks"):
+        plan([NodeShape("laptop", 2)], pools=4, cpus=0.5)
+
+
+def test_default_share_refused_below_the_smallest_share_says_what_was_tried():
+    with pytest.raises(PlacementError, match=r"tried from 0.5 down to 0.0625"):
+        plan([NodeShape("tiny", 0.2)], pools=4, cpus=None)
+
+
+def test_topk_pool_takes_one_actor_per_cpu_share_capped_by_the_smallest_node():
+    placement = topk([NodeShape("a", 4), NodeShape("b", 2)], cpus=3.0)
+    assert (placement.device, placement.cpus_per_actor, placement.actors, placement.task_cpus) == ("cpu", 2.0, 3, 0)
+    assert topk([NodeShape("a", 4)], workers=2).actors == 2
+
+
+def test_topk_pool_takes_one_actor_per_gpu():
+    placement = topk([NodeShape("g", 8, gpus=2), NodeShape("cpu-only", 16)], cpus=1.0)
+    assert (placement.device, placement.actors, placement.gpus_per_actor, placement.cpus_per_actor) == (
+        "cuda", 2, 1.0, 1.0)
+
+
+def test_topk_pool_without_cpu_anywhere_is_refused():
+    with pytest.raises(PlacementError, match="top-k actor needs"):
+        topk([])
+
+
+def test_bundles_are_what_an_autoscaler_is_asked_for():
+    placement = plan([NodeShape("gpu_worker", 8, gpus=1, count=4)], pools=2, cpus=0.5)
+    assert placement.bundles() == [{"CPU": 0.5, "GPU": 1.0}, {"CPU": 0.5, "GPU": 1.0}, {"CPU": 1.0}]

@@ -5,6 +5,7 @@ PYTHONPATH, so the actors can import the plug-in model from tests/)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -49,4 +50,13 @@ def test_a_row_that_kills_its_worker_is_rejected_and_the_rest_is_embedded(tmp_pa
     rejects = tables.read("rejects", ["item", "stage", "reason", "detail"], where="stage = 'embed'").to_pylist()
     assert [(r["reason"], "poison" in r["item"]) for r in rejects] == [("worker_lost", True)], rejects
     assert "worker" in rejects[0]["detail"]
+    assert tables.count("image_embeddings_reference") == 2
+
+    again = subprocess.run([sys.executable, "-m", "clipaudit.cli", "run", "--config", str(config),
+                            "--stages", "embed"], capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-6000:]
+    stats = json.loads((tmp_path / "run" / "stats" / "embed.json").read_text())
+    assert stats["counts"]["retried"] == 1, "a worker_lost reject is tried again by the next run"
+    rejects = tables.read("rejects", ["item", "reason"], where="stage = 'embed'").to_pylist()
+    assert [(r["reason"], "poison" in r["item"]) for r in rejects] == [("kills_worker", True)], rejects
     assert tables.count("image_embeddings_reference") == 2

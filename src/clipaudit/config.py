@@ -158,9 +158,11 @@ class EmbedConfig:
     """Captions per text-tower forward."""
     actors_per_model: int = 1
     """Actor pool size per model role (per GPU on a GPU cluster)."""
-    cpus_per_actor: float = 0.5
-    """CPU share reserved by each model actor when no GPU is used; keep the sum below the CPU count so the
-    decode tasks can run (on 2 CPUs, two actors at 1 CPU each deadlock the readers)."""
+    cpus_per_actor: float | None = None
+    """CPU share reserved by each model actor when no GPU is used. None (the default): 0.5, halved until every
+    model actor of the stage and a decode task fit on the nodes (three CLIP models and a reference on one 2-CPU
+    machine: 0.25 each). A value set here is kept as it is, and a plan it does not fit is refused with the reason
+    (on 2 CPUs, two actors at 1 CPU each would leave the readers nothing)."""
     gpus_per_actor: float = 1.0
     """GPU share of each model actor when a GPU is used."""
     torch_threads: int = 0
@@ -194,10 +196,20 @@ class RayConfig:
     task_retries: int = 2
     """Times Ray re-runs a CPU task (decode, resize) whose worker died, before the rows behind it are isolated
     (see :mod:`clipaudit.stages.isolation`)."""
+    autoscale_timeout_s: int = 600
+    """On a cluster with an autoscaler: how long a stage waits for the nodes its plan asked the autoscaler for
+    before it fails (saying what it asked for, what came, and how long it waited)."""
+    node_loss_retries: int = 3
+    """Times a stage's distributed run is started again, for the rows not yet back, after a node of the cluster
+    was lost (a reclaimed spot instance); a node loss never makes a row a reject."""
 
     def __post_init__(self) -> None:
         if self.actor_start_timeout_s < 1:
             raise ConfigError(f"ray.actor_start_timeout_s: must be at least 1, got {self.actor_start_timeout_s}")
+        if self.autoscale_timeout_s < 1:
+            raise ConfigError(f"ray.autoscale_timeout_s: must be at least 1, got {self.autoscale_timeout_s}")
+        if self.node_loss_retries < 0:
+            raise ConfigError(f"ray.node_loss_retries: must be at least 0, got {self.node_loss_retries}")
         if self.task_retries < 0:
             raise ConfigError(f"ray.task_retries: must be at least 0, got {self.task_retries}")
 
@@ -713,7 +725,7 @@ def _check_files(config: Config) -> None:
             raise ConfigError(f"{key}: must be positive, got {value}")
     if not 0 <= config.embed.max_reject_share <= 1:
         raise ConfigError(f"embed.max_reject_share: must be between 0 and 1, got {config.embed.max_reject_share}")
-    if config.embed.cpus_per_actor <= 0:
+    if config.embed.cpus_per_actor is not None and config.embed.cpus_per_actor <= 0:
         raise ConfigError(f"embed.cpus_per_actor: must be positive, got {config.embed.cpus_per_actor}")
     if config.dataset.limit is not None and config.dataset.limit <= 0:
         raise ConfigError(f"dataset.limit: must be positive, got {config.dataset.limit}")

@@ -69,6 +69,15 @@ REJECTS_SCHEMA = pa.schema([
     pa.field("detail", pa.string()),
 ])
 REJECTS_KEY = ["stage", "source", "item"]
+WORKER_LOST = "worker_lost"
+"""Reject reason of a row whose worker died every time it was run, alone, in one run: transient until shown
+otherwise (a node may have gone with it), so the next run of the run_dir tries the row again."""
+KILLS_WORKER = "kills_worker"
+"""Reject reason of a row that was :data:`WORKER_LOST` in an earlier run and lost again, alone, when retried: it
+fails deterministically and stays rejected."""
+RETRYABLE_REASONS = frozenset({WORKER_LOST})
+"""Reject reasons of a transient kind: their rows are tried again by the next run of the same run_dir. Every
+other reason is final (the row fails alone, deterministically: unreadable, undecodable, a forward that raises)."""
 
 
 def vector_type(dim: int | None) -> pa.DataType:

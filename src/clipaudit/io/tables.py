@@ -123,6 +123,14 @@ class RunTables:
         if rows.num_rows:
             table.add(rows)
 
+    def delete(self, name: str, where: str) -> int:
+        """Delete the rows of ``name`` matching the SQL predicate ``where``; returns how many (0 without the table)."""
+        if not self.exists(name):
+            return 0
+        table = self.db.open_table(name)
+        before = table.count_rows()
+        table.delete(where)
+        return before - table.count_rows()
 
     def scope_filter(self, name: str) -> str | None:
         """None: every row of a table is this object's (see :meth:`ModelTables.scope_filter`)."""
@@ -276,6 +284,11 @@ class ModelTables:
             return self.base.insert_new(name, rows, key, schema)
         keys = [key] if isinstance(key, str) else list(key)
         return self.base.insert_new(name, scoped[0], [*keys, CLIP_MODEL], scoped[1])
+
+    def delete(self, name: str, where: str) -> int:
+        """Delete this model's rows of ``name`` matching ``where`` (other models' rows stay)."""
+        scope = self.scope_filter(name)
+        return self.base.delete(name, where if scope is None else f"({where}) AND {scope}")
 
     def replace(self, name: str, rows: pa.Table, schema: pa.Schema) -> None:
         """Replace this model's rows of ``name`` with ``rows`` (other models' rows stay)."""

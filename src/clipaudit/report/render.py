@@ -171,8 +171,14 @@ class ReportBuilder:
                                 for role, spec in (s.get("models") or {}).items()]))
             if c.get("rejects_by_reason"):
                 parts.append(tag("h3", "Rejected inputs"))
-                parts.append(table(["stage", "reason", "count"],
-                                   [(*key.split("/", 1), num(n)) for key, n in c["rejects_by_reason"].items()]))
+                retryable = set(c.get("retryable_reasons") or ())
+                parts.append(table(["stage", "reason", "count", "kind"],
+                                   [(*key.split("/", 1), num(n),
+                                     "retryable: tried again by the next run" if key.split("/", 1)[1] in retryable
+                                     else "final") for key, n in c["rejects_by_reason"].items()]))
+                if c.get("rejects_retryable"):
+                    parts.append(tag("p", f"{c['rejects_retryable']:,} reject(s) of a transient kind (a worker "
+                                     "lost): run the same run_dir again to retry them.", class_="muted"))
             parts.append(tag("h3", "Stages"))
             rows = []
             for stage, info in s["stages"].items():

@@ -35,6 +35,7 @@ from clipaudit.records import (
     NEIGHBOURS,
     REFERENCE_MODEL,
     REJECTS,
+    RETRYABLE_REASONS,
     SAMPLES,
     TCAC_CASES,
     TCAC_SUMMARY,
@@ -295,9 +296,11 @@ def _counts(view: RunView) -> dict[str, Any]:
     embed_items = (rejects.filter(pc.equal(rejects.column("stage"), "embed")) if rejects is not None
                    and rejects.num_rows else None)
     embed_rejected = _only(_unique_ids(embed_items, "item"), samples)
+    retryable = sum(n for key, n in by_reason.items() if key.split("/", 1)[1] in RETRYABLE_REASONS)
     return {"samples": len(samples), "in": len(samples), "embedded": len(embedded),
             "rejected": len(embed_rejected), "rejects": sum(by_reason.values()),
-            "rejects_by_reason": by_reason,
+            "rejects_by_reason": by_reason, "rejects_retryable": retryable,
+            "rejects_final": sum(by_reason.values()) - retryable, "retryable_reasons": sorted(RETRYABLE_REASONS),
             "captions_embedded": view.count("caption_embeddings")}
 
 

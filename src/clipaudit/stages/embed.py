@@ -47,7 +47,7 @@ from clipaudit.records import (
     with_clip_model,
 )
 from clipaudit.stages.embed_batches import OK, Batch
-from clipaudit.stages.isolation import LOST_FLAG
+from clipaudit.stages.isolation import LOST_BEFORE, LOST_FLAG, reopen_retryable
 from clipaudit.stages.reject_limit import check_reject_share
 from clipaudit.stages.upstream import empty_input_message
 
@@ -230,11 +230,16 @@ def _consume(batches: Iterable[Batch], add, flush, total: int, unit: str) -> Non
 
 def embed_images(tables: RunTables, runner: Runner, models: dict[str, ResolvedModel], embed: EmbedConfig,
                  stats: StageStats) -> None:
-    """Embed every sample image that some role still lacks; unusable images become rejects."""
+    """Embed every sample image that some role still lacks; unusable images become rejects. Rows rejected by an
+    earlier run for a transient reason (a worker lost) are tried again."""
+    lost = reopen_retryable(tables, STAGE)
+    stats.add_count("retried", len(lost))
     todo = plan_images(tables, models)
     stats.add_count("images_todo", todo.num_rows)
     if todo.num_rows == 0:
         return
+    todo = todo.append_column(LOST_BEFORE, pc.is_in(todo.column("image_id"), value_set=pa.array(sorted(lost),
+                                                                                             pa.string())))
     sink = ImageSink(tables, models, embed.write_every, stats)
     _consume(runner.map_images(todo, models, embed), sink.add, sink.flush, todo.num_rows, "image")
 

@@ -30,6 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipaudit.errors import ClipauditError
+from clipaudit.records import KILLS_WORKER, RETRYABLE_REASONS, WORKER_LOST
+
 
 def describe(exc: BaseException, what: str = "") -> str:
     """A reject detail: what failed, then the exception's type and message (``forward: RuntimeError: ...``)."""
@@ -92,30 +95,78 @@ def stack_vectors(found: Isolated, dim: int) -> np.ndarray:
     return vectors
 
 
-LOST = "worker_lost"
-"""Reject reason of a row whose worker died (or whose task failed past Ray's bounded retries) every time it was
-run, alone."""
+LOST = WORKER_LOST
+"""Reject reason of a row whose worker died (or whose task failed past Ray's bounded retries) when it was run
+alone; retryable (see :func:`reopen_retryable`)."""
 LOST_FLAG = "lost"
 """Column present (True) only in the batches :func:`bisect_stream` makes for lost rows."""
+LOST_BEFORE = "lost_before"
+"""Optional bool column of a ``todo`` table: the row was a :data:`LOST` reject of an earlier run (a second loss
+makes it :data:`KILLS_WORKER`). :func:`bisect_stream` strips it before running the rows."""
+
+ROW = "row"
+NODE_LOST = "node_lost"
+INFRASTRUCTURE = "infrastructure"
+FailureKind = str
+"""What a failed distributed run says about its rows: :data:`ROW` (a worker died under some row: find it by
+halving), :data:`NODE_LOST` (a node of the cluster went away: run the rows not back yet again, whole) or
+:data:`INFRASTRUCTURE` (the cluster cannot run the stage at all: stop, and write no row)."""
 
 
-def lost_batch(rows: pa.Table, detail: str) -> dict[str, np.ndarray]:
-    """The rows of ``rows`` as a batch marked lost: their own columns, ``status`` :data:`LOST`, ``detail``."""
+class InfrastructureError(ClipauditError, RuntimeError):
+    """A stage could not run for a reason of the cluster, not of its rows (a placement refused, actors that never
+    started, the cluster gone, too many nodes lost). No row is written as a reject for it: the next run of the
+    same run_dir does the work."""
+
+
+def reopen_retryable(tables: object, stage: str) -> set[str]:
+    """Delete ``stage``'s rejects of a :data:`RETRYABLE_REASONS` kind from the ``rejects`` table of ``tables`` (a
+    :class:`~clipaudit.io.tables.RunTables`), so the stage plans those rows again; returns their items (for the
+    :data:`LOST_BEFORE` column)."""
+    reasons = ", ".join(f"'{reason}'" for reason in sorted(RETRYABLE_REASONS))
+    where = f"stage = '{stage}' AND reason IN ({reasons})"
+    found = tables.read("rejects", ["item"], where=where)
+    if found is None or found.num_rows == 0:
+        return set()
+    tables.delete("rejects", where)
+    return set(found.column("item").to_pylist())
+
+
+def lost_batch(rows: pa.Table, detail: str, key: str = "",
+               lost_before: set[Any] | frozenset[Any] = frozenset()) -> dict[str, np.ndarray]:
+    """The rows of ``rows`` as a batch marked lost: their own columns, ``status`` :data:`LOST` (or
+    :data:`KILLS_WORKER` for a row whose ``key`` is in ``lost_before``), ``detail``."""
     batch = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
+    values = rows.column(key).to_pylist() if key else [None] * rows.num_rows
     batch[LOST_FLAG] = np.ones(rows.num_rows, dtype=bool)
-    batch["status"] = np.full(rows.num_rows, LOST, dtype=object)
+    batch["status"] = np.array([KILLS_WORKER if value in lost_before else LOST for value in values], dtype=object)
     batch["detail"] = np.full(rows.num_rows, detail, dtype=object)
     return batch
 
 
-def bisect_stream(run: Callable[[pa.Table], Iterable[dict[str, np.ndarray]]], todo: pa.Table,
-                  key: str) -> Iterator[dict[str, np.ndarray]]:
-    """Yield the batches of ``run(todo)``; when the run raises (a worker died past its bounded retries), run the
-    rows whose ``key`` has not come back yet again, in halves, down to single rows; a row that still fails when
-    run alone comes back as a :func:`lost_batch`. The same halving as :func:`run_isolated`, one level up: for a
-    whole distributed run instead of one batch, so a row that kills its worker every time costs about
-    ``2 log2(n)`` reruns and one reject, never the stage."""
+def bisect_stream(run: Callable[[pa.Table], Iterable[dict[str, np.ndarray]]], todo: pa.Table, key: str,
+                  classify: Callable[[BaseException], FailureKind] | None = None,
+                  node_loss_retries: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Yield the batches of ``run(todo)``; when the run raises, ``classify`` says why (every failure is a
+    :data:`ROW` failure without it):
+
+    * :data:`ROW`: a worker died past its bounded retries. The rows whose ``key`` has not come back yet are run
+      again, in halves, down to single rows; a row that still fails when run alone comes back as a
+      :func:`lost_batch`. The same halving as :func:`run_isolated`, one level up: for a whole distributed run
+      instead of one batch, so a row that kills its worker every time costs about ``2 log2(n)`` reruns and one
+      reject, never the stage.
+    * :data:`NODE_LOST`: the rows not back yet are run again, whole, at most ``node_loss_retries`` times in all;
+      past that, :class:`InfrastructureError`. No row is rejected for a lost node.
+    * :data:`INFRASTRUCTURE`: the error goes up (a :class:`ClipauditError` as it is, anything else as an
+      :class:`InfrastructureError`); no row is rejected.
+    """
+    lost_before: set[Any] = set()
+    if LOST_BEFORE in todo.column_names:
+        flags = todo.column(LOST_BEFORE).to_pylist()
+        lost_before = {value for value, flag in zip(todo.column(key).to_pylist(), flags) if flag}
+        todo = todo.drop_columns([LOST_BEFORE])
     pending = [todo] if todo.num_rows else []
+    losses = 0
     while pending:
         part = pending.pop()
         seen: set[Any] = set()
@@ -123,11 +174,25 @@ def bisect_stream(run: Callable[[pa.Table], Iterable[dict[str, np.ndarray]]], to
             for batch in run(part):
                 seen.update(batch[key].tolist())
                 yield batch
-        except Exception as exc:  # noqa: BLE001 - a system failure of the run: isolate the rows behind it
+        except Exception as exc:  # noqa: BLE001 - a failure of the run: classified below
+            kind = classify(exc) if classify is not None else ROW
+            if kind == INFRASTRUCTURE:
+                if isinstance(exc, ClipauditError):
+                    raise
+                raise InfrastructureError(f"the stage stopped for a reason of the cluster, not of its rows "
+                                          f"({describe(exc)}); nothing was rejected: run it again") from exc
             keys = part.column(key)
             left = part.filter(pc.invert(pc.is_in(keys, value_set=pa.array(list(seen), type=keys.type))))
-            if part.num_rows == 1:
-                yield lost_batch(part, describe(exc, "worker"))
+            if kind == NODE_LOST:
+                losses += 1
+                if losses > node_loss_retries:
+                    raise InfrastructureError(
+                        f"{losses} node losses in one stage, more than ray.node_loss_retries ({node_loss_retries})"
+                        f"; last: {describe(exc)}. Nothing was rejected: run it again") from exc
+                if left.num_rows:
+                    pending.append(left)
+            elif part.num_rows == 1:
+                yield lost_batch(part, describe(exc, "worker"), key, lost_before)
             elif left.num_rows == 1:
                 pending.append(left)
             elif left.num_rows > 1:

@@ -46,7 +46,7 @@ from clipaudit.records import (
     StageStats,
 )
 from clipaudit.stages.embed_batches import OK, Batch
-from clipaudit.stages.isolation import LOST, LOST_FLAG
+from clipaudit.stages.isolation import LOST_BEFORE, LOST_FLAG, reopen_retryable
 from clipaudit.stages.reject_limit import check_reject_share
 from clipaudit.stages.tcac_batches import ORIGINAL
 from clipaudit.stages.upstream import empty_input_message, model_view
@@ -289,8 +289,9 @@ class CaseSink:
     def add(self, batch: Batch) -> int:
         """Take one embedded batch; returns the number of images it completed."""
         if LOST_FLAG in batch:
-            for image_id, detail in zip(batch["image_id"].tolist(), batch["detail"].tolist()):
-                self._reject(str(image_id), LOST, str(detail))
+            for image_id, status, detail in zip(batch["image_id"].tolist(), batch["status"].tolist(),
+                                                batch["detail"].tolist()):
+                self._reject(str(image_id), str(status), str(detail))
             return len(batch["image_id"])
         for phase in ("read", "decode", "resize", "transform"):
             self.stats.add_time(phase, float(np.sum(batch[f"t_{phase}"])))
@@ -379,8 +380,10 @@ class CaseSink:
 
 
 def score_missing(config: Config, tables: RunTables, runner: Runner, model: ResolvedModel, samples: pa.Table,
-                  todo: dict[str, list[str]], stats: StageStats) -> None:
-    """Pools, originals and the runner's transformed vectors for the (image, transform) pairs in ``todo``."""
+                  todo: dict[str, list[str]], stats: StageStats, lost_before: set[str] | None = None) -> None:
+    """Pools, originals and the runner's transformed vectors for the (image, transform) pairs in ``todo``
+    (``lost_before``: images an earlier run rejected as ``worker_lost``, tried again now)."""
+    lost_before = lost_before or set()
     tcac = config.tcac
     start = time.perf_counter()
     corpus = load_corpus(tables, samples, runner, model, config.embed, stats)
@@ -409,7 +412,8 @@ def score_missing(config: Config, tables: RunTables, runner: Runner, model: Reso
     stats.add_count("originals_reused", len(originals))
     expected = {image_id: ([] if image_id in originals else [ORIGINAL]) + names for image_id, names in todo.items()}
     work = pa.table({"image_id": list(expected), "uri": [uris[i] for i in expected],
-                     "transforms": [",".join(names) for names in expected.values()]})
+                     "transforms": [",".join(names) for names in expected.values()],
+                     LOST_BEFORE: [image_id in lost_before for image_id in expected]})
     sink = CaseSink(tables, model, tcac, corpus, pools, gt, originals, expected, uris, config.embed.write_every,
                     stats)
     with tqdm(total=len(expected), unit="image", desc="tcac images", dynamic_ncols=True) as bar:
@@ -494,13 +498,15 @@ def run_tcac(config: Config, tables: RunTables, runner: Runner, model: ResolvedM
     if samples is None or samples.num_rows == 0:
         raise TcacError(empty_input_message(tables, f"no samples in {tables.uri}", "ingest", SAMPLES))
     start = time.perf_counter()
+    lost_before = reopen_retryable(tables, STAGE)
+    stats.add_count("retried", len(lost_before))
     todo = plan_pairs(tables, samples, config.tcac, model)
     stats.add_time("plan", time.perf_counter() - start)
     stats.add_count("images_todo", len(todo))
     stats.add_count("pairs_todo", sum(len(names) for names in todo.values()))
     stats.add_count("text_encodings", 0)
     if todo:
-        score_missing(config, tables, runner, model, samples, todo, stats)
+        score_missing(config, tables, runner, model, samples, todo, stats, lost_before)
     summary = finalize(tables, config.tcac, stats)
     rejected = account(tables, stats)
     stats.add_time("wall", time.perf_counter() - started)

@@ -1,0 +1,88 @@
+"""Whether the cluster a driver joined can grow, and into which node types: what Ray 2.60 tells a driver.
+
+Read from the installed Ray's source and checked on a fake multi-node autoscaling cluster here (v1 and v2):
+
+* ``ray._private.state.state.get_cluster_config()`` answers only where something reported the node types to the
+  GCS (``GcsClient.report_cluster_config``: hosted and KubeRay-style setups); ``ray start --autoscaling-config``
+  never does, v1 or v2, so it is None there. When it answers, its node groups are the types the autoscaler may
+  launch (resources, max count): the one source of node types a driver has.
+* Autoscaler v1: the monitor writes ``__autoscaling_status`` (JSON) to the GCS internal KV every round, also on a
+  cluster started without ``--autoscaling-config`` (a ``ray.init()`` too), where it runs over a read-only provider
+  that names each node's type ``node_<node id>`` (``format_readonly_node_type``). A monitor with a real config maps
+  nodes to the config's type names (the head's included): a cluster that can grow.
+* Autoscaler v2 (``__autoscaler_v2_enabled`` = ``1`` in the KV namespace ``__autoscaler``): the GCS's cluster
+  status names ``autoscaler_version`` 2 once an autoscaler reports, and ``0`` without one. A v2 autoscaler over a
+  read-only provider reports too, and names types the same read-only way as a fake head does, so a v2 cluster
+  that reports is taken as one that can grow: a plan it cannot serve waits ``ray.autoscale_timeout_s``, then fails
+  saying so.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from clipaudit.placement import MAX_INSTANCES, NodeShape
+
+READONLY_TYPE_PREFIX = "node_"
+"""How a read-only provider names a node's type: ``node_<node id hex>``."""
+
+
+@dataclass(frozen=True)
+class Autoscaler:
+    """The autoscaler of a cluster: where its presence was read (``v1``, ``v2``, ``reported``) and the node types
+    it may launch (empty when the cluster does not report them)."""
+
+    version: str
+    node_types: tuple[NodeShape, ...] = ()
+
+
+def reported_node_types() -> tuple[NodeShape, ...] | None:
+    """The node types reported to the GCS (None when none were): each with CPU or GPU and a max count > 0."""
+    from ray._private.state import state
+
+    try:
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - no such state on this cluster
+        return None
+    if config is None:
+        return None
+    return tuple(NodeShape(f"node type {group.name} (autoscaled)", group.resources.get("CPU", 0.0),
+                           group.resources.get("GPU", 0.0),
+                           count=group.max_count if group.max_count >= 0 else MAX_INSTANCES)
+                 for group in config.node_group_configs if group.max_count != 0
+                 and (group.resources.get("CPU", 0.0) or group.resources.get("GPU", 0.0)))
+
+
+def v1_can_grow(status: dict) -> bool:
+    """Whether a v1 monitor's ``__autoscaling_status`` comes from an autoscaler with a config of node types (not a
+    read-only one): some node is mapped to a type other than its read-only name."""
+    report = status.get("autoscaler_report") or {}
+    mapping = report.get("node_type_mapping") or {}
+    return any(node_type != f"{READONLY_TYPE_PREFIX}{node_id}" for node_id, node_type in mapping.items())
+
+
+def read_autoscaler() -> Autoscaler | None:
+    """The cluster's autoscaler (version, and the node types when reported), or None when it cannot grow."""
+    import ray
+    from ray.experimental import internal_kv
+
+    types = reported_node_types()
+    if types is not None:
+        return Autoscaler("reported", types)
+    if internal_kv._internal_kv_get(b"__autoscaler_v2_enabled", namespace=b"__autoscaler") == b"1":
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        try:
+            status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        except Exception:  # noqa: BLE001 - no autoscaler state reported: none runs
+            return None
+        return Autoscaler("v2") if str(status.stats.autoscaler_version) == "2" else None
+    raw = internal_kv._internal_kv_get(b"__autoscaling_status")
+    if not raw:
+        return None
+    try:
+        status = json.loads(raw)
+    except ValueError:
+        return None
+    return Autoscaler("v1") if v1_can_grow(status) else None
