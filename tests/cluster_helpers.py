@@ -150,6 +150,8 @@ class RayCluster:
     blocks: list[PortBlock] = field(default_factory=list)
     gcs_port: int = 0
     dashboard_port: int = 0
+    node_dirs: list[Path] = field(default_factory=list)
+    """The temp folder of each node added by :meth:`add_node`, in order (node 1 is the first)."""
 
     @property
     def address(self) -> str:
@@ -204,6 +206,7 @@ class RayCluster:
         self.blocks.append(block)
         node_dir = Path(self.temp_dir) / f"node{len(self.blocks)}"
         node_dir.mkdir()
+        self.node_dirs.append(node_dir)
         self._ray_start([f"--address={self.address}", f"--temp-dir={node_dir}",
                          *self._node_args(block, RAY_SERVICES[3:], cpus, resources)])
 
@@ -230,6 +233,30 @@ class RayCluster:
         """Every process this cluster started (found by its temp folder and its ports)."""
         suffixes = (f"127.0.0.1:{self.gcs_port}", *(f"={port}" for block in self.blocks for port in block.ports[:12]))
         return processes_matching([self.temp_dir], suffixes)
+
+    def node_processes(self, index: int) -> list[psutil.Process]:
+        """Every process of node ``index`` (1: the first node :meth:`add_node` started): the ones whose command line
+        names its temp folder (its raylet, log monitor), and their children (workers, agents, the object store
+        inside the raylet)."""
+        node_dir = str(self.node_dirs[index - 1])
+        return processes_matching([node_dir + os.sep], (f"={node_dir}",))
+
+    def kill_node(self, index: int) -> list[int]:
+        """SIGKILL every process of node ``index`` at once, as a reclaimed spot instance goes (no clean shutdown);
+        again for any worker forked meanwhile, until none is left. Returns the pids killed."""
+        killed: list[int] = []
+        for _ in range(10):
+            processes = self.node_processes(index)
+            if not processes:
+                return killed
+            for process in processes:
+                try:
+                    process.kill()
+                    killed.append(process.pid)
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(processes, timeout=5)
+        raise RuntimeError(f"node {index} keeps processes after 10 rounds of SIGKILL: {self.node_processes(index)}")
 
     def stop(self) -> None:
         """Stop exactly this cluster's processes, remove its temp folder, free its ports."""

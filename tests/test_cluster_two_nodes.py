@@ -61,7 +61,7 @@ def submit_and_wait(cluster: RayCluster, config_path: Path, env_vars: dict[str, 
 
 
 def check_logs(logs: str) -> None:
-    assert "2 node shape(s)" in logs, "the driver planned its actors over both nodes"
+    assert "2 node(s): node" in logs, "the driver planned its actors over both nodes"
     assert f"{IMAGES} in = {IMAGES} embedded + 0 rejected" in logs
 
 

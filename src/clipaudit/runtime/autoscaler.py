@@ -6,6 +6,9 @@ Read from the installed Ray's source and checked on a fake multi-node autoscalin
   GCS (``GcsClient.report_cluster_config``: hosted and KubeRay-style setups); ``ray start --autoscaling-config``
   never does, v1 or v2, so it is None there. When it answers, its node groups are the types the autoscaler may
   launch (resources, max count): the one source of node types a driver has.
+* The monitor process (v1 and v2) runs on the head with ``--autoscaling-config=PATH`` when the cluster has a config
+  of node types (``ray up`` writes ``~/ray_bootstrap_config.yaml``); a driver on the head (``ray job submit``)
+  finds it among the processes of its session and reads the node types from the file.
 * Autoscaler v1: the monitor writes ``__autoscaling_status`` (JSON) to the GCS internal KV every round, also on a
   cluster started without ``--autoscaling-config`` (a ``ray.init()`` too), where it runs over a read-only provider
   that names each node's type ``node_<node id>`` (``format_readonly_node_type``). A monitor with a real config maps
@@ -20,10 +23,13 @@ Read from the installed Ray's source and checked on a fake multi-node autoscalin
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 from clipaudit.placement import MAX_INSTANCES, NodeShape
 
+MONITOR_SCRIPTS = ("autoscaler/_private/monitor.py", "autoscaler/v2/monitor.py")
+"""The autoscaler's monitor process, v1 and v2 (what its command line ends with)."""
 READONLY_TYPE_PREFIX = "node_"
 """How a read-only provider names a node's type: ``node_<node id hex>``."""
 
@@ -62,22 +68,72 @@ def v1_can_grow(status: dict) -> bool:
     return any(node_type != f"{READONLY_TYPE_PREFIX}{node_id}" for node_id, node_type in mapping.items())
 
 
+def monitor_node_types() -> tuple[NodeShape, ...] | None:
+    """The node types of the autoscaler's own config file, when its monitor runs on this machine (a driver on the
+    head, as under ``ray job submit``): the monitor of this session names it ``--autoscaling-config=PATH``. None
+    when no such monitor is seen here (a fixed cluster, or a driver on another machine)."""
+    import psutil
+    import ray
+    import yaml
+
+    try:
+        session_dir = ray._private.worker._global_node.get_session_dir_path()
+    except AttributeError:
+        return None
+    for process in psutil.process_iter(["cmdline"]):
+        args = process.info.get("cmdline") or []
+        if not any(arg.endswith(MONITOR_SCRIPTS) for arg in args):
+            continue
+        if not any(arg.startswith(f"--logs-dir={session_dir}") for arg in args):
+            continue
+        paths = [arg.split("=", 1)[1] for arg in args if arg.startswith("--autoscaling-config=")]
+        if not paths:
+            return None
+        try:
+            with open(os.path.expanduser(paths[0])) as handle:
+                config = yaml.safe_load(handle) or {}
+        except (OSError, yaml.YAMLError):
+            return ()
+        return node_types_of(config)
+    return None
+
+
+def node_types_of(config: dict) -> tuple[NodeShape, ...]:
+    """The launchable node types of a cluster config (``available_node_types``): those with CPU or GPU and a max
+    count above 0, the count capped by the cluster's ``max_workers``."""
+    cap = int(config.get("max_workers", MAX_INSTANCES))
+    types = []
+    for name, spec in (config.get("available_node_types") or {}).items():
+        resources = spec.get("resources") or {}
+        count = min(int(spec.get("max_workers", cap)), cap)
+        if count > 0 and (resources.get("CPU") or resources.get("GPU")):
+            types.append(NodeShape(f"node type {name} (autoscaled)", float(resources.get("CPU", 0.0)),
+                                   float(resources.get("GPU", 0.0)), count=count))
+    return tuple(types)
+
+
 def read_autoscaler() -> Autoscaler | None:
-    """The cluster's autoscaler (version, and the node types when reported), or None when it cannot grow."""
+    """The cluster's autoscaler (how it was found, and its node types where they can be read), or None when the
+    cluster cannot grow."""
     import ray
     from ray.experimental import internal_kv
 
     types = reported_node_types()
     if types is not None:
         return Autoscaler("reported", types)
-    if internal_kv._internal_kv_get(b"__autoscaler_v2_enabled", namespace=b"__autoscaler") == b"1":
+    v2 = internal_kv._internal_kv_get(b"__autoscaler_v2_enabled", namespace=b"__autoscaler") == b"1"
+    version = "v2" if v2 else "v1"
+    from_file = monitor_node_types()
+    if from_file is not None:
+        return Autoscaler(version, from_file)
+    if v2:
         from ray.autoscaler.v2.sdk import get_cluster_status
 
         try:
             status = get_cluster_status(ray.get_runtime_context().gcs_address)
         except Exception:  # noqa: BLE001 - no autoscaler state reported: none runs
             return None
-        return Autoscaler("v2") if str(status.stats.autoscaler_version) == "2" else None
+        return Autoscaler(version) if str(status.stats.autoscaler_version) == "2" else None
     raw = internal_kv._internal_kv_get(b"__autoscaling_status")
     if not raw:
         return None
@@ -85,4 +141,4 @@ def read_autoscaler() -> Autoscaler | None:
         status = json.loads(raw)
     except ValueError:
         return None
-    return Autoscaler("v1") if v1_can_grow(status) else None
+    return Autoscaler(version) if v1_can_grow(status) else None

@@ -81,7 +81,8 @@ class Capacity:
     def describe(self) -> str:
         """The nodes alive, and the node types an autoscaler may launch."""
         scaler = find_autoscaler()
-        text = nodes_text(alive_shapes())
+        alive = alive_shapes()
+        text = f"{len(alive)} node(s): {nodes_text(alive)}"
         if scaler is not None:
             types = nodes_text(scaler.node_types) if scaler.node_types else "node types not reported"
             text += f"; autoscaler {scaler.version}: {types}"

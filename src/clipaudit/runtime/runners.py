@@ -116,7 +116,7 @@ class RayRunner:
         self.capacity = Capacity(ray_config)
         self.device = self.capacity.device(ray_config.device)
         self.placements: list[Placement] = []
-        log.info("model actors on %s; nodes: %s", self.device, self.capacity.describe())
+        log.info("model actors on %s; %s", self.device, self.capacity.describe())
 
     def place(self, request: PoolRequest) -> Placement:
         """The placement of ``request``, its nodes there (see :meth:`Capacity.place`); remembered for the stats."""

@@ -241,7 +241,17 @@ def embed_images(tables: RunTables, runner: Runner, models: dict[str, ResolvedMo
     todo = todo.append_column(LOST_BEFORE, pc.is_in(todo.column("image_id"), value_set=pa.array(sorted(lost),
                                                                                              pa.string())))
     sink = ImageSink(tables, models, embed.write_every, stats)
-    _consume(runner.map_images(todo, models, embed), sink.add, sink.flush, todo.num_rows, "image")
+    _consume(_noting_first(runner.map_images(todo, models, embed), stats), sink.add, sink.flush, todo.num_rows,
+             "image")
+
+
+def _noting_first(batches: Iterator[Batch], stats: StageStats) -> Iterator[Batch]:
+    """``batches``, noting in ``stats`` when the first came back (``first_image_at``, Unix time; on an autoscaling
+    cluster, the moment the nodes the stage asked for were there and working)."""
+    for n, batch in enumerate(batches):
+        if n == 0:
+            stats.notes["first_image_at"] = time.time()
+        yield batch
 
 
 class CaptionSink:
