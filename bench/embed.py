@@ -84,7 +84,7 @@ def pipeline(paths: list[str], models: dict, embed, ray_config, scratch: Path, n
                for i, p in enumerate(paths)]
     tables.insert_new(SAMPLES, samples_to_table(samples), "image_id", SAMPLES_SCHEMA)
     start = time.perf_counter()
-    embed_images(tables, RayRunner(ray_config, embed), models, embed, StageStats("embed"))
+    embed_images(tables, RayRunner(ray_config), models, embed, StageStats("embed"))
     return time.perf_counter() - start
 
 

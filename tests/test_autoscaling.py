@@ -35,7 +35,7 @@ print("HOLDINGS " + json.dumps({
     "actors": [[a.class_name, a.node_id] for a in list_actors(address=sys.argv[2], filters=[("state", "=", "ALIVE")])],
     "placement_groups": [p.name for p in list_placement_groups(address=sys.argv[2]) if p.state != "REMOVED"],
     "demands": [str(d) for d in (*demands.placement_group_demand, *demands.ray_task_actor_demand,
-                                 *demands.cluster_constraint_demand)],
+                                 *(c for c in demands.cluster_constraint_demand if c.bundles_by_count))],
 }))
 """
 RAY_DATA_SINGLETONS = {"_AutoscalingCoordinatorActor", "_StatsActor", "ActorLocationTracker"}
@@ -128,6 +128,7 @@ def test_audit_from_zero_workers_scales_up_completes_and_scales_down(tmp_path: P
         deadline = time.monotonic() + 60
         while held["demands"] and time.monotonic() < deadline:
             time.sleep(2)  # Ray Data's coordinator withdraws its own request on its next round (20 s)
+            # (a withdrawn request stays listed as a constraint of no bundles: nothing is asked for then)
             held = holdings(cluster)
         assert held["demands"] == [], held
         cluster.wait_for_workers(0, timeout_s=120)

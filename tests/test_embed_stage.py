@@ -166,7 +166,7 @@ def test_ray_runner_gives_the_same_rows_as_in_process(tmp_path, zoo, models, ray
     local = make_run(tmp_path, zoo, "local")
     run_embed(local, LocalRunner(), models, EMBED)
     on_ray = make_run(tmp_path, zoo, "ray")
-    stats = run_embed(on_ray, RayRunner(RayConfig(), EMBED), models, EMBED)
+    stats = run_embed(on_ray, RayRunner(RayConfig()), models, EMBED)
     assert stats.notes["device"] == "cpu"
     for name, key in ((IMAGE_EMBEDDINGS["clip"], "image_id"), (IMAGE_EMBEDDINGS["reference"], "image_id"),
                       (CAPTION_EMBEDDINGS, "caption_id")):

@@ -32,7 +32,7 @@ def test_worker_actors_share_one_budget_and_never_send_an_id_twice(tmp_path, ray
                 for i in range(18)]
     with FakeOpenAI(latency_s=0.05, rate_limit=10, rate_window_s=2.0, api_key=KEY) as server:
         config = load_config(None, [*overrides, f"llm.base_url={server.base_url}"])
-        runner = RayRunner(config.ray, config.embed)
+        runner = RayRunner(config.ray)
         chunks = list(runner.map_llm(requests + requests[:6], config.llm, KEY, parse_failure_types))
         calls = server.snapshot()
     results = [r for chunk in chunks for r in chunk]

@@ -249,13 +249,15 @@ def test_counts_match_the_python_set_accounting(tmp_path: Path) -> None:
     samples = pa.table({"image_id": [f"s{i}" for i in range(50)] + ["s1"]})
     clip = pa.table({"image_id": [f"s{i}" for i in range(0, 45)] + ["other"]})
     reference = pa.table({"image_id": [f"s{i}" for i in range(3, 50)]})
-    rejects = pa.table({"stage": ["embed", "embed", "ingest", "embed", "embed"],
-                        "item": ["s47", "s48", "s48", "gone", "s47"],
-                        "reason": ["decode", "decode", "size", "decode", "nan"]})
+    rejects = pa.table({"stage": ["embed", "embed", "ingest", "embed", "embed", "tcac"],
+                        "item": ["s47", "s48", "s48", "gone", "s47", "s3"],
+                        "reason": ["decode", "decode", "size", "decode", "nan", "worker_lost"]})
     view = _view_of(tmp_path, {SAMPLES: samples, IMAGE_EMBEDDINGS["clip"]: clip,
                                IMAGE_EMBEDDINGS["reference"]: reference, REJECTS: rejects})
     counts = _counts(view)
-    assert counts == {"samples": 50, "in": 50, "embedded": 42, "rejected": 2, "rejects": 5,
-                      "rejects_by_reason": {"embed/decode": 3, "embed/nan": 1, "ingest/size": 1},
+    assert counts == {"samples": 50, "in": 50, "embedded": 42, "rejected": 2, "rejects": 6,
+                      "rejects_by_reason": {"embed/decode": 3, "embed/nan": 1, "ingest/size": 1,
+                                            "tcac/worker_lost": 1},
+                      "rejects_retryable": 1, "rejects_final": 5, "retryable_reasons": ["worker_lost"],
                       "captions_embedded": None}
     assert list(counts["rejects_by_reason"]) == sorted(counts["rejects_by_reason"])

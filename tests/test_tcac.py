@@ -295,7 +295,7 @@ def test_ray_runner_gives_the_same_rows_as_in_process(tmp_path, corpus, ray_loca
     local_config, local, model = make_run(tmp_path, few, "local", spec="tiny-clip", transforms=["hflip", "elastic"])
     run_tcac(local_config, local, LocalRunner(), model)
     ray_config, on_ray, _ = make_run(tmp_path, few, "ray", spec="tiny-clip", transforms=["hflip", "elastic"])
-    stats = run_tcac(ray_config, on_ray, RayRunner(RayConfig(), EMBED), model)
+    stats = run_tcac(ray_config, on_ray, RayRunner(RayConfig()), model)
     assert stats.notes["device"] == "cpu" and stats.counts["pairs_written"] == 12
     want = {(r["image_id"], r["transform"]): r for r in cases(local)}
     got = {(r["image_id"], r["transform"]): r for r in cases(on_ray)}

@@ -42,7 +42,7 @@ def test_a_row_that_kills_its_worker_is_rejected_and_the_rest_is_embedded(tmp_pa
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run([sys.executable, "-m", "clipaudit.cli", "run", "--config", str(config),
-                           "--stages", "ingest,embed"], capture_output=True, text=True, env=env, timeout=600)
+                           "--stages", "ingest,embed,report"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     assert "3 in = 2 embedded + 1 rejected" in done.stdout + done.stderr
 
@@ -51,6 +51,9 @@ def test_a_row_that_kills_its_worker_is_rejected_and_the_rest_is_embedded(tmp_pa
     assert [(r["reason"], "poison" in r["item"]) for r in rejects] == [("worker_lost", True)], rejects
     assert "worker" in rejects[0]["detail"]
     assert tables.count("image_embeddings_reference") == 2
+    counts = json.loads((tmp_path / "run" / "summary.json").read_text())["counts"]
+    assert (counts["rejects_retryable"], counts["rejects_final"]) == (1, 0)
+    assert "retryable: tried again by the next run" in (tmp_path / "run" / "report" / "index.html").read_text()
 
     again = subprocess.run([sys.executable, "-m", "clipaudit.cli", "run", "--config", str(config),
                             "--stages", "embed"], capture_output=True, text=True, env=env, timeout=600)

@@ -111,18 +111,16 @@ class RayRunner:
     on a cluster with an autoscaler, asked of the autoscaler and waited for (:class:`~clipaudit.runtime.capacity.
     Capacity`). :meth:`close` withdraws what was asked, so the autoscaler can take every worker back."""
 
-    def __init__(self, ray_config: RayConfig, embed: EmbedConfig) -> None:
+    def __init__(self, ray_config: RayConfig) -> None:
         self.ray_config = ray_config
         self.capacity = Capacity(ray_config)
         self.device = self.capacity.device(ray_config.device)
-        self.placements: list[Placement] = []
         log.info("model actors on %s; %s", self.device, self.capacity.describe())
 
     def place(self, request: PoolRequest) -> Placement:
-        """The placement of ``request``, its nodes there (see :meth:`Capacity.place`); remembered for the stats."""
+        """The placement of ``request``, its nodes there (see :meth:`Capacity.place`)."""
         placement = self.capacity.place(request)
         self.device = placement.device
-        self.placements.append(placement)
         if placement.shrunk:
             log.info("%s: CPU share lowered to %g to fit the nodes (%s)", request.what, placement.cpus_per_actor,
                      placement.describe())
@@ -260,7 +258,7 @@ class LazyRunner:
                 self._runner = LocalRunner()
             else:
                 self._stack.enter_context(ray_session(self._config.ray))
-                runner = RayRunner(self._config.ray, self._config.embed)
+                runner = RayRunner(self._config.ray)
                 self._stack.callback(runner.close)
                 self._runner = runner
         return self._runner

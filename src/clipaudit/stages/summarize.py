@@ -219,13 +219,11 @@ class LLMSession:
     def runner(self) -> Any:
         """The runner to send through: the pipeline's, else a local one or a Ray session per ``ray.runner``."""
         if self._runner is None:
-            from clipaudit.runtime import LocalRunner, RayRunner, ray_session
+            from clipaudit.runtime import LazyRunner
 
-            if self.config.ray.runner == "local":
-                self._runner = LocalRunner()
-            else:
-                self._stack.enter_context(ray_session(self.config.ray))
-                self._runner = RayRunner(self.config.ray, self.config.embed)
+            runner = LazyRunner(self.config)
+            self._stack.callback(runner.close)
+            self._runner = runner
         return self._runner
 
     def estimate(self, label: str, pending: Sequence[PlannedCall], answered: int) -> dict[str, Any]:
