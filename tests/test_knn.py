@@ -344,3 +344,18 @@ def test_low_precision_shares_merge_and_refine_to_float32() -> None:
     np.testing.assert_array_equal(ids, expected_ids)
     np.testing.assert_allclose(sims, expected_sims, atol=2e-6)
     assert 0 < again < len(x)
+
+
+def test_exact_searches_accumulate_low_precision_products_in_fp32_and_restore_the_setting() -> None:
+    """The error bound of the fp16 path assumes fp32 accumulation; PyTorch's default on CUDA reduces in fp16."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_fp16_reduced_precision_reduction
+    matmul.allow_fp16_reduced_precision_reduction = True
+    try:
+        with knn.fp32_accumulation():
+            assert not matmul.allow_fp16_reduced_precision_reduction and not matmul.allow_tf32
+        assert matmul.allow_fp16_reduced_precision_reduction, "restored after"
+    finally:
+        matmul.allow_fp16_reduced_precision_reduction = before

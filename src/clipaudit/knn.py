@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -511,7 +512,9 @@ def self_topk_exact(
     _check_k(k, n - 1, f"k={k} must be smaller than N={n}: each row excludes itself")
     wide = min(n - 1, k + _check_margin(margin))
     dev, mm_dtype = _resolve_device(device, dtype)
-    cand, lowp = self_topk(x, wide, block_size=block_size, device=dev, dtype=mm_dtype, memory_budget=memory_budget)
+    with fp32_accumulation():
+        cand, lowp = self_topk(x, wide, block_size=block_size, device=dev, dtype=mm_dtype,
+                               memory_budget=memory_budget)
     return refine_self(x, cand, lowp, k, mm_dtype, exact=_float32_on(dev))
 
 
@@ -549,11 +552,29 @@ def cross_topk_exact(
     m = c.shape[0] - (0 if exclude is None else 1)
     wide = max(k, min(m, k + _check_margin(margin)))
     dev, mm_dtype = _resolve_device(device, dtype)
-    cand, lowp = cross_topk(q, c, wide, exclude=exclude, block_size=block_size, device=dev, dtype=mm_dtype,
-                            memory_budget=memory_budget)
+    with fp32_accumulation():
+        cand, lowp = cross_topk(q, c, wide, exclude=exclude, block_size=block_size, device=dev, dtype=mm_dtype,
+                                memory_budget=memory_budget)
     excl = _as_exclude(exclude, q.shape[0], c.shape[0])
     eps = lowp_error_bound(mm_dtype, q.shape[1], max(_max_norm(q), _max_norm(c)))
     return refine(q, c, cand, lowp, k, eps, exclude=excl, exact=_float32_on(dev))
+
+
+@contextmanager
+def fp32_accumulation() -> Iterator[None]:
+    """CUDA matmuls of float16 / bfloat16 inputs accumulate in float32 (and float32 ones skip TF32) for the
+    duration, as :func:`lowp_error_bound` assumes; the settings are restored after. (PyTorch's default lets fp16
+    matmuls reduce in fp16, which would break the bound on a GPU.)"""
+    matmul = _torch().backends.cuda.matmul
+    names = ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction", "allow_tf32")
+    saved = {name: getattr(matmul, name) for name in names}
+    for name in names:
+        setattr(matmul, name, False)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(matmul, name, value)
 
 
 def _check_margin(margin: int) -> int:
