@@ -12,10 +12,13 @@ Workers that die (a segfault in a native decoder, the OOM killer) are retried a 
 a CPU task ``ray.task_retries`` times; a model actor is not restarted (``max_restarts=0``: Ray Data's default is to
 restart actors and retry their tasks without end, which hangs a run on a row that kills its worker every time,
 and an explicit restart count makes Ray core log an error line on every run, ray-project/ray#53727). When a run
-fails, :func:`bisect_stream` runs the rows that have not come back again, in halves, down to single rows; a row
-that fails alone becomes a ``worker_lost`` reject, and a transient failure (a node lost) costs one rerun of the
-rest. ``actor_task_retry_on_errors`` stays
-``False``: an application exception that escapes a batch function is a bug, and retrying it repeats it.
+fails, :func:`bisect_stream` asks why (a classifier from :mod:`clipaudit.runtime.failures`): a failure of the
+cluster itself (a placement refused, actors that never start, the cluster gone) stops the stage and rejects no
+row; a lost node costs one rerun of the rows not back yet, whole; any other worker death runs those rows again, in
+halves, down to single rows, and a row that fails alone becomes a ``worker_lost`` reject. That reason is
+retryable (:data:`~clipaudit.records.RETRYABLE_REASONS`): the next run of the run_dir tries the row again
+(:func:`reopen_retryable`), and a row lost alone a second time is ``kills_worker``, final.
+``actor_task_retry_on_errors`` stays ``False``: an application exception that escapes a batch function is a bug, and retrying it repeats it.
 ``max_errored_blocks`` stays 0: Ray Data drops the rows of an errored block without a trace, which would break
 ``in = embedded + rejected``.
 """
