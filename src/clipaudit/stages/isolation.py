@@ -18,9 +18,9 @@ row; a lost node costs one rerun of the rows not back yet, whole; any other work
 halves, down to single rows, and a row that fails alone becomes a ``worker_lost`` reject. That reason is
 retryable (:data:`~clipaudit.records.RETRYABLE_REASONS`): the next run of the run_dir tries the row again
 (:func:`reopen_retryable`), and a row lost alone a second time is ``kills_worker``, final.
-``actor_task_retry_on_errors`` stays ``False``: an application exception that escapes a batch function is a bug, and retrying it repeats it.
-``max_errored_blocks`` stays 0: Ray Data drops the rows of an errored block without a trace, which would break
-``in = embedded + rejected``.
+``actor_task_retry_on_errors`` stays ``False``: an application exception that escapes a batch function is a bug,
+and retrying it repeats it. ``max_errored_blocks`` stays 0: Ray Data drops the rows of an errored block without a
+trace, which would break ``in = embedded + rejected``.
 """
 
 from __future__ import annotations
