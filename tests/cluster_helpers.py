@@ -229,6 +229,12 @@ class RayCluster:
                              text=True, timeout=60)
         return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
 
+    def node_states(self) -> list[str]:
+        """The state the GCS gives each node it knows (``ALIVE``, ``DEAD``), asked through the dashboard's state
+        API (cheaper than a driver)."""
+        with urllib.request.urlopen(f"{self.dashboard_url}/api/v0/nodes", timeout=10) as response:
+            return [node["state"] for node in json.load(response)["data"]["result"]["result"]]
+
     def processes(self) -> list[psutil.Process]:
         """Every process this cluster started (found by its temp folder and its ports)."""
         suffixes = (f"127.0.0.1:{self.gcs_port}", *(f"={port}" for block in self.blocks for port in block.ports[:12]))

@@ -138,7 +138,9 @@ def test_nodes_of_one_cpu_each(tmp_path: Path) -> None:
         assert "8 in = 8 embedded + 0 rejected" in done.stdout + done.stderr
 
         started = time.monotonic()
-        refused = run_cli(cluster, tmp_path, "--set", "embed.cpus_per_actor=1.5", timeout_s=120)
+        fresh = tmp_path / "refused"  # a run_dir with work left: one whose images are all embedded places nothing
+        fresh.mkdir()
+        refused = run_cli(cluster, fresh, "--set", "embed.cpus_per_actor=1.5", timeout_s=120)
         elapsed = time.monotonic() - started
         assert refused.returncode != 0
         assert "a model actor needs 1.5 CPU on one node, and no node has that" in refused.stderr

@@ -11,13 +11,18 @@ answer of a :class:`FailureClassifier`:
 * **node lost** (the rows not back yet run again, whole): an actor that died because its node was preempted, a
   ``NodeDiedError``, or any worker death while a node that this run had seen alive is now dead. Ray's GCS marks a
   killed node dead only after its health checks fail (about 15 s), so a node whose raylet no longer accepts a TCP
-  connection counts as dead at once;
+  connection counts as dead at once; the classifier then waits (at most :data:`NODE_DEATH_WAIT_S`) until the GCS
+  agrees, so that the rerun is not scheduled on the dead node (whose actors would never start, and fail the rerun
+  when the GCS marks it dead). A later failure whose error names a node already found lost (an actor that "died
+  because its node has died") is a node loss too, not a row's;
 * **row** (halved down to the row that kills its worker): any other worker death, with every node still there.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
+import time
 from collections.abc import Iterator
 
 from clipaudit.errors import ClipauditError
@@ -25,6 +30,12 @@ from clipaudit.stages.isolation import INFRASTRUCTURE, NODE_LOST, ROW, FailureKi
 
 CONNECT_TIMEOUT_S = 1.0
 """How long a raylet's port is given to accept a connection before its node counts as gone."""
+NODE_DEATH_WAIT_S = 45.0
+"""How long a node loss waits for the GCS to mark the lost nodes dead (its health checks take about 15 s) before
+the rows run again."""
+POLL_S = 0.5
+
+log = logging.getLogger("clipaudit.runtime")
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -99,6 +110,29 @@ class FailureClassifier:
         self.gone |= newly
         return newly
 
+    def _names_lost_node(self, exc: BaseException) -> bool:
+        """Whether ``exc`` names a node found lost (Ray's "The actor died because its node has died. Node Id: ...")."""
+        text = str(exc)
+        return any(node_id in text for node_id in self.gone)
+
+    def wait_marked_dead(self) -> float:
+        """Wait until no node found lost is still alive for the GCS, or its raylet answers again (then it was not
+        lost); at most :data:`NODE_DEATH_WAIT_S`. Returns the seconds waited."""
+        import ray
+
+        started = time.monotonic()
+        while time.monotonic() - started < NODE_DEATH_WAIT_S:
+            try:
+                nodes = ray.nodes()
+            except Exception:  # noqa: BLE001 - the cluster does not answer: nothing to wait for
+                break
+            if not any(node["NodeID"] in self.gone and node.get("Alive")
+                       and not _reachable(node["NodeManagerAddress"], int(node["NodeManagerPort"]))
+                       for node in nodes):
+                break
+            time.sleep(POLL_S)
+        return time.monotonic() - started
+
     def __call__(self, exc: BaseException) -> FailureKind:
         chain = list(_chain(exc))
         if any(_is_infrastructure(e) for e in chain):
@@ -107,7 +141,11 @@ class FailureClassifier:
             newly = self.look()
         except Exception:  # noqa: BLE001 - the cluster does not answer: it is gone
             return INFRASTRUCTURE
-        if newly or any(_says_node_lost(e) for e in chain):
+        if newly or any(_says_node_lost(e) or self._names_lost_node(e) for e in chain):
+            waited = self.wait_marked_dead()
+            lost = ", ".join(sorted(node_id[:8] for node_id in newly)) or "a node found lost before"
+            log.warning("node lost (%s: %s); the rows not back yet run again%s", lost, type(exc).__name__,
+                        f" (waited {waited:.0f} s for the cluster to mark it dead)" if waited >= 1 else "")
             return NODE_LOST
         if any(_is_cluster_gone(e) for e in chain):
             return INFRASTRUCTURE

@@ -119,7 +119,11 @@ def map_llm_local(requests: Sequence[LLMRequest], llm: LLMConfig, api_key: str,
 
 class _BudgetActor:
     """Ray actor hosting the one :class:`~clipaudit.llm.RateBudget` all LLM worker actors draw from; calls are
-    served one at a time against this actor's monotonic clock."""
+    served one at a time against this actor's monotonic clock.
+
+    It also knows which worker holds each lease in flight, so that the leases of a worker that died (it will never
+    release them) are released at once by :meth:`release_worker`, instead of after the budget's ``lease_ttl_s``
+    (15 minutes): until then they would take their in-flight slots from the workers left, down to none."""
 
     def __init__(self, limits: RateLimits) -> None:
         import time
@@ -128,12 +132,26 @@ class _BudgetActor:
 
         self._clock = time.monotonic
         self._budget = RateBudget(limits, now=self._clock())
+        self._held: dict[str, set[str]] = {}
 
-    def try_acquire(self, lease_id: str, tokens: int) -> float:
-        return self._budget.try_acquire(self._clock(), lease_id, tokens)
+    def try_acquire(self, lease_id: str, tokens: int, worker: str = "") -> float:
+        wait = self._budget.try_acquire(self._clock(), lease_id, tokens)
+        if wait <= 0:
+            self._held.setdefault(worker, set()).add(lease_id)
+        return wait
 
-    def release(self, lease_id: str) -> None:
+    def release(self, lease_id: str, worker: str = "") -> None:
         self._budget.release(self._clock(), lease_id)
+        self._held.get(worker, set()).discard(lease_id)
+
+    def release_worker(self, worker: str) -> int:
+        """Release every lease ``worker`` (lost) still holds; returns how many. Their charges stay in the window
+        (those requests may have been sent)."""
+        leases = self._held.pop(worker, set())
+        now = self._clock()
+        for lease_id in leases:
+            self._budget.release(now, lease_id)
+        return len(leases)
 
     def record_actual(self, lease_id: str, tokens_used: int) -> None:
         self._budget.record_actual(self._clock(), lease_id, tokens_used)
@@ -146,16 +164,18 @@ class _BudgetActor:
 
 
 class _ActorBudget:
-    """A :class:`~clipaudit.llm.BudgetBackend` over a :class:`_BudgetActor` handle (awaits its calls)."""
+    """A :class:`~clipaudit.llm.BudgetBackend` over a :class:`_BudgetActor` handle (awaits its calls), for the
+    worker named ``worker``."""
 
-    def __init__(self, handle: object) -> None:
+    def __init__(self, handle: object, worker: str = "") -> None:
         self.handle = handle
+        self.worker = worker
 
     async def try_acquire(self, lease_id: str, tokens: int) -> float:
-        return await self.handle.try_acquire.remote(lease_id, tokens)
+        return await self.handle.try_acquire.remote(lease_id, tokens, self.worker)
 
     async def release(self, lease_id: str) -> None:
-        await self.handle.release.remote(lease_id)
+        await self.handle.release.remote(lease_id, self.worker)
 
     async def record_actual(self, lease_id: str, tokens_used: int) -> None:
         await self.handle.record_actual.remote(lease_id, tokens_used)
@@ -165,19 +185,20 @@ class _ActorBudget:
 
 
 class _LLMWorkerActor:
-    """Async Ray actor owning one :class:`~clipaudit.llm.LLMWorker` whose limiter is the shared budget actor."""
+    """Async Ray actor owning one :class:`~clipaudit.llm.LLMWorker` whose limiter is the shared budget actor (its
+    leases held in the name ``name``)."""
 
     def __init__(self, llm: LLMConfig, api_key: Secret, budget: object,
-                 validator: Callable[[str], object] | None) -> None:
-        self._args = (llm, api_key, budget, validator)
+                 validator: Callable[[str], object] | None, name: str = "") -> None:
+        self._args = (llm, api_key, budget, validator, name)
         self._worker: LLMWorker | None = None
 
     def _get(self) -> LLMWorker:
         if self._worker is None:
             from clipaudit.llm import SharedLimiter
 
-            llm, api_key, budget, validator = self._args
-            self._worker = llm_worker(llm, api_key.reveal(), SharedLimiter(_ActorBudget(budget)), validator)
+            llm, api_key, budget, validator, name = self._args
+            self._worker = llm_worker(llm, api_key.reveal(), SharedLimiter(_ActorBudget(budget, name)), validator)
         return self._worker
 
     async def run(self, requests: list[LLMRequest]) -> list[LLMResult]:
@@ -198,12 +219,16 @@ def map_llm_ray(requests: Sequence[LLMRequest], llm: LLMConfig, api_key: str,
 
     Requests are deduplicated and split by request_id, so one id only ever goes to one worker (whose own
     in-flight dedupe then sends it once); chunks are submitted at once and yielded as they finish (the caller
-    records each chunk's results as it comes, so a re-run sends none of them again).
+    records each chunk's results as it comes, so a re-run sends none of them again). A worker runs its chunks
+    concurrently, drawing leases in their order.
 
     The actors are pinned to the driver's node: they reserve no CPU, so they always fit there, and a worker node
     lost mid-stage (a reclaimed spot instance) cannot take a request in flight with it, so no request is paid
-    twice for a lost node. Should a worker actor itself die, its chunks not yet back go to a new worker (a
-    request it had in flight at that moment may then be sent again: the only case where one can be); past
+    twice for a lost node. Should a worker actor itself die, its chunks not yet back go to a new worker, and the
+    leases it held are released at once (else its in-flight slots stay taken for the budget's ``lease_ttl_s``).
+    The results of a chunk come back together, so every request of those chunks that the lost worker had sent
+    (in flight, or answered while the rest of its chunk was not) is sent again: with leases drawn in chunk order,
+    about one chunk plus the worker's requests in flight; the only case where a request is paid twice. Past
     :data:`MAX_WORKER_LOSSES`, the stage fails and the chunks already recorded stay recorded.
     """
     import ray
@@ -218,7 +243,8 @@ def map_llm_ray(requests: Sequence[LLMRequest], llm: LLMConfig, api_key: str,
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     budget = ray.remote(_BudgetActor).options(num_cpus=0, scheduling_strategy=here).remote(llm_limits(llm))
     worker_class = ray.remote(_LLMWorkerActor).options(num_cpus=0, scheduling_strategy=here)
-    workers = [worker_class.remote(llm, Secret(api_key), budget, validator) for _ in range(n)]
+    names = [f"worker-{slot}" for slot in range(n)]
+    workers = [worker_class.remote(llm, Secret(api_key), budget, validator, name) for name in names]
     shards: list[list[LLMRequest]] = [[] for _ in range(n)]
     for request in unique:
         shards[int(request.request_id[:12], 16) % n].append(request)
@@ -240,8 +266,10 @@ def map_llm_ray(requests: Sequence[LLMRequest], llm: LLMConfig, api_key: str,
                                               "the stage again") from exc
                 log.warning("an LLM worker actor was lost (%s); its chunks go to a new worker", type(exc).__name__)
                 lost = workers[slot]
-                workers[slot] = worker_class.remote(llm, Secret(api_key), budget, validator)
                 ray.kill(lost)
+                ray.get(budget.release_worker.remote(names[slot]))
+                names[slot] = f"worker-{slot}.{losses}"
+                workers[slot] = worker_class.remote(llm, Secret(api_key), budget, validator, names[slot])
                 stale = [ref for ref, (owner, _) in pending.items() if owner == slot]
                 again = [chunk] + [pending.pop(ref)[1] for ref in stale]
                 pending.update({workers[slot].run.remote(c): (slot, c) for c in again})

@@ -227,7 +227,11 @@ class _TopkPool:
         return self._actor_class.remote(self.placement.device, self.placement.threads)
 
     def _replace(self, actor: object, exc: BaseException) -> object:
-        """A new actor in place of ``actor``, which was lost."""
+        """A new actor in place of ``actor``, which was lost (and is stopped, should it only have been unreachable
+        for a while: an ``ActorUnavailableError`` does not say it is dead, and its CPU is wanted for the new one)."""
+        import ray
+
+        ray.kill(actor)
         self.actors.remove(actor)
         self.replaced += 1
         if self.replaced > self._max_replacements:
@@ -371,6 +375,9 @@ class _TopkPool:
                 todo.append(unit)
                 if actor in held or actor in self.actors:
                     lose(actor, exc)
+                continue
+            if actor not in held:  # a unit back from an actor counted lost meanwhile: it runs again elsewhere
+                todo.append(unit)
                 continue
             done(unit, result)
             held[actor].append(unit)
