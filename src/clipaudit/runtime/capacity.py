@@ -25,6 +25,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from clipaudit.placement import (
+    DEFAULT_CPU_SHARE,
+    TASK_CPUS,
     NodeShape,
     Placement,
     PlacementError,
@@ -68,8 +70,6 @@ class Capacity:
     def __init__(self, ray_config: RayConfig) -> None:
         self.timeout_s = ray_config.autoscale_timeout_s
         self._groups: list[object] = []
-        self.waited_s = 0.0
-        """Seconds spent waiting for an autoscaler, in all."""
 
     def device(self, setting: str) -> str:
         """Where model forwards will run: ``cuda`` when a node alive or launchable has a GPU (and ``setting``
@@ -127,8 +127,6 @@ class Capacity:
         finally:
             remove_placement_group(group)
             self._groups.remove(group)
-            waited = time.monotonic() - started
-            self.waited_s += waited
         last: PlacementError | None = None
         deadline = started + self.timeout_s
         while ready:
@@ -165,8 +163,6 @@ class Capacity:
 def _assumed(request: PoolRequest) -> Placement:
     """The placement ``request`` would have on nodes big enough for it: what to ask an autoscaler that does not
     report its node types for."""
-    from clipaudit.placement import DEFAULT_CPU_SHARE, TASK_CPUS
-
     gpu = request.device_setting == "cuda"
     cpus = request.cpus_per_actor if request.cpus_per_actor is not None else DEFAULT_CPU_SHARE
     cpus = min(cpus, request.gpu_cpus) if gpu else cpus
