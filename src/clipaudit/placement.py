@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from clipaudit.errors import ClipauditError
 
@@ -190,8 +190,7 @@ def _plan_shares(nodes: Sequence[NodeShape], request: PoolRequest, device: str, 
         except PlacementError as refused:
             error = refused
             continue
-        return Placement(placement.device, placement.cpus_per_actor, placement.gpus_per_actor, placement.threads,
-                         placement.task_cpus, placement.actors, shrunk=shrinkable and cpus != shares[0])
+        return replace(placement, shrunk=shrinkable and cpus != shares[0])
     assert error is not None
     if shrinkable and len(shares) > 1:
         raise PlacementError(f"{error} (the default CPU share was tried from {shares[0]:g} down to {shares[-1]:g})")
@@ -217,8 +216,10 @@ def _plan_one(nodes: Sequence[NodeShape], request: PoolRequest, device: str, cpu
                 f"after its {actors} {request.what}(s) of {cpus:g} CPU each, no node has CPU left for the decode "
                 f"tasks (nodes: {nodes_text(nodes)}). Lower {request.keys}, or add a node")
         task_cpus = math.floor(task_cpus * 100) / 100
-    if device == "cuda":
-        threads = request.torch_threads or 1
-    else:
-        threads = request.torch_threads if request.torch_threads > 0 else max(1, math.ceil(cpus))
+    threads = (request.torch_threads or 1) if device == "cuda" else torch_threads_for(cpus, request.torch_threads)
     return Placement(device, cpus, gpus, threads, task_cpus, actors)
+
+
+def torch_threads_for(cpus: float, requested: int = 0) -> int:
+    """Intra-op threads for a CPU actor: the requested count, else its CPU share rounded up."""
+    return requested if requested > 0 else max(1, math.ceil(cpus))

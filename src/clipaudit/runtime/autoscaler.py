@@ -53,11 +53,17 @@ def reported_node_types() -> tuple[NodeShape, ...] | None:
         return None
     if config is None:
         return None
-    return tuple(NodeShape(f"node type {group.name} (autoscaled)", group.resources.get("CPU", 0.0),
-                           group.resources.get("GPU", 0.0),
-                           count=group.max_count if group.max_count >= 0 else MAX_INSTANCES)
-                 for group in config.node_group_configs if group.max_count != 0
-                 and (group.resources.get("CPU", 0.0) or group.resources.get("GPU", 0.0)))
+    shapes = (_launchable(group.name, dict(group.resources), group.max_count if group.max_count >= 0
+                          else MAX_INSTANCES) for group in config.node_group_configs)
+    return tuple(shape for shape in shapes if shape is not None)
+
+
+def _launchable(name: str, resources: dict, count: int) -> NodeShape | None:
+    """A node type as a shape, or None when it may not be launched or offers neither CPU nor GPU."""
+    cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+    if count <= 0 or not (cpus or gpus):
+        return None
+    return NodeShape(f"node type {name} (autoscaled)", cpus, gpus, count=count)
 
 
 def v1_can_grow(status: dict) -> bool:
@@ -102,14 +108,9 @@ def node_types_of(config: dict) -> tuple[NodeShape, ...]:
     """The launchable node types of a cluster config (``available_node_types``): those with CPU or GPU and a max
     count above 0, the count capped by the cluster's ``max_workers``."""
     cap = int(config.get("max_workers", MAX_INSTANCES))
-    types = []
-    for name, spec in (config.get("available_node_types") or {}).items():
-        resources = spec.get("resources") or {}
-        count = min(int(spec.get("max_workers", cap)), cap)
-        if count > 0 and (resources.get("CPU") or resources.get("GPU")):
-            types.append(NodeShape(f"node type {name} (autoscaled)", float(resources.get("CPU", 0.0)),
-                                   float(resources.get("GPU", 0.0)), count=count))
-    return tuple(types)
+    shapes = (_launchable(name, spec.get("resources") or {}, min(int(spec.get("max_workers", cap)), cap))
+              for name, spec in (config.get("available_node_types") or {}).items())
+    return tuple(shape for shape in shapes if shape is not None)
 
 
 def read_autoscaler() -> Autoscaler | None:

@@ -59,28 +59,33 @@ def alive_shapes() -> list[NodeShape]:
             for node in alive if node["Resources"].get("CPU", 0.0) or node["Resources"].get("GPU", 0.0)]
 
 
-def find_autoscaler() -> Autoscaler | None:
-    """The cluster's autoscaler, or None for a cluster that cannot grow (see :mod:`clipaudit.runtime.autoscaler`)."""
-    return read_autoscaler()
-
-
 class Capacity:
     """Plans the pools of one job and obtains their nodes (see the module docstring)."""
 
     def __init__(self, ray_config: RayConfig) -> None:
         self.timeout_s = ray_config.autoscale_timeout_s
         self._groups: list[object] = []
+        self._scaler: Autoscaler | None = None
+        self._scaler_read = False
+
+    def autoscaler(self) -> Autoscaler | None:
+        """The cluster's autoscaler, or None for a cluster that cannot grow (see :mod:`clipaudit.runtime.
+        autoscaler`); read once per job (it scans this machine's processes), since a job's cluster keeps it."""
+        if not self._scaler_read:
+            self._scaler = read_autoscaler()
+            self._scaler_read = True
+        return self._scaler
 
     def device(self, setting: str) -> str:
         """Where model forwards will run: ``cuda`` when a node alive or launchable has a GPU (and ``setting``
         allows); no error here (a placement says what is missing)."""
-        scaler = find_autoscaler()
+        scaler = self.autoscaler()
         nodes = alive_shapes() + list(scaler.node_types if scaler else ())
         return "cuda" if setting != "cpu" and any(node.gpus for node in nodes) else "cpu"
 
     def describe(self) -> str:
         """The nodes alive, and the node types an autoscaler may launch."""
-        scaler = find_autoscaler()
+        scaler = self.autoscaler()
         alive = alive_shapes()
         text = f"{len(alive)} node(s): {nodes_text(alive)}"
         if scaler is not None:
@@ -93,7 +98,7 @@ class Capacity:
         cluster); PlacementError when it cannot be had. A pool of as many actors as fit (``actors`` None) asks an
         autoscaler for ``max_actors`` (or one), then takes what the nodes that came hold."""
         alive = alive_shapes()
-        scaler = find_autoscaler()
+        scaler = self.autoscaler()
         launchable = list(scaler.node_types) if scaler else []
         request = replace(request, device_setting=choose_device(alive + launchable, request.device_setting))
         try:

@@ -18,7 +18,6 @@ raises, or gives a non-finite or misshapen vector, is split in halves down to th
 from __future__ import annotations
 
 import io
-import math
 import time
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -148,11 +147,6 @@ def prepare_images(batch: Batch, preprocessors: dict[str, Preprocess], max_pixel
 
 def _empty_pixels(preprocess: Preprocess, n: int) -> np.ndarray:
     return np.zeros((n, *preprocess.output_shape), dtype=preprocess.output_dtype)
-
-
-def torch_threads_for(cpus: float, requested: int = 0) -> int:
-    """Intra-op threads for a CPU actor: the requested count, else its CPU share rounded up."""
-    return requested if requested > 0 else max(1, math.ceil(cpus))
 
 
 class ImageEncoder:
