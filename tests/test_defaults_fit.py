@@ -51,5 +51,5 @@ def test_leaderboard_config_refused_with_a_set_share_then_runs_with_defaults(tmp
     assert tables.count("image_embeddings_reference") == IMAGES
     leaderboard = tables.read("leaderboard", ["clip_model", "rank"]).to_pylist()
     assert sorted(row["rank"] for row in leaderboard) == [1, 2, 3]
-    summary_free = json.loads((run_dir / "stats" / "embed.json").read_text())
-    assert summary_free["counts"]["total_rejected"] == 0
+    embed_stats = json.loads((run_dir / "stats" / "embed.json").read_text())
+    assert embed_stats["counts"]["total_rejected"] == 0

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipaudit.errors import ClipauditError
-from clipaudit.records import KILLS_WORKER, RETRYABLE_REASONS, WORKER_LOST
+from clipaudit.records import KILLS_WORKER, REJECTS, RETRYABLE_REASONS, WORKER_LOST
 
 
 def describe(exc: BaseException, what: str = "") -> str:
@@ -128,10 +128,10 @@ def reopen_retryable(tables: object, stage: str) -> set[str]:
     :data:`LOST_BEFORE` column)."""
     reasons = ", ".join(f"'{reason}'" for reason in sorted(RETRYABLE_REASONS))
     where = f"stage = '{stage}' AND reason IN ({reasons})"
-    found = tables.read("rejects", ["item"], where=where)
+    found = tables.read(REJECTS, ["item"], where=where)
     if found is None or found.num_rows == 0:
         return set()
-    tables.delete("rejects", where)
+    tables.delete(REJECTS, where)
     return set(found.column("item").to_pylist())
 
 
