@@ -42,7 +42,7 @@ def image_paths(count: int, scratch: Path) -> list[str]:
         paths = sorted(str(p) for p in FLICKR.glob("*.jpg"))
         if len(paths) >= count:
             return paths[:count]
-    from clipaudit.io.readers.synthetic import make_scene
+    from clipaudit.probe.scenes import make_scene
 
     paths = []
     for index in range(count):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from clipaudit.io.readers.synthetic import SceneSpec, ShapeGroup, render_scene
+from clipaudit.probe.scenes import SceneSpec, ShapeGroup, render_scene
 
 COLOURS = ("red", "green", "blue", "yellow", "purple")
 POSITIONS = ("left", "right", "top", "bottom", "center")

@@ -19,7 +19,7 @@ from clipaudit.benchmark.format import FORMAT_VERSION, BenchmarkError
 from clipaudit.benchmark.score import score_benchmark
 from clipaudit.cli import main
 from clipaudit.config import Config, DafConfig, EmbedConfig, ModelsConfig, NeighboursConfig, TcacConfig
-from clipaudit.io.readers.synthetic import KINDS, SceneSpec, ShapeGroup, render_scene
+from clipaudit.probe.scenes import KINDS, SceneSpec, ShapeGroup, render_scene
 from clipaudit.io.tables import RunTables
 from clipaudit.pipeline import write_resolved_config
 from clipaudit.records import (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from clipaudit.io.readers.synthetic import COLOURS, SceneSpec, ShapeGroup, render_scene
+from clipaudit.probe.scenes import COLOURS, SceneSpec, ShapeGroup, render_scene
 
 NAMES = tuple(COLOURS)
 TOLERANCE = 40

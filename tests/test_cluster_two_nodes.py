@@ -18,7 +18,7 @@ import pytest
 import yaml
 from cluster_helpers import RayCluster, ray_cluster, s3_server, submit_audit
 
-from clipaudit.io.readers.synthetic import make_scene
+from clipaudit.probe.scenes import make_scene
 
 pytestmark = pytest.mark.ray
 

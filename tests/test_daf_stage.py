@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from clipaudit.config import Config, DafConfig, EmbedConfig, ModelsConfig, NeighboursConfig
-from clipaudit.io.readers.synthetic import KINDS, SceneSpec, ShapeGroup, render_scene
+from clipaudit.probe.scenes import KINDS, SceneSpec, ShapeGroup, render_scene
 from clipaudit.io.tables import RunTables
 from clipaudit.pipeline import run_pipeline
 from clipaudit.records import (

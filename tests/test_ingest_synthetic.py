@@ -9,7 +9,7 @@ from fixtures_ingest import split
 
 from clipaudit.config import DatasetConfig
 from clipaudit.io.readers import read_corpus
-from clipaudit.io.readers.synthetic import (
+from clipaudit.probe.scenes import (
     COLOURS,
     SceneSpec,
     ShapeGroup,

@@ -17,7 +17,7 @@ import pytest
 
 from clipaudit.cli import main
 from clipaudit.config import load_config
-from clipaudit.io.readers.synthetic import SceneSpec, ShapeGroup, render_scene
+from clipaudit.probe.scenes import SceneSpec, ShapeGroup, render_scene
 from clipaudit.io.tables import RunTables
 from clipaudit.pipeline import run_pipeline
 from clipaudit.report.diff import diff_runs, format_diff

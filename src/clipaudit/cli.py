@@ -12,6 +12,7 @@ from clipaudit.benchmark.commands import add_export_parser, add_score_parser, ru
 from clipaudit.config import load_config
 from clipaudit.errors import ClipauditError
 from clipaudit.pipeline import STAGES, parse_stages, run_pipeline
+from clipaudit.probe.package import add_train_probe_parser, run_train_probe
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +69,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable
     "diff": (_add_diff_parser, _diff),
     "export": (add_export_parser, run_export),
     "score": (add_score_parser, run_score),
+    "train-probe": (add_train_probe_parser, run_train_probe),
 }
 """The commands that take no config: name -> (adds its parser, runs it and returns the exit status)."""
 

@@ -58,6 +58,9 @@ class DatasetConfig:
     """synthetic: how many scenes to generate."""
     seed: int = 0
     """synthetic: the generator seed."""
+    variants: int = 0
+    """synthetic: after each drawn scene, this many minimal variants of it (one attribute of one group changed,
+    cycling kind, colour, count, position): the minimal pairs that show which attribute a model misses."""
 
     def __post_init__(self) -> None:
         unread = unread_dataset_keys(self)
@@ -75,7 +78,7 @@ FORMAT_KEYS: dict[str, frozenset[str]] = {
     "manifest": frozenset({"captions", "images", "image_column", "caption_columns", "id_column"}),
     "imagefolder": frozenset({"images", "templates", "class_names"}),
     "webdataset": frozenset({"images"}),
-    "synthetic": frozenset({"num_images", "seed"}),
+    "synthetic": frozenset({"num_images", "seed", "variants"}),
 }
 """The dataset keys each format's reader reads, besides :data:`COMMON_DATASET_KEYS`."""
 
@@ -727,5 +730,7 @@ def _check_files(config: Config) -> None:
         raise ConfigError(f"embed.max_reject_share: must be between 0 and 1, got {config.embed.max_reject_share}")
     if config.embed.cpus_per_actor is not None and config.embed.cpus_per_actor <= 0:
         raise ConfigError(f"embed.cpus_per_actor: must be positive, got {config.embed.cpus_per_actor}")
+    if config.dataset.variants < 0:
+        raise ConfigError(f"dataset.variants: must be 0 or more, got {config.dataset.variants}")
     if config.dataset.limit is not None and config.dataset.limit <= 0:
         raise ConfigError(f"dataset.limit: must be positive, got {config.dataset.limit}")

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import hub, tiny
+from . import hub, packaged, tiny
 from .base import (
     batch_to_device,
     check_pixels,
@@ -94,11 +94,13 @@ class HfTarget:
     source: str
     local: bool
     config_json: str = ""
+    packaged: str = ""
+    """``probe-dino``: built from ``config_json``, then this weights file (:mod:`.packaged`)."""
 
     @property
     def random(self) -> bool:
-        """True when built from a config with random weights (no ``source`` to load)."""
-        return not self.source
+        """True when built from a config with random weights (no ``source`` to load, nothing packaged)."""
+        return not self.source and not self.packaged
 
 
 def family_defaults(family: str, image_size: int = 224) -> Preprocess:
@@ -307,10 +309,11 @@ def resolve_random(spec: str, body: str, role: str) -> tuple[HfTarget, Preproces
     return HfTarget(family, "", local=False, config_json=json.dumps(config, sort_keys=True)), preprocess, dim
 
 
-def tiny_dino_target() -> HfTarget:
-    """The target of ``tiny-dino``: a Dinov2Model from the packaged config."""
+def tiny_dino_target(weights: str = "") -> HfTarget:
+    """The target of ``tiny-dino`` (a Dinov2Model from the packaged config), or of ``probe-dino`` with
+    ``weights`` the path of its weights file (the same architecture, trained: :mod:`.packaged`)."""
     config = json.dumps(tiny.load_config(tiny.TINY_DINO), sort_keys=True)
-    return HfTarget("dinov2", "", local=False, config_json=config)
+    return HfTarget("dinov2", "", local=False, config_json=config, packaged=weights)
 
 
 def build_clip_tokenizer_from_open_clip(context_length: int = 77) -> Any:
@@ -335,7 +338,7 @@ def build_clip_tokenizer_from_open_clip(context_length: int = 77) -> Any:
                          merges=merges, model_max_length=context_length)
 
 
-def _build_random(target: HfTarget) -> Any:
+def build_random(target: HfTarget) -> Any:
     """A model of ``target.config`` with seeded random weights, on the CPU in fp32."""
     from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
 
@@ -368,8 +371,11 @@ def load(resolved: ResolvedModel, target: HfTarget, device: str) -> HfClipModel 
     from transformers import AutoTokenizer, CLIPModel, Dinov2Model
 
     model_cls = CLIPModel if target.family == "clip" else Dinov2Model
-    if target.random:
-        model = _build_random(target)
+    if target.packaged:
+        model = build_random(target)
+        packaged.load_state(model, packaged.checked_file(target.packaged))
+    elif target.random:
+        model = build_random(target)
     else:
         model = _from_pretrained(resolved, target, model_cls.from_pretrained, dtype=torch.float32)
     if target.family == "dinov2":

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import hub, tiny
+from . import hub, packaged, tiny
 from .base import (
     batch_to_device,
     check_pixels,
@@ -54,6 +54,8 @@ class OpenClipTarget:
     tag: str | None = None
     checkpoint: str | None = None
     random: bool = False
+    packaged: str | None = None
+    """``probe-clip``: the architecture's seeded initialisation, then this weights file (:mod:`.packaged`)."""
 
 
 def parse(spec: str, body: str) -> tuple[str, str]:
@@ -242,6 +244,8 @@ def load(resolved: ResolvedModel, target: OpenClipTarget, device: str) -> OpenCl
         if "download" in str(exc).lower():
             raise ModelUnavailableError(resolved.spec, str(exc)) from exc
         raise
+    if target.packaged:
+        packaged.load_state(model, packaged.checked_file(target.packaged))
     import open_clip
 
     tokenizer = open_clip.get_tokenizer(target.arch, cache_dir=resolved.cache_dir)

@@ -10,6 +10,9 @@ Specs:
 ``hf-random:dinov2-small``                  a known transformers architecture, seeded random weights (benchmarks)
 ``python:package.module:factory``           a user model (see :mod:`clipaudit.models.plugin`)
 ``tiny-clip`` / ``tiny-dino``               small random models for tests and demos (:mod:`clipaudit.models.tiny`)
+``probe-clip`` / ``probe-dino``             the tiny architectures trained on probe scenes, weights in the package
+                                            (:mod:`clipaudit.models.packaged`): the demo's pair, CLIP blind to
+                                            position by its captions
 ==========================================  =========================================================
 
 :func:`resolve_model` runs on the driver: it validates the spec, works out the preprocessing, and checks that
@@ -32,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import hf_backend, open_clip_backend, plugin, tiny
+from . import hf_backend, open_clip_backend, packaged, plugin, tiny
 from .base import ROLES, LoadedModel, is_cuda
 from .errors import ModelSpecError, ModelUnavailableError
 from .preprocess import Preprocess
@@ -43,12 +46,13 @@ FALLBACKS = ("none", "tiny")
 PREFIXES = ("open_clip:", "hf:", "hf-random:", "python:")
 SPEC_HELP = ("'open_clip:ARCH/TAG' (e.g. open_clip:ViT-B-32/openai), 'open_clip:ARCH//path/to/checkpoint.pt', "
              "'hf:ORG/NAME' or 'hf:/path/to/dir', 'hf-random:dinov2-small', 'python:package.module:factory', "
-             "'tiny-clip', 'tiny-dino'")
+             "'tiny-clip', 'tiny-dino', 'probe-clip', 'probe-dino'")
 
 
 @dataclass(frozen=True)
 class ParsedSpec:
-    """A spec split into its kind (``open_clip``, ``hf``, ``hf-random``, ``python``, ``tiny``) and the rest."""
+    """A spec split into its kind (``open_clip``, ``hf``, ``hf-random``, ``python``, ``tiny``, ``packaged``) and
+    the rest."""
 
     kind: str
     body: str
@@ -61,6 +65,8 @@ def parse_spec(spec: str) -> ParsedSpec:
     text = spec.strip()
     if text in (tiny.TINY_CLIP, tiny.TINY_DINO):
         return ParsedSpec("tiny", text)
+    if text in packaged.PACKAGED:
+        return ParsedSpec("packaged", text)
     for prefix in PREFIXES:
         if text.startswith(prefix):
             body = text[len(prefix):]
@@ -134,6 +140,8 @@ def _resolve_exact(spec: str, role: str, cache_dir: str | None) -> ResolvedModel
                        if parsed.body == tiny.TINY_CLIP else hf_backend.tiny_dino_target())
         return ResolvedModel(spec, spec, role, tiny.preprocess_for(parsed.body), True,
                              tiny.dim_for(parsed.body), cache_dir, target)
+    if parsed.kind == "packaged":
+        return _resolve_packaged(spec, parsed.body, role, cache_dir)
     if parsed.kind == "open_clip":
         target, preprocess, dim = open_clip_backend.resolve(spec, parsed.body, role, cache_dir)
         return ResolvedModel(spec, spec, role, preprocess, target.random, dim, cache_dir, target)
@@ -145,6 +153,21 @@ def _resolve_exact(spec: str, role: str, cache_dir: str | None) -> ResolvedModel
         return ResolvedModel(spec, spec, role, preprocess, True, dim, cache_dir, target)
     target, preprocess = plugin.resolve(spec, parsed.body)
     return ResolvedModel(spec, spec, role, preprocess, False, None, cache_dir, target)
+
+
+def _resolve_packaged(spec: str, name: str, role: str, cache_dir: str | None) -> ResolvedModel:
+    """``probe-clip`` / ``probe-dino``: a tiny architecture with the trained weights shipped in the package."""
+    if role == "clip" and name == packaged.PROBE_DINO:
+        raise ModelSpecError(f"bad model spec {spec!r} for the clip role: probe-dino has no text tower "
+                             "(use probe-clip)")
+    try:
+        path = str(packaged.checked_path(name))
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise ModelUnavailableError(spec, str(exc)) from exc
+    arch = packaged.ARCHITECTURE[name]
+    target: Any = (open_clip_backend.OpenClipTarget(arch, packaged=path) if name == packaged.PROBE_CLIP
+                   else hf_backend.tiny_dino_target(weights=path))
+    return ResolvedModel(spec, spec, role, tiny.preprocess_for(arch), False, tiny.dim_for(arch), cache_dir, target)
 
 
 def resolve_model(spec: str, role: str, *, fallback: str = "none", cache_dir: str | None = None) -> ResolvedModel:

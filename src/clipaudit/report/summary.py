@@ -40,6 +40,7 @@ from clipaudit.records import (
     TCAC_CASES,
     TCAC_SUMMARY,
 )
+from clipaudit.report.probe_truth import probe_section
 from clipaudit.runs import current_run_id, finished_runs, previous_run_id
 
 log = logging.getLogger("clipaudit.report")
@@ -474,6 +475,7 @@ def _build_summary(view: RunView, run_id: str | None, stages: Sequence[str]) -> 
         "tcac": _tcac(view, config),
         "failure_types": _failure_types(view),
         "llm": _llm(view),
+        "probe": probe_section(view, models.get("clip")),
         "table_versions": view.versions(),
     }
 

@@ -1,221 +1,36 @@
-"""A generated, licence-free probe corpus: coloured shapes with known counts, colours and positions.
-
-Counting, colour binding and spatial relations are what the paper finds CLIP confusing, so each scene is
-built from exactly those attributes: a plain background and 1-4 shapes (circle, square, triangle) in one to
-three groups, each group one kind and one named colour at one position (left, right, top, bottom, center),
-with five captions that state them in different phrasings (``two red circles on the left and a blue square
-on the right``). Scenes are deterministic in (seed, index): :func:`make_scene` gives the image and its
-:class:`SceneSpec`, :func:`render_scene` draws any spec, so a test can plant two scenes that differ only by
-colour, count or position. The scenes of one seed are all different.
+"""The ``synthetic`` dataset format: a generated, licence-free corpus of probe scenes (:mod:`clipaudit.probe.scenes`).
 
 The reader writes ``work_dir/seed-<seed>/<index>.png`` (only where missing), ``image_id`` is
-``scene_<seed>_<index>`` and ``Sample.label`` the scene's attributes as compact JSON.
+``scene_<seed>_<index>`` and ``Sample.label`` the scene's attributes as compact JSON (the truth
+:mod:`clipaudit.probe.truth` measures findings against). With ``dataset.variants`` = V, each drawn scene is
+followed by V minimal variants of it (one attribute of one group changed, cycling kind, colour, count, position).
 """
 
 from __future__ import annotations
 
 import io
-import json
-import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from clipaudit.io import fs
 from clipaudit.io.readers import absolute, log, progress, write_bytes
+from clipaudit.probe.scenes import corpus_spec, render_scene
 from clipaudit.records import Sample
 
 if TYPE_CHECKING:
     from clipaudit.config import DatasetConfig
 
-KINDS = ("circle", "square", "triangle")
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 70, 220), "yellow": (240, 200, 20),
-    "orange": (245, 130, 20), "purple": (130, 50, 170), "black": (20, 20, 20),
-}
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "gray": (190, 190, 190)}
-POSITIONS = ("left", "right", "top", "bottom", "center")
-MAX_COUNT = 4
-
-_CELLS = {"left": (0, 1), "right": (2, 1), "top": (1, 0), "bottom": (1, 2), "center": (1, 1)}
-_WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-          "center": "in the center"}
-_WORDS = dict(enumerate((
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
-)))
-_SLOTS = {1: [(0.5, 0.5)], 2: [(0.27, 0.5), (0.73, 0.5)],
-          3: [(0.27, 0.27), (0.73, 0.27), (0.5, 0.73)], 4: [(0.27, 0.27), (0.73, 0.27), (0.27, 0.73), (0.73, 0.73)]}
-_SCALE = {1: 0.6, 2: 0.4, 3: 0.38, 4: 0.38}
-
-
-@dataclass(frozen=True)
-class ShapeGroup:
-    """``count`` shapes of one ``kind`` and ``colour`` at one ``position`` of the scene."""
-
-    kind: str
-    colour: str
-    position: str
-    count: int = 1
-
-    def __post_init__(self) -> None:
-        _check(self.kind, KINDS, "kind")
-        _check(self.colour, tuple(COLOURS), "colour")
-        _check(self.position, POSITIONS, "position")
-        if not 1 <= self.count <= MAX_COUNT:
-            raise ValueError(f"count must be 1..{MAX_COUNT}, got {self.count}")
-
-    def phrase(self, style: str = "article") -> str:
-        """``a blue square`` / ``two red circles``; style ``word``: ``one blue square``, ``digit``: ``1 ...``."""
-        noun = self.kind if self.count == 1 else self.kind + "s"
-        if style == "digit":
-            number = str(self.count)
-        elif self.count == 1 and style == "article":
-            number = "an" if self.colour[0] in "aeiou" else "a"
-        else:
-            number = _WORDS[self.count]
-        return f"{number} {self.colour} {noun}"
-
-
-@dataclass(frozen=True)
-class SceneSpec:
-    """A scene: shape groups at distinct positions on a plain background of ``size`` x ``size`` pixels."""
-
-    groups: tuple[ShapeGroup, ...]
-    background: str = "white"
-    size: int = 224
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "groups", tuple(self.groups))
-        if not self.groups:
-            raise ValueError("a scene needs at least one shape group")
-        positions = [group.position for group in self.groups]
-        if len(set(positions)) != len(positions):
-            raise ValueError(f"shape groups need distinct positions, got {positions}")
-        _check(self.background, tuple(BACKGROUNDS), "background")
-
-    @property
-    def total(self) -> int:
-        """How many shapes the scene holds."""
-        return sum(group.count for group in self.groups)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The attributes as plain data."""
-        return asdict(self)
-
-    def to_json(self) -> str:
-        """The attributes as compact JSON (what ``Sample.label`` holds)."""
-        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SceneSpec:
-        """The spec back from :meth:`to_dict` (or the JSON of :meth:`to_json`, parsed)."""
-        groups = tuple(ShapeGroup(**group) for group in data["groups"])
-        return cls(groups=groups, background=data.get("background", "white"), size=data.get("size", 224))
-
-    def captions(self) -> list[str]:
-        """Five phrasings of the scene's counts, colours and positions."""
-        groups = self.groups
-        placed = _join([f"{g.phrase()} {_WHERE[g.position]}" for g in groups])
-        noun = "shape" if self.total == 1 else "shapes"
-        verb = "is" if groups[0].count == 1 else "are"
-        return [
-            placed,
-            f"{_WORDS[self.total]} {noun} on a {self.background} background: {_join([g.phrase() for g in groups])}",
-            "; ".join(f"{_WHERE[g.position]}, {g.phrase()}" for g in groups),
-            f"there {verb} {_join([g.phrase('word') for g in groups])}",
-            f"a {self.background} picture showing "
-            + _join([f"{g.phrase('digit')} {_WHERE[g.position]}" for g in groups]),
-        ]
-
-
-def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {what} {value!r} (known: {', '.join(allowed)})")
-
-
-def _join(parts: list[str]) -> str:
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def scene_spec(seed: int, index: int) -> SceneSpec:
-    """The spec of scene ``index`` of the corpus generated from ``seed`` (deterministic, no drawing).
-
-    Scenes of one seed are distinct: a draw that repeats an earlier scene is drawn again (up to
-    :data:`_MAX_REDRAWS` times), so scene ``index`` depends on the scenes before it (all cheap to compute).
-    """
-    specs = _SPECS.setdefault(seed, [])
-    seen = _SEEN.setdefault(seed, set())
-    while len(specs) <= index:
-        n = len(specs)
-        spec = _draw(seed, n, 0)
-        for attempt in range(1, _MAX_REDRAWS):
-            if spec.to_json() not in seen:
-                break
-            spec = _draw(seed, n, attempt)
-        specs.append(spec)
-        seen.add(spec.to_json())
-    return specs[index]
-
-
-_SPECS: dict[int, list[SceneSpec]] = {}
-_SEEN: dict[int, set[str]] = {}
-_MAX_REDRAWS = 100
-
-
-def _draw(seed: int, index: int, attempt: int) -> SceneSpec:
-    rng = random.Random(f"clipaudit-synthetic/{seed}/{index}/{attempt}")
-    total = rng.randint(1, MAX_COUNT)
-    n_groups = rng.randint(1, min(total, 3))
-    cuts = sorted(rng.sample(range(1, total), n_groups - 1))
-    counts = [b - a for a, b in zip([0, *cuts], [*cuts, total])]
-    positions = sorted(rng.sample(POSITIONS, n_groups), key=POSITIONS.index)
-    looks = rng.sample([(kind, colour) for kind in KINDS for colour in COLOURS], n_groups)
-    groups = tuple(ShapeGroup(kind=kind, colour=colour, position=position, count=count)
-                   for (kind, colour), position, count in zip(looks, positions, counts))
-    return SceneSpec(groups=groups, background=rng.choice(sorted(BACKGROUNDS)))
-
-
-def make_scene(seed: int, index: int) -> tuple[Image.Image, SceneSpec]:
-    """Scene ``index`` of the corpus generated from ``seed``: its RGB image and its spec."""
-    spec = scene_spec(seed, index)
-    return render_scene(spec), spec
-
-
-def render_scene(spec: SceneSpec) -> Image.Image:
-    """Draw a spec: each group in its third of the canvas (a 3 x 3 grid), shapes side by side or 2 x 2."""
-    image = Image.new("RGB", (spec.size, spec.size), BACKGROUNDS[spec.background])
-    draw = ImageDraw.Draw(image)
-    cell = spec.size / 3
-    for group in spec.groups:
-        column, row = _CELLS[group.position]
-        half = cell * _SCALE[group.count] / 2
-        for fx, fy in _SLOTS[group.count]:
-            x, y = (column + fx) * cell, (row + fy) * cell
-            _draw_shape(draw, group.kind, COLOURS[group.colour], x, y, half)
-    return image
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, colour: tuple[int, int, int], x: float, y: float,
-                half: float) -> None:
-    box = (x - half, y - half, x + half, y + half)
-    if kind == "circle":
-        draw.ellipse(box, fill=colour)
-    elif kind == "square":
-        draw.rectangle(box, fill=colour)
-    else:
-        draw.polygon([(x, y - half), (x + half, y + half), (x - half, y + half)], fill=colour)
-
 
 def read_synthetic(cfg: DatasetConfig, work_dir: str) -> Iterator[Sample]:
     """Samples of the generated corpus; images are written into ``work_dir`` where missing."""
-    folder = absolute(fs.join(work_dir, f"seed-{cfg.seed}"))
-    source = f"synthetic:seed={cfg.seed}"
+    variants = cfg.variants
+    folder = absolute(fs.join(work_dir, f"seed-{cfg.seed}" + (f"-v{variants}" if variants else "")))
+    source = f"synthetic:seed={cfg.seed}" + (f",variants={variants}" if variants else "")
     written = 0
     for index in progress(range(cfg.num_images), "synthetic scenes", total=cfg.num_images, unit="scene"):
-        spec = scene_spec(cfg.seed, index)
+        spec = corpus_spec(cfg.seed, index, variants)
         path = fs.join(folder, f"{index:05d}.png")
         if not fs.exists(path):
             write_bytes(path, _png(render_scene(spec)))
