@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-models test test-all bench bench-gpu lint clean
+.PHONY: setup demo demo-models train-probe test test-all bench bench-gpu lint clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(VENV)/bin/clipaudit run --config configs/demo.yaml
+
+# Retrain the demo's probe pair (probe-clip, probe-dino) into src/clipaudit/models/weights/: about 4 min on 2 cores.
+train-probe: setup
+	$(VENV)/bin/clipaudit train-probe
 
 demo-models: setup
 	$(VENV)/bin/clipaudit run --config configs/leaderboard.yaml

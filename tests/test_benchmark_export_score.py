@@ -19,9 +19,9 @@ from clipaudit.benchmark.format import FORMAT_VERSION, BenchmarkError
 from clipaudit.benchmark.score import score_benchmark
 from clipaudit.cli import main
 from clipaudit.config import Config, DafConfig, EmbedConfig, ModelsConfig, NeighboursConfig, TcacConfig
-from clipaudit.probe.scenes import KINDS, SceneSpec, ShapeGroup, render_scene
 from clipaudit.io.tables import RunTables
 from clipaudit.pipeline import write_resolved_config
+from clipaudit.probe.scenes import KINDS, SceneSpec, ShapeGroup, render_scene
 from clipaudit.records import (
     BLIND_PAIRS,
     BLIND_PAIRS_SCHEMA,

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from clipaudit.config import Config, DafConfig, EmbedConfig, ModelsConfig, NeighboursConfig
-from clipaudit.probe.scenes import KINDS, SceneSpec, ShapeGroup, render_scene
 from clipaudit.io.tables import RunTables
 from clipaudit.pipeline import run_pipeline
+from clipaudit.probe.scenes import KINDS, SceneSpec, ShapeGroup, render_scene
 from clipaudit.records import (
     BLIND_PAIRS,
     DAF_CASES,

@@ -17,9 +17,9 @@ import pytest
 
 from clipaudit.cli import main
 from clipaudit.config import load_config
-from clipaudit.probe.scenes import SceneSpec, ShapeGroup, render_scene
 from clipaudit.io.tables import RunTables
 from clipaudit.pipeline import run_pipeline
+from clipaudit.probe.scenes import SceneSpec, ShapeGroup, render_scene
 from clipaudit.report.diff import diff_runs, format_diff
 from clipaudit.report.models import model_page, model_slug
 from clipaudit.report.render import top_daf_cases

@@ -24,6 +24,8 @@ from clipaudit.report import charts
 from clipaudit.report.benchmark_section import benchmark_section
 from clipaudit.report.html import Markup, join, num, page, pct, seconds, table, tag
 from clipaudit.report.images import Thumbnails, write_bytes
+from clipaudit.report.probe_section import probe_section
+from clipaudit.report.probe_truth import probe_scenes, truth_of_pairs
 from clipaudit.report.summary import RunView
 from clipaudit.transforms import TransformParams
 
@@ -77,6 +79,13 @@ def top_blind_pairs(view: RunView, n: int) -> list[dict[str, Any]]:
     return pairs.take(order[:n]).to_pylist()
 
 
+def differ_in(truth: dict[str, Any] | None) -> str:
+    """A pair's truth for a table cell: ``only position`` or the attributes it differs in."""
+    if truth is None:
+        return "-"
+    return f"only {truth['only']}" if truth.get("only") else ", ".join(truth.get("differs") or []) or "nothing"
+
+
 class ReportBuilder:
     """Builds ``report/index.html`` (and its ``thumbs/`` and ``charts/``) for the run ``view`` shows."""
 
@@ -99,13 +108,14 @@ class ReportBuilder:
 
     def build(self) -> str:
         """Gather, make the thumbnails, render; returns the HTML text."""
-        sections = [self._overview(), self._daf(), self._tcac(), self._taxonomy(),
-                    benchmark_section(self.view, missing)]
+        sections = [self._overview(), lambda: probe_section(self.summary), self._daf(), self._tcac(),
+                    self._taxonomy(), benchmark_section(self.view, missing)]
         self.samples = self.view.samples(self.thumbs.image_ids())
         self.thumbs.make(lambda image_id: (self.samples.get(image_id) or {}).get("uri"))
         s = self.summary
         nav = tag("nav", [tag("a", label, href=f"#{anchor}") for anchor, label in
-                          (("overview", "Overview"), ("daf", "DAF"), ("tcac", "TCAC"), ("taxonomy", "Failure types"),
+                          (("overview", "Overview"), *((("truth", "Truth"),) if self.summary.get("probe") else ()),
+                           ("daf", "DAF"), ("tcac", "TCAC"), ("taxonomy", "Failure types"),
                            ("benchmark", "Benchmark"))])
         model = self.view.clip_model if self.index_link is not None else None
         title = tag("h1", "clipaudit report") if model is None else tag("h1", "clipaudit report: ", tag("code", model))
@@ -214,6 +224,8 @@ class ReportBuilder:
         pairs = top_blind_pairs(self.view, self.cfg.blind_pairs)
         for pair in pairs:
             pair["_a"], pair["_b"] = self.thumbs.want(pair["image_a"]), self.thumbs.want(pair["image_b"])
+        truth = (truth_of_pairs([(p["image_a"], p["image_b"]) for p in pairs], probe_scenes(self.view))
+                 if self.summary.get("probe") else {})
 
         def render() -> Markup:
             k = daf.get("k") or 10
@@ -267,9 +279,11 @@ class ReportBuilder:
                                   "different (MMVP): rule ", tag("code", json.dumps(rule, sort_keys=True)),
                              class_="muted"))
             if pairs:
-                parts.append(table(["image a", "image b", "CLIP sim", "reference sim", "gap"],
+                parts.append(table(["image a", "image b", "CLIP sim", "reference sim", "gap",
+                                    *(["truth: differ in"] if truth else [])],
                                    [(self._cell(p["_a"], p["image_a"]), self._cell(p["_b"], p["image_b"]),
-                                     num(p.get("clip_sim")), num(p.get("reference_sim")), num(p.get("gap")))
+                                     num(p.get("clip_sim")), num(p.get("reference_sim")), num(p.get("gap")),
+                                     *([differ_in(truth.get(f"{p['image_a']}|{p['image_b']}"))] if truth else []))
                                     for p in pairs], class_="blind-pairs"))
             else:
                 parts.append(tag("p", "No CLIP-blind pairs under this rule.", class_="muted"))
