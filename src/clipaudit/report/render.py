@@ -27,6 +27,7 @@ from clipaudit.report.images import Thumbnails, write_bytes
 from clipaudit.report.probe_section import probe_section
 from clipaudit.report.probe_truth import probe_scenes, truth_of_pairs
 from clipaudit.report.summary import RunView
+from clipaudit.report.taxonomy_section import evidence_pairs, taxonomy_section
 from clipaudit.transforms import TransformParams
 
 log = logging.getLogger("clipaudit.report")
@@ -374,74 +375,38 @@ class ReportBuilder:
 
     def _taxonomy(self) -> Section:
         types = self.summary.get("failure_types")
-        title = "Failure types (LLM taxonomy) and their validation"
+        why = None
         if types is None:
             summarize = self.view.stats("summarize")
             dry = summarize is not None and "nothing sent" in str((summarize.get("notes") or {}).get("summary", ""))
-            why = ("The summarize stage ran as a dry run: its prompts are in run_dir/llm/ and nothing was sent, so "
-                   "there is no failure_types table." if dry else
-                   "The summarize stage has not run in this run directory (no failure_types table).")
-            return lambda: join([tag("h2", title, id="taxonomy"),
-                                 missing("Failure taxonomy", why, "Run: clipaudit summarize --config CONFIG "
-                                         "(needs an OpenAI-compatible endpoint, see llm.base_url).")])
-        examples = [[(i, self.thumbs.want(i)) for i in item["example_ids"][: self.cfg.examples_per_type]]
-                    for item in types]
+            why = missing("Failure taxonomy", "No namer has written a failure_types table: the name stage has not run"
+                          + (", and the summarize stage ran as a dry run (its prompts are in run_dir/llm/)." if dry
+                             else "."), "Run: clipaudit name --config CONFIG (offline), or clipaudit summarize "
+                          "(needs an OpenAI-compatible endpoint, see llm.base_url).")
+        keys: dict[str, str] = {}
+        pairs: list[tuple[str, str]] = []
+        for item in types or []:
+            item["shown_examples"] = item.get("example_ids", [])[: self.cfg.examples_per_type]
+            item_pairs = evidence_pairs(item)[: self.cfg.examples_per_type]
+            item["evidence_pairs"] = [f"{a}|{b}" for a, b in item_pairs]
+            pairs += item_pairs
+            for image_id in [*item["shown_examples"], *(i for pair in item_pairs for i in pair)]:
+                keys.setdefault(image_id, self.thumbs.want(image_id))
+        truth = truth_of_pairs(pairs, probe_scenes(self.view)) if self.summary.get("probe") and pairs else {}
         checks_table = self.view.read(FAILURE_CHECKS)
         checks = [] if checks_table is None else checks_table.to_pylist()
 
+        def thumb(image_id: str) -> Markup:
+            return self.thumbs.img(keys[image_id], alt=self._caption(image_id),
+                                   title=f"{image_id}: {self._caption(image_id)}")
+
         def render() -> Markup:
-            parts: list[Any] = [tag("h2", title, id="taxonomy")]
-            if not types:
-                parts.append(tag("p", "The LLM named no failure types.", class_="muted"))
-            if checks_table is None:
-                parts.append(missing("Validation", "The validate stage has not run (no failure_checks table): no "
-                                     "success rates.", "Run: clipaudit validate --config CONFIG."))
-            for method in sorted({t["method"] for t in types}):
-                items = [(t, shown) for t, shown in zip(types, examples) if t["method"] == method]
-                parts.append(tag("h3", f"{method}: {len(items)} failure types"))
-                parts.append(table(
-                    ["#", "failure type", "support", "validated: CLIP cannot tell the pairs apart", "examples"],
-                    [(num(t.get("rank")), join([tag("strong", t["name"]), tag("div", t.get("description") or "",
-                                                                               class_="muted")]),
-                      f"{num(t.get('support'))} cases (named in {num(t.get('batches'))} answers)",
-                      "not validated" if t.get("n_pairs") is None and t.get("success_rate") is None else
-                      f"{pct(t.get('success_rate'))} of {num(t.get('n_pairs'))} pairs",
-                      tag("div", [self.thumbs.img(key, alt=self._caption(i), title=f"{i}: {self._caption(i)}")
-                                  for i, key in shown], class_="examples"))
-                     for t, shown in items], class_="taxonomy"))
+            chart = None
             if types:
-                parts.append(self._chart("failure_support", charts.support_chart(
+                chart = self._chart("failure_support", charts.support_chart(
                     [f"{t['method']}: {t['name']}" for t in types], [int(t.get("support") or 0) for t in types],
-                    [t.get("success_rate") for t in types]), "support of each failure type"))
-            if checks:
-                parts.append(tag("h3", "Validation pairs"))
-                parts.append(tag("p", "For each failure type the LLM wrote caption pairs that should look different; "
-                                      "a pair counts when CLIP's text tower still finds them near-identical "
-                                      "(similarity at least the threshold).", class_="muted"))
-                rows = []
-                for check in sorted(checks, key=lambda c: (str(c.get("method")), str(c["name"]))):
-                    try:
-                        pairs = json.loads(check.get("pairs") or "[]")
-                    except ValueError:
-                        pairs = []
-                    sims = list(check.get("sims") or [])
-                    shown = [tag("div", str(a), " \u2194 ", str(b), " ",
-                                 tag("span", f"({num(sims[i])})" if i < len(sims) else "", class_="prob"))
-                             for i, (a, b) in enumerate(p for p in pairs[:3] if isinstance(p, list) and len(p) == 2)]
-                    rows.append((check.get("method") or "-", check["name"], check.get("status") or "-",
-                                 pct(check.get("success_rate")), num(check.get("threshold")), shown))
-                parts.append(table(["method", "failure type", "status", "success rate", "threshold",
-                                    "pairs (similarity)"],
-                                   rows, class_="checks"))
-            llm = self.summary.get("llm")
-            if llm:
-                cost = llm.get("cost_usd")
-                parts.append(tag("p", f"LLM calls: {llm['calls']:,} ",
-                                 json.dumps(llm.get("by_status") or {}, sort_keys=True),
-                                 f", {llm.get('tokens', 0):,} tokens",
-                                 f", ${cost:.4f}" if cost is not None else ", cost unknown (unpriced model)",
-                                 class_="muted"))
-            return join(parts)
+                    [t.get("success_rate") for t in types]), "support of each failure type")
+            return taxonomy_section(types, checks, thumb, truth, why, self.summary.get("llm"), chart)
 
         return render
 
