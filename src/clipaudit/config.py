@@ -468,6 +468,34 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
+class NameConfig:
+    """The name stage: failure types named offline from the captions of the flagged pairs (caption contrast)."""
+
+    max_types: int = 8
+    """Write at most this many failure types (the strongest)."""
+    min_z: float = 3.0
+    """A term separates the flagged pairs when its log-odds z-score is at least this."""
+    min_count: int = 3
+    """... and it appears in at least this many flagged pairs."""
+    ngram_max: int = 3
+    """Terms are word n-grams of 1 to this many words."""
+    background_pairs: int = 5000
+    """Random pairs of the corpus to contrast with (at least as many as there are flagged pairs)."""
+    alpha0: float = 100.0
+    """Strength of the informative Dirichlet prior (pooled counts)."""
+    evidence: int = 10
+    """Evidence pairs kept per failure type."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("max_types", "min_count", "ngram_max", "background_pairs", "evidence"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"name.{key}: must be at least 1, got {getattr(self, key)}")
+        if self.alpha0 <= 0:
+            raise ConfigError(f"name.alpha0: must be positive, got {self.alpha0}")
+
+
+@dataclass(frozen=True)
 class ValidateConfig:
     """The validate stage: caption pairs per failure type, and when CLIP encodes a pair as near-identical."""
 
@@ -543,6 +571,7 @@ class Config:
     neighbours: NeighboursConfig = field(default_factory=NeighboursConfig)
     daf: DafConfig = field(default_factory=DafConfig)
     tcac: TcacConfig = field(default_factory=TcacConfig)
+    name: NameConfig = field(default_factory=NameConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)

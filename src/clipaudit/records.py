@@ -296,7 +296,8 @@ of model, messages and parameters (never the key); ``meta`` the JSON of what the
 ids, transform, failure type); ``source`` ``live`` or ``batch`` (imported from an OpenAI Batch API output file)."""
 
 FAILURE_TYPES = "failure_types"
-FAILURE_TYPES_KEY = ["method", "name"]
+FAILURE_TYPES_KEY = ["namer", "method", "name"]
+NAMERS = ("caption_contrast", "llm")
 FAILURE_TYPES_SCHEMA = pa.schema([
     pa.field("name", pa.string(), nullable=False),
     pa.field("description", pa.string()),
@@ -309,12 +310,20 @@ FAILURE_TYPES_SCHEMA = pa.schema([
     pa.field("merge", pa.string()),
     pa.field("model", pa.string()),
     pa.field("request_ids", pa.list_(pa.string())),
+    pa.field("namer", pa.string()),
+    pa.field("terms", pa.list_(pa.string())),
+    pa.field("evidence_pairs", pa.list_(pa.string())),
 ])
-"""``failure_types``: the merged taxonomy, one row per (method, failure type). ``method`` ``DAF`` or ``TCAC``;
+"""``failure_types``: one row per (namer, method, failure type). ``namer`` ``caption_contrast`` (the name stage,
+offline: :mod:`clipaudit.caption_contrast`) or ``llm`` (the summarize stage); each namer replaces only its own
+rows. ``terms`` (caption contrast) the separating n-grams, strongest first; ``evidence_pairs`` the flagged pairs
+that show the type, as ``"image_a|image_b"``. For the LLM's rows: ``method`` ``DAF`` or ``TCAC``;
 ``support`` the number of distinct cases in the prompts whose answer named the type (or a near-duplicate of it);
 ``batches`` how many answers named it; ``example_ids`` up to ``llm.max_examples`` image ids of those cases, in
 case rank order; ``aliases`` every name merged into it; ``rank`` 1 = most supported within the method; ``merge``
-``text`` or ``llm``; ``request_ids`` the ``llm_calls`` rows it came from. Recomputed and replaced on every run."""
+``text`` or ``llm``; ``request_ids`` the ``llm_calls`` rows it came from. For caption contrast: ``method`` ``DAF``,
+``support`` the flagged pairs holding one of its terms, ``model`` ``caption_contrast``. Recomputed and replaced on
+every run (a table written before there were two namers is read as the LLM's)."""
 
 FAILURE_CHECKS = "failure_checks"
 FAILURE_CHECKS_SCHEMA = pa.schema([

@@ -290,6 +290,17 @@ class ModelTables:
         scope = self.scope_filter(name)
         return self.base.delete(name, where if scope is None else f"({where}) AND {scope}")
 
+    def replace_where(self, name: str, rows: pa.Table, schema: pa.Schema, where: str) -> None:
+        """Replace this model's rows of ``name`` matching ``where`` with ``rows`` (all other rows stay)."""
+        scoped = self._scoped_rows(name, rows, schema)
+        if scoped is None:
+            self.base.replace_where(name, rows, schema, where)
+            return
+        from clipaudit.records import CLIP_MODEL
+
+        self.base.replace_where(name, scoped[0], scoped[1],
+                                f"({where}) AND {CLIP_MODEL} = {sql_string(self.clip_model)}")
+
     def replace(self, name: str, rows: pa.Table, schema: pa.Schema) -> None:
         """Replace this model's rows of ``name`` with ``rows`` (other models' rows stay)."""
         scoped = self._scoped_rows(name, rows, schema)

@@ -140,7 +140,7 @@ class ModelsIndexBuilder:
             header = ["rank", "CLIP model", "blindness", "images", "k", "mean overlap", "chance", "null p",
                       "DAF cases", "blind pairs", "blind pairs / image"]
             header += [f"{t}: top-1 flips, own caption R@1" for t in transforms]
-            header += ["failure types", "validation success"]
+            header += ["failure types (LLM)", "failure types (caption contrast)", "validation success"]
             body = []
             for row in rows:
                 cells: list[Any] = [num(row.get("rank")), self._link(row["clip_model"]), num(row.get("blindness")),
@@ -150,7 +150,8 @@ class ModelsIndexBuilder:
                                     num(row.get("blind_pair_rate"))]
                 cells += [f"{pct(row.get(f'{FLIP}{t}'))}, {pct(row.get(f'{R1_BEFORE}{t}'))} \u2192 "
                           f"{pct(row.get(f'{R1_AFTER}{t}'))}" for t in transforms]
-                cells += [num(row.get("failure_types")), pct(row.get("validation_success_rate"))]
+                cells += [num(row.get("failure_types")), num(row.get("contrast_types")),
+                          pct(row.get("validation_success_rate"))]
                 body.append(cells)
             parts.append(table(header, body, class_="leaderboard"))
             names = [str(row["clip_model"]) for row in rows]

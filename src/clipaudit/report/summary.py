@@ -50,7 +50,7 @@ HISTORY_DIR = "history"
 """``run_dir/history/<run_id>/summary.json``: the summary of every run that made a report, kept for diffs."""
 SCHEMA_VERSION = 1
 STAGE_TABLES = {"ingest": SAMPLES, "embed": IMAGE_EMBEDDINGS["clip"], "neighbours": NEIGHBOURS, "daf": DAF_CASES,
-                "tcac": TCAC_SUMMARY, "summarize": FAILURE_TYPES, "validate": FAILURE_CHECKS}
+                "name": FAILURE_TYPES, "tcac": TCAC_SUMMARY, "summarize": FAILURE_TYPES, "validate": FAILURE_CHECKS}
 """The table whose presence shows that a stage ran, where its stats file is not there to say so."""
 _RANDOM_SPEC = re.compile(r"^(tiny-|hf-random:)|/random$")
 
@@ -374,10 +374,14 @@ def _failure_types(view: RunView) -> list[dict[str, Any]] | None:
         checks[(str(row.get("method") or ""), row["name"])] = row
         checks.setdefault(("", row["name"]), row)
     out = []
-    for row in sorted(table.to_pylist(), key=lambda r: (str(r["method"]), r.get("rank") or 0, str(r["name"]))):
-        check = checks.get((str(row["method"]), row["name"])) or checks.get(("", row["name"]))
+    for row in sorted(table.to_pylist(), key=lambda r: (r.get("namer") or "llm", str(r["method"]), r.get("rank") or 0,
+                                                        str(r["name"]))):
+        namer = row.get("namer") or "llm"
+        check = (checks.get((str(row["method"]), row["name"])) or checks.get(("", row["name"]))
+                 if namer == "llm" else None)
         out.append({
-            "method": row["method"], "name": row["name"], "description": row.get("description"),
+            "namer": namer, "method": row["method"], "name": row["name"], "description": row.get("description"),
+            "terms": row.get("terms") or [], "evidence_pairs": row.get("evidence_pairs") or [],
             "support": row.get("support"), "batches": row.get("batches"), "rank": row.get("rank"),
             "example_ids": row.get("example_ids") or [], "aliases": row.get("aliases") or [],
             "success_rate": None if check is None else check.get("success_rate"),

@@ -13,8 +13,9 @@ reference lists and the same transformed pixels:
 * ``daf_cases``: how many images the DAF picked as failure cases;
 * per transform ``t``: ``top1_flip_rate_<t>`` (share of images whose top caption changed),
   ``recall_at_1_before_<t>`` / ``recall_at_1_after_<t>`` (share whose own caption ranked first);
-* ``failure_types`` (named by the LLM, both methods) and ``validation_success_rate`` (mean over the types
-  checked: how often the text tower could not tell the LLM's caption pairs apart);
+* ``failure_types`` (named by the LLM, both methods), ``contrast_types`` (named offline by the name stage) and
+  ``validation_success_rate`` (mean over the types checked: how often the text tower could not tell the LLM's
+  caption pairs apart);
 * ``blindness``: the documented score the ``rank`` orders by (1 = most blind):
   ``blindness = ((1 - mean_overlap) + min(1, blind_pair_rate)) / 2``, the two DAF measures, for which the
   reference model is the yardstick. The TCAC and validation columns measure other things (robustness to
@@ -33,12 +34,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipaudit.io import failure_types
 from clipaudit.records import (
     BLIND_PAIRS,
     CLIP_MODEL,
     DAF_CASES,
     FAILURE_CHECKS,
-    FAILURE_TYPES,
     LEADERBOARD,
     NEIGHBOURS,
     TCAC_SUMMARY,
@@ -73,7 +74,8 @@ def leaderboard_schema(transforms: list[str]) -> pa.Schema:
         pa.field("blind_pair_rate", pa.float64()),
     ]
     fields += [pa.field(f"{prefix}_{t}", pa.float64()) for t in transforms for prefix in TRANSFORM_MEASURES]
-    fields += [pa.field("failure_types", pa.int64()), pa.field("validation_success_rate", pa.float64())]
+    fields += [pa.field("failure_types", pa.int64()), pa.field("contrast_types", pa.int64()),
+               pa.field("validation_success_rate", pa.float64())]
     return pa.schema(fields)
 
 
@@ -131,7 +133,9 @@ def model_row(view: ModelTables, config: Config) -> dict[str, Any]:
     row["blind_pairs"] = view.count(BLIND_PAIRS) if view.exists(BLIND_PAIRS) else None
     row["blind_pair_rate"] = (row["blind_pairs"] / images if images and row["blind_pairs"] is not None else None)
     row.update(transform_measures(view, config.tcac.transforms))
-    row["failure_types"] = view.count(FAILURE_TYPES) if view.exists(FAILURE_TYPES) else None
+    named = failure_types.read_rows(view)
+    row["failure_types"] = None if named is None else sum(r["namer"] == failure_types.LLM for r in named)
+    row["contrast_types"] = None if named is None else sum(r["namer"] != failure_types.LLM for r in named)
     row["validation_success_rate"] = validation_rate(view)
     row["blindness"] = blindness(row.get("mean_overlap"), row["blind_pair_rate"])
     return row

@@ -15,7 +15,8 @@
    each answer is parsed (JSON or the Python dict the paper asks for), an unparseable one repaired once, and
    every outcome is written to ``llm_calls`` as it arrives (``ok``, ``failed``, ``parse_failed``).
 4. Merge: the failure types of all answers become one taxonomy per method (``llm.merge``: ``text`` or ``llm``),
-   with support counts and example images, written to ``failure_types`` (replaced as a whole).
+   with support counts and example images, written to ``failure_types`` as the ``llm`` namer's rows (replaced
+   as a whole; the name stage's ``caption_contrast`` rows stay).
 
 The API key is read from the environment variable named by ``llm.api_key_env`` when, and only when, something
 is to be sent; it reaches the HTTP client and nothing else.
@@ -38,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipaudit.errors import ClipauditError
-from clipaudit.io import fs
+from clipaudit.io import failure_types, fs
 from clipaudit.llm import batch_api
 from clipaudit.llm.merge import (
     MergedType,
@@ -66,7 +67,6 @@ from clipaudit.llm.requests import LLMRequest, LLMResult, estimate_prompt_tokens
 from clipaudit.llm.scrub import Scrubber
 from clipaudit.records import (
     DAF_CASES,
-    FAILURE_TYPES,
     FAILURE_TYPES_SCHEMA,
     LLM_CALLS,
     LLM_CALLS_KEY,
@@ -467,7 +467,7 @@ def taxonomy_table(merged: Sequence[tuple[MergedType, str]], model: str, max_exa
         rows.append({"name": name, "description": item.description, "method": item.method,
                      "support": item.support, "batches": item.batches, "example_ids": item.example_ids(max_examples),
                      "aliases": item.aliases, "rank": ranks[item.method], "merge": how, "model": model,
-                     "request_ids": item.request_ids})
+                     "request_ids": item.request_ids, "namer": failure_types.LLM})
     return pa.Table.from_pylist(rows, schema=FAILURE_TYPES_SCHEMA)
 
 
@@ -508,7 +508,7 @@ def run_summarize(config: Config, tables: RunTables, runner: object | None = Non
                 merged.extend((item, how) for item in taxonomy)
         counts = _status_counts(session, [c.request.request_id for c in calls])
     table = taxonomy_table(merged, config.llm.model, config.llm.max_examples)
-    tables.replace(FAILURE_TYPES, table, FAILURE_TYPES_SCHEMA)
+    failure_types.replace_rows(tables, table, failure_types.LLM)
     unanswered = len(calls) - counts["ok"]
     stats.counts.update({"requests": len(calls), "ok": counts["ok"], "failed": counts["failed"],
                          "parse_failed": counts["parse_failed"], "unanswered": unanswered,

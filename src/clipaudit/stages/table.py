@@ -78,6 +78,12 @@ def _daf(ctx: StageContext) -> StageStats:
     return run_daf(ctx.config, ctx.tables)
 
 
+def _name(ctx: StageContext) -> StageStats:
+    from clipaudit.stages.name import run_name
+
+    return run_name(ctx.config, ctx.tables)
+
+
 def _tcac(ctx: StageContext) -> StageStats:
     import logging
 
@@ -117,6 +123,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage("embed", _embed, needs_models=True, schedules_models=True),
     Stage("neighbours", _neighbours),
     Stage("daf", _daf, per_clip_model=True),
+    Stage("name", _name, per_clip_model=True),
     Stage("tcac", _tcac, schedules_models=True, per_clip_model=True),
     Stage("summarize", _summarize, per_clip_model=True),
     Stage("validate", _validate, per_clip_model=True),

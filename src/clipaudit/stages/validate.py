@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipaudit.errors import ClipauditError
+from clipaudit.io import failure_types
 from clipaudit.llm.parse import ParseError, _candidates, _load
 from clipaudit.llm.prompts import PAIRS_FORMAT, load_template, request_params
 from clipaudit.llm.requests import LLMRequest
@@ -103,12 +104,12 @@ def parse_pairs(answer: str) -> list[tuple[str, str]]:
 
 
 def load_types(config: Config, tables: RunTables) -> list[FailureType]:
-    """The failure types to check, by method then rank (at most ``validate.max_types`` per method)."""
-    table = tables.read(FAILURE_TYPES)
-    if table is None:
+    """The LLM's failure types to check, by method then rank (at most ``validate.max_types`` per method)."""
+    found = failure_types.read_rows(tables, failure_types.LLM)
+    if found is None:
         raise ValidateError(empty_input_message(tables, f"no {FAILURE_TYPES} table in {tables.uri}", "summarize",
                                                 FAILURE_TYPES))
-    rows = sorted(table.to_pylist(), key=lambda r: (str(r["method"]), r.get("rank") or 0, str(r["name"])))
+    rows = sorted(found, key=lambda r: (str(r["method"]), r.get("rank") or 0, str(r["name"])))
     limit = config.validate.max_types
     taken: dict[str, int] = {}
     types = []
@@ -227,7 +228,7 @@ def run_validate(config: Config, tables: RunTables, runner: object | None = None
     tables = model_view(tables, config)
     stats = StageStats(STAGE)
     started = time.perf_counter()
-    if config.llm.dry_run and not tables.exists(FAILURE_TYPES):
+    if config.llm.dry_run and not failure_types.read_rows(tables, failure_types.LLM):
         log.info("validate: no failure types yet (the summarize stage ran as a dry run): nothing to validate")
         stats.notes["summary"] = "no failure types yet: nothing planned, nothing sent"
         return stats
