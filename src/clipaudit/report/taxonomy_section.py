@@ -4,13 +4,15 @@ Two namers write ``failure_types`` (column ``namer``): ``caption_contrast`` (off
 the captions of the flagged pairs from the rest of the corpus: :mod:`clipaudit.caption_contrast`) and ``llm``
 (the paper's Figure 2 prompt: the summarize stage). Each type is shown with its support, its example images and
 its evidence pairs (the two images and, on probe scenes, what they truly differ in). When both namers ran, each
-caption-contrast type is matched to the LLM types that share its example images or name one of its terms: a match
-is an agreement, a type of one namer with no match in the other is listed as found by that namer only.
+caption-contrast type is matched to the LLM types whose name or description holds one of its terms: a match is an
+agreement, a type of one namer with no match in the other is listed as found by that namer only. (Shared example
+images say little: every LLM type of a batch shares the batch's cases.)
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,8 +21,6 @@ from clipaudit.report.html import Markup, join, num, pct, table, tag
 CONTRAST = "caption_contrast"
 LLM = "llm"
 NAMER_TITLES = {CONTRAST: "caption contrast (offline)", LLM: "LLM"}
-MIN_SHARED_EXAMPLES = 0.2
-"""Two types agree when this share of the smaller one's example images is shared (or a term is named)."""
 
 
 def namer_of(item: dict[str, Any]) -> str:
@@ -43,15 +43,14 @@ def evidence_pairs(item: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _agrees(contrast: dict[str, Any], llm: dict[str, Any]) -> bool:
-    a, b = set(contrast.get("example_ids") or []), set(llm.get("example_ids") or [])
-    if a and b and len(a & b) >= MIN_SHARED_EXAMPLES * min(len(a), len(b)):
-        return True
-    text = f"{llm.get('name') or ''} {llm.get('description') or ''}".lower()
-    return any(len(term) > 2 and term.lower() in text for term in contrast.get("terms") or [])
+    """Whether the LLM type names one of the caption-contrast type's terms (as whole words)."""
+    text = " " + " ".join(re.findall(r"[a-z0-9]+", f"{llm.get('name') or ''} {llm.get('description') or ''}".lower()))
+    return any(len(term) > 2 and f" {term.lower()} " in text + " " for term in contrast.get("terms") or [])
 
 
 def agreement(types: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per method: caption-contrast types with the LLM types they agree with, and each namer's unmatched types."""
+    """Per method: caption-contrast types with the LLM types they agree with (:func:`_agrees`), and each namer's
+    unmatched types."""
     out: dict[str, Any] = {}
     for method in sorted({str(t["method"]) for t in types}):
         contrast = [t for t in types if t["method"] == method and namer_of(t) == CONTRAST]
