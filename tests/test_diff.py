@@ -98,7 +98,7 @@ def test_nightly_job_audits_then_diffs_against_the_previous_night(tmp_path: Path
     assert (d["a"]["run_id"], d["b"]["run_id"]) == (first, second)
     assert d["corpus"]["both"] == 10 and d["corpus"]["only_b"] == 1
     assert d["counts"]["embedded"] == {"a": 10, "b": 11, "delta": 1}
-    assert d["failure_types"] is None and d["stages"] == {"ran_in_a_only": [], "ran_in_b_only": []}
+    assert d["failure_types"]["new"] == [] and d["stages"] == {"ran_in_a_only": [], "ran_in_b_only": []}
 
 
 def test_a_new_failure_type_of_any_model_counts_as_new():

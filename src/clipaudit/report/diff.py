@@ -52,9 +52,14 @@ def corpus_overlap(a: RunView, b: RunView) -> dict[str, Any] | None:
             "examples_only_a": sorted(ids_a - ids_b)[:_EXAMPLES], "examples_only_b": sorted(ids_b - ids_a)[:_EXAMPLES]}
 
 
-def _type_keys(item: dict[str, Any]) -> set[tuple[str, str]]:
+def _type_keys(item: dict[str, Any]) -> set[tuple[str, str, str]]:
+    """What identifies a failure type across runs: its namer, method and name (or aliases). A caption-contrast
+    type is its family (``spatial position``), whatever its top terms this time."""
     method = str(item.get("method") or "")
-    return {(method, normalise_name(n)) for n in [item["name"], *(item.get("aliases") or [])]}
+    namer = str(item.get("namer") or "llm")
+    if namer == "caption_contrast":
+        return {(namer, method, normalise_name(str(item["name"]).split(" (")[0]))}
+    return {(namer, method, normalise_name(n)) for n in [item["name"], *(item.get("aliases") or [])]}
 
 
 def failure_type_changes(a: list[dict[str, Any]] | None, b: list[dict[str, Any]] | None) -> dict[str, Any] | None:
