@@ -157,9 +157,18 @@ def _source(view: RunView) -> dict[str, Any]:
     return source
 
 
+def _llm_named(view: RunView) -> bool:
+    """Whether the LLM named failure types in this run (rows of the ``llm`` namer: the name stage's offline rows
+    say nothing about an endpoint being there)."""
+    table = view.read(FAILURE_TYPES)
+    if table is None:
+        return False
+    return "namer" not in table.column_names or "llm" in table.column("namer").to_pylist()
+
+
 def _llm_captions(view: RunView, pairs: list[dict[str, Any]], llm: str,
                   overrides: Sequence[str]) -> dict[str, tuple[str, str]]:
-    if llm == "off" or not pairs or not view.exists(FAILURE_TYPES):
+    if llm == "off" or not pairs or not _llm_named(view):
         return {}
     from clipaudit.benchmark.captions import distinguishing_captions
 

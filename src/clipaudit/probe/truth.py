@@ -12,6 +12,10 @@ pairs; a DAF case with each of its CLIP-only neighbours):
 
 ``precision / chance`` (the lift) is what says the finding is real: a model blind to position has blind pairs
 that are mostly position-only pairs, while such pairs are rare in the corpus.
+
+One ambiguity is inherent: two groups of the same kind and count that swap positions are equally two groups
+that swap colours; :func:`only_differs_in` then names the first attribute in :data:`SCENE_ATTRIBUTES` order.
+:func:`~clipaudit.probe.scenes.variant` only swaps when every position is taken, which drawn scenes never have.
 """
 
 from __future__ import annotations

@@ -54,6 +54,8 @@ def trained_to_miss(clip_spec: str | None) -> dict[str, Any] | None:
 
 
 def _case_pairs(view: Any, column: str) -> list[tuple[str, str]]:
+    if not view.tables.has_column(DAF_CASES, column):
+        return []
     table = view.read(DAF_CASES, ["image_id", column])
     if table is None:
         return []
