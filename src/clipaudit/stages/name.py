@@ -51,21 +51,27 @@ def flagged_pairs(tables: Any) -> list[tuple[str, str]]:
     return pairs
 
 
-def failure_rows(types: list[cc.FailureType], pairs: list[tuple[str, str]], background: list[frozenset[str]],
-                 cfg: NameConfig) -> pa.Table:
+def term_share(documents: list[frozenset[str]], grams: set[str]) -> float:
+    """The share of the n-grams of ``documents`` (what differs between two captions) that are in ``grams``."""
+    total = sum(len(doc) for doc in documents)
+    return sum(len(doc & grams) for doc in documents) / total if total else 0.0
+
+
+def failure_rows(types: list[cc.FailureType], pairs: list[tuple[str, str]], foreground: list[frozenset[str]],
+                 background: list[frozenset[str]], cfg: NameConfig) -> pa.Table:
     """``failure_types`` rows of the strongest ``cfg.max_types`` types."""
     rows = []
     for rank, failure in enumerate(types[: cfg.max_types], start=1):
         grams = {term.ngram for term in failure.terms}
         shown = [pairs[i] for i in failure.documents]
-        fg_rate = len(failure.documents) / len(pairs) if pairs else 0.0
-        bg_rate = sum(1 for doc in background if doc & grams) / len(background) if background else 0.0
-        times = f"{fg_rate / bg_rate:.1f} times as often as" if bg_rate else "while never"
-        subject = f"{failure.family} words" if failure.family else "words"
-        description = (f"The captions of {len(failure.documents):,} of the {len(pairs):,} flagged pairs "
-                       f"({fg_rate:.0%}) differ in {subject} ({', '.join(failure.top_words(5))}), {times} "
-                       f"those of random pairs of the corpus ({bg_rate:.0%}): CLIP conflates images told apart by "
-                       "these words.")
+        fg_share, bg_share = term_share(foreground, grams), term_share(background, grams)
+        ratio = f", {fg_share / bg_share:.1f} \u00d7" if bg_share else ""
+        subject = f"{failure.family} words" if failure.family else "These words"
+        description = (f"{subject[0].upper()}{subject[1:]} ({', '.join(failure.top_words(5))}) make up "
+                       f"{fg_share:.0%} of the words that tell the two captions of a flagged pair apart, against "
+                       f"{bg_share:.0%} between two random captions of the corpus{ratio}; they tell apart "
+                       f"{len(failure.documents):,} of the {len(pairs):,} flagged pairs. CLIP conflates images "
+                       "that these words tell apart.")
         examples = list(dict.fromkeys(image for pair in shown for image in pair))[: 2 * cfg.evidence]
         rows.append({"name": failure.name, "description": description, "method": METHOD,
                      "support": len(failure.documents), "batches": None, "example_ids": examples, "aliases": [],
@@ -92,7 +98,7 @@ def run_name(config: Config, tables: RunTables) -> StageStats:
     background = [cc.difference(captions[ids[a]], captions[ids[b]], cfg.ngram_max)
                   for a, b in cc.random_pairs(len(ids), max(cfg.background_pairs, len(pairs)), cfg.seed)]
     types = cc.name_failures(foreground, background, min_z=cfg.min_z, min_count=cfg.min_count, alpha0=cfg.alpha0)
-    table = failure_rows(types, pairs, background, cfg)
+    table = failure_rows(types, pairs, foreground, background, cfg)
     failure_types.replace_rows(tables, table, NAMER)
     stats.counts.update({"flagged_pairs": len(pairs), "background_pairs": len(background),
                          "failure_types": table.num_rows})
