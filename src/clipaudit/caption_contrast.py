@@ -14,13 +14,19 @@ words that differ *more often than between two random images of the corpus* name
    and ``z_w = delta_w / sqrt(1 / (y_f + a_w) + 1 / (y_b + a_w))``. The prior shrinks rare n-grams toward no
    difference, so a word seen twice does not outrank one seen a hundred times.
 3. **Failure types.** The n-grams with ``z >= min_z`` (and at least ``min_count`` foreground documents) are
-   grouped, strongest first: an n-gram found mostly in the same pairs as a stronger one joins its type (the same
-   difference in other words); else one holding a word of an attribute family below (spatial position,
-   counting, colour, size, ...) joins that family's type; any other joins the type of a stronger n-gram it shares
-   a word with, or starts its own. A type is ranked by its strongest term and named by its family and top terms:
-   ``spatial position (left, right, top)``. Its support is the foreground documents holding one of its terms;
-   its evidence, those documents' pairs.
+   grouped, strongest first. An n-gram found mostly (``overlap``, 80 %) in the pairs of a type already formed
+   joins it: the same difference in other words. Else it joins the type of an attribute family below (spatial
+   position, counting, colour, size, ...) when one of its words is of that family *and that word itself
+   differs* in at least half of the pairs that show the n-gram: ``on the left`` is spatial, but ``circle in``
+   (from ``circle in the center`` / ``circle on the left``) is not a shape: the circle is in both captions. Any
+   other n-gram joins the type whose pairs hold most of its own (at least ``loose_overlap``, half), else the
+   type of a stronger family-less n-gram it shares a word with, else starts its own. A type is ranked by its
+   strongest term and named by its family and top terms: ``spatial position (left, right, top)``. Its support is
+   the foreground documents holding one of its terms; its evidence, those documents' pairs.
 
+The background (:func:`background_pairs`) is half pairs of images the *reference* model finds near (what tells
+near images apart in words, whatever the model: so the namer does not merely find the words that vary between
+similar images) and half seeded random pairs of the corpus (every pair when the corpus is small).
 Everything is deterministic (the background pairs are seeded) and linear in the number of documents.
 """
 
@@ -138,7 +144,7 @@ class FailureType:
         """The type's most separating terms, shortest form first among equals (``left`` over ``the left``)."""
         seen: list[str] = []
         for term in sorted(self.terms, key=lambda t: (-t.z, len(t.ngram), t.ngram)):
-            if not any(term.ngram in other or other in term.ngram for other in seen):
+            if not any(_contains(term.ngram, other) or _contains(other, term.ngram) for other in seen):
                 seen.append(term.ngram)
             if len(seen) == n:
                 break
@@ -151,43 +157,87 @@ class FailureType:
         return f"{self.family} ({top})" if self.family else f"captions differ in: {top}"
 
 
-def group_terms(terms: Iterable[Term], foreground: Sequence[frozenset[str]],
-                overlap: float = 0.8) -> list[FailureType]:
+def _contains(longer: str, shorter: str) -> bool:
+    """Whether n-gram ``shorter`` is ``longer`` or a run of its words (``the left`` in ``on the left``)."""
+    return f" {shorter} " in f" {longer} "
+
+
+def term_family(ngram: str, documents: Iterable[frozenset[str]]) -> str | None:
+    """The attribute family of ``ngram`` as its pairs show it: a family of one of its words (plural ``s`` dropped)
+    such that the word itself differs (is a one-word n-gram of the document) in at least half of ``documents``
+    (the foreground documents holding the n-gram); the most frequent such family, ties by :data:`FAMILIES`
+    order; None when there is none."""
+    candidates: dict[str, list[str]] = {}
+    for token in dict.fromkeys(ngram.split()):
+        family = family_of(token)
+        if family is not None:
+            candidates.setdefault(family, []).append(token)
+    if not candidates:
+        return None
+    docs = list(documents)
+    if not docs:
+        return None
+    best, best_count = None, 0
+    for family in FAMILIES:
+        tokens = candidates.get(family)
+        if not tokens:
+            continue
+        count = sum(1 for doc in docs if any(token in doc for token in tokens))
+        if 2 * count >= len(docs) and count > best_count:
+            best, best_count = family, count
+    return best
+
+
+def group_terms(terms: Iterable[Term], foreground: Sequence[frozenset[str]], overlap: float = 0.8,
+                loose_overlap: float = 0.5) -> list[FailureType]:
     """Group separating terms into failure types (the module docstring), strongest type first.
 
     Terms are taken strongest first. A term whose foreground documents are mostly (``overlap``) documents of a
     type already formed joins that type: it is the same difference seen through other words (``squares in``
-    separates two captions because ``in the center`` does). Otherwise it joins its attribute family's type, or
-    the type of a term it shares a word with, or starts a type.
+    separates two captions because ``in the center`` does). Else a term of an attribute family
+    (:func:`term_family`: one of its words is of the family and differs in most of its pairs) joins that
+    family's type. Any other joins the type whose documents hold the largest share of its own, when that share
+    is at least ``loose_overlap``; else the type of a family-less term it shares a word with; else it starts a
+    type.
     """
     holding: dict[str, set[int]] = {}
     for i, doc in enumerate(foreground):
         for gram in doc:
             holding.setdefault(gram, set()).add(i)
     types: list[FailureType] = []
-    covered: dict[int, set[int]] = {}
-    by_family: dict[str, FailureType] = {}
+    covered: list[set[int]] = []
+    by_family: dict[str, int] = {}
     for term in sorted(terms, key=lambda t: (-t.z, t.ngram)):
         docs = holding.get(term.ngram, set())
-        target = next((t for t in types if docs and len(docs & covered[id(t)]) >= overlap * len(docs)), None)
-        family = family_of(term.ngram)
-        if target is None and family is not None:
+        target: int | None = None
+        best, shared = None, 0
+        if docs and types:
+            counts = [len(docs & covered[t]) for t in range(len(types))]
+            best = max(range(len(types)), key=lambda t: (counts[t], -t))
+            shared = counts[best]
+        family = term_family(term.ngram, (foreground[i] for i in docs))
+        if best is not None and shared >= overlap * len(docs):
+            target = best
+        elif family is not None:
             target = by_family.get(family)
             if target is None:
-                target = by_family[family] = FailureType(family)
-                types.append(target)
+                target = by_family[family] = len(types)
+                types.append(FailureType(family))
+                covered.append(set())
+        elif best is not None and shared >= loose_overlap * len(docs):
+            target = best
         if target is None:
             words_of = set(term.ngram.split()) - STOPWORDS
-            target = next((t for t in types if t.family is None
-                           and any(words_of & (set(x.ngram.split()) - STOPWORDS) for x in t.terms)), None)
+            target = next((t for t, failure in enumerate(types) if failure.family is None
+                           and any(words_of & (set(x.ngram.split()) - STOPWORDS) for x in failure.terms)), None)
         if target is None:
-            target = FailureType(None)
-            types.append(target)
-        target.terms.append(term)
-        covered.setdefault(id(target), set()).update(docs)
-    for failure in types:
-        grams = {term.ngram for term in failure.terms}
-        failure.documents = [i for i, doc in enumerate(foreground) if doc & grams]
+            target = len(types)
+            types.append(FailureType(None))
+            covered.append(set())
+        types[target].terms.append(term)
+        covered[target].update(docs)
+    for failure, docs in zip(types, covered):
+        failure.documents = sorted(docs)
     return sorted(types, key=lambda t: (-t.score, t.name))
 
 
@@ -200,9 +250,12 @@ def name_failures(foreground: Sequence[frozenset[str]], background: Sequence[fro
 
 
 def random_pairs(n: int, count: int, seed: int) -> list[tuple[int, int]]:
-    """``count`` seeded pairs of distinct indices below ``n`` (the background; [] when n < 2)."""
-    if n < 2:
+    """``count`` seeded pairs of distinct indices below ``n`` (drawn with replacement); every pair ``(a, b)``,
+    ``a < b``, once, in order, when there are no more than ``count`` of them; [] when n < 2."""
+    if n < 2 or count < 1:
         return []
+    if n * (n - 1) // 2 <= count:
+        return [(a, b) for a in range(n) for b in range(a + 1, n)]
     rng = random.Random(f"caption-contrast/{seed}")
     out = []
     for _ in range(count):
@@ -210,3 +263,16 @@ def random_pairs(n: int, count: int, seed: int) -> list[tuple[int, int]]:
         b = rng.randrange(n - 1)
         out.append((a, b + (b >= a)))
     return out
+
+
+def background_pairs(n: int, near: Iterable[tuple[int, int]], count: int,
+                     seed: int) -> tuple[list[tuple[int, int]], int]:
+    """The background pairs of a corpus of ``n`` captions (indices), and how many of them (the first) are near
+    pairs: up to half of ``count`` from ``near`` (pairs the reference model finds near; deduplicated as unordered
+    pairs, a seeded sample when there are more), the rest :func:`random_pairs`. Deterministic in its arguments
+    (``near`` is sorted first)."""
+    unique = sorted({(min(a, b), max(a, b)) for a, b in near if a != b})
+    half = count // 2
+    if len(unique) > half:
+        unique = sorted(random.Random(f"caption-contrast-near/{seed}").sample(unique, half))
+    return unique + random_pairs(n, count - len(unique), seed), len(unique)

@@ -30,7 +30,7 @@ class ConfigError(ClipauditError, ValueError):
 class DatasetConfig:
     """Where the captioned corpus comes from and how it is read."""
 
-    format: Literal["flickr8k", "manifest", "imagefolder", "webdataset", "synthetic"] = "synthetic"
+    format: Literal["flickr8k", "manifest", "imagefolder", "webdataset", "hf_dataset", "synthetic"] = "synthetic"
     captions: str | None = None
     """flickr8k: ``Flickr8k.token.txt`` or the CSV ``image,caption`` file. manifest: the CSV/JSONL/Parquet file."""
     images: str | None = None
@@ -38,8 +38,14 @@ class DatasetConfig:
     webdataset: a folder of .tar shards or one .tar. manifest (optional): the folder relative image paths are
     taken from (default: the manifest's own folder)."""
     caption_choice: Literal["longest", "first"] = "longest"
+    path: str | None = None
+    """hf_dataset: a ``save_to_disk`` folder, a Parquet / Arrow file or a folder of them (local or s3://), or
+    ``ORG/NAME``, a dataset in the Hugging Face hub cache."""
+    split: str | None = None
+    """hf_dataset: the split of a DatasetDict folder (default ``train``), or the prefix of the data files' names."""
     image_column: str = "image"
-    """manifest: column holding an image path (relative to ``images``, else to the manifest's folder) or URL."""
+    """manifest: column holding an image path (relative to ``images``, else to the manifest's folder) or URL.
+    hf_dataset: column holding ``datasets.Image`` values, image bytes, or paths."""
     caption_columns: list[str] = field(default_factory=lambda: ["caption"])
     """manifest: one or more caption columns; a column may hold a string or a list of strings."""
     id_column: str | None = None
@@ -78,6 +84,7 @@ FORMAT_KEYS: dict[str, frozenset[str]] = {
     "manifest": frozenset({"captions", "images", "image_column", "caption_columns", "id_column"}),
     "imagefolder": frozenset({"images", "templates", "class_names"}),
     "webdataset": frozenset({"images"}),
+    "hf_dataset": frozenset({"path", "split", "image_column", "caption_columns", "id_column"}),
     "synthetic": frozenset({"num_images", "seed", "variants"}),
 }
 """The dataset keys each format's reader reads, besides :data:`COMMON_DATASET_KEYS`."""
@@ -480,7 +487,8 @@ class NameConfig:
     ngram_max: int = 3
     """Terms are word n-grams of 1 to this many words."""
     background_pairs: int = 5000
-    """Random pairs of the corpus to contrast with (at least as many as there are flagged pairs)."""
+    """Pairs of the corpus to contrast with (at least as many as there are flagged pairs): up to half of them
+    pairs of reference-model neighbours, the rest seeded random pairs (every pair of a small corpus)."""
     alpha0: float = 100.0
     """Strength of the informative Dirichlet prior (pooled counts)."""
     evidence: int = 10
@@ -632,7 +640,21 @@ def _is_remote(value: str) -> bool:
     return "://" in value
 
 
+_PATH_OR_ID_KEYS = {("dataset", "path")}
+"""Keys that hold a path (resolved against the config's folder when that exists) or a Hugging Face dataset id."""
+
+
+def _path_or_id(value: str, base: Path) -> str:
+    if _is_remote(value) or os.path.isabs(os.path.expanduser(value)):
+        return os.path.expanduser(value)
+    resolved = (base / os.path.expanduser(value)).resolve()
+    return str(resolved) if resolved.exists() else value
+
+
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    dataset = raw.get("dataset")
+    if isinstance(dataset, dict) and isinstance(dataset.get("path"), str):
+        dataset["path"] = _path_or_id(dataset["path"], base)
     for keys in _PATH_KEYS:
         node = raw
         for key in keys[:-1]:
@@ -660,6 +682,8 @@ def _apply_override(raw: dict[str, Any], item: str, base: Path) -> None:
     value = parse_value(text)
     if tuple(keys) in _PATH_KEYS and isinstance(value, str) and not _is_remote(value):
         value = str((base / os.path.expanduser(value)).resolve())
+    elif tuple(keys) in _PATH_OR_ID_KEYS and isinstance(value, str):
+        value = _path_or_id(value, base)
     node[keys[-1]] = value
 
 
@@ -722,6 +746,15 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {hint!r}")
 
 
+def _cached_hf_dataset(fmt: str, value: str) -> bool:
+    """Whether ``value`` names a dataset repo (``ORG/NAME``) in the Hugging Face hub cache."""
+    if fmt != "hf_dataset" or value.count("/") != 1 or value.startswith((".", "/")):
+        return False
+    from clipaudit.io.readers.hf_dataset import cached_snapshot
+
+    return cached_snapshot(value) is not None
+
+
 def _check_files(config: Config) -> None:
     """Missing inputs are errors before any work; positive sizes are required."""
     ds = config.dataset
@@ -730,14 +763,17 @@ def _check_files(config: Config) -> None:
         "manifest": ["captions"],
         "imagefolder": ["images"],
         "webdataset": ["images"],
+        "hf_dataset": ["path"],
         "synthetic": [],
     }
     for name in needs[ds.format]:
         value = getattr(ds, name)
         if value is None:
             raise ConfigError(f"dataset.{name} is required for format {ds.format}")
-        if not _is_remote(value) and not os.path.exists(value):
-            raise ConfigError(f"dataset.{name}: file not found: {value}")
+        if not _is_remote(value) and not os.path.exists(value) and not _cached_hf_dataset(ds.format, value):
+            raise ConfigError(f"dataset.{name}: file not found: {value}"
+                              + (" (nor a dataset of that id in the Hugging Face cache)"
+                                 if ds.format == "hf_dataset" else ""))
     if ds.format == "manifest" and ds.images is not None and not _is_remote(ds.images) \
             and not os.path.isdir(ds.images):
         raise ConfigError(f"dataset.images: folder not found: {ds.images} (manifest: the base folder of relative "

@@ -82,6 +82,10 @@ def read_corpus(cfg: DatasetConfig, work_dir: str) -> Iterator[Sample | Reject]:
         from clipaudit.io.readers.webdataset import read_webdataset
 
         return read_webdataset(cfg)
+    if cfg.format == "hf_dataset":
+        from clipaudit.io.readers.hf_dataset import read_hf_dataset
+
+        return read_hf_dataset(cfg, work_dir)
     if cfg.format == "synthetic":
         from clipaudit.io.readers.synthetic import read_synthetic
 

@@ -62,7 +62,7 @@ class _Row:
     from_text: bool
 
 
-class _BadCell(ValueError):
+class BadCell(ValueError):
     """A cell that holds something other than what its column needs."""
 
 
@@ -207,7 +207,7 @@ def _to_sample(row: _Row, cfg: DatasetConfig, source: str, base: str) -> Sample 
         return reject(source, row.item, "malformed", f"empty image column {cfg.image_column!r}")
     try:
         captions = _captions(row, cfg.caption_columns)
-    except _BadCell as exc:
+    except BadCell as exc:
         return reject(source, row.item, "malformed", str(exc))
     if not captions:
         return reject(source, row.item, "no_caption",
@@ -240,8 +240,8 @@ def _captions(row: _Row, columns: list[str]) -> list[str]:
     for column in columns:
         try:
             captions.extend(cell_captions(row.values.get(column), row.from_text))
-        except _BadCell as exc:
-            raise _BadCell(f"caption column {column!r} {exc}") from None
+        except BadCell as exc:
+            raise BadCell(f"caption column {column!r} {exc}") from None
     return captions
 
 
@@ -260,11 +260,11 @@ def cell_captions(value: Any, from_text: bool = False) -> list[str]:
         captions = []
         for element in value:
             if element is not None and not isinstance(element, str):
-                raise _BadCell(f"holds a list with a {type(element).__name__}, expected strings")
+                raise BadCell(f"holds a list with a {type(element).__name__}, expected strings")
             if element and element.strip():
                 captions.append(element.strip())
         return captions
-    raise _BadCell(f"holds a {type(value).__name__}, expected a string or a list of strings")
+    raise BadCell(f"holds a {type(value).__name__}, expected a string or a list of strings")
 
 
 def _json_list(text: str) -> list[str] | None:
