@@ -108,5 +108,5 @@ def test_synthetic_through_the_stage_prints_nothing(tmp_path, capsys):
     stats, tables = _run(tmp_path, format="synthetic", num_images=5)
     assert stats.counts["samples"] == 5 and stats.counts["rejects"] == 0
     assert tables.count(SAMPLES) == 5 and tables.count(REJECTS) == 0
-    assert (tmp_path / "run" / "synthetic" / "seed-0" / "00004.png").is_file()
+    assert (tmp_path / "run" / "work" / "seed-0" / "00004.png").is_file()
     assert capsys.readouterr().out == ""

@@ -26,14 +26,15 @@ ANSWER = json.dumps({"failure_types": [
 
 
 def build_run(run_dir: Path, n: int = 60) -> RunTables:
-    """Probe scenes as samples; the first 20 as DAF cases whose CLIP-only neighbours are their position variants,
-    plus blind pairs of the same."""
+    """Probe scenes as samples, the first 40 with a position variant each: scenes 20-39 as DAF cases whose CLIP-only
+    neighbour is their variant, scenes 0-19 and their variants as blind pairs (the pair of case 20 and its variant
+    listed again, which counts once)."""
     tables = RunTables(str(run_dir))
     images = run_dir / "images"
     images.mkdir(parents=True)
     rng = random.Random(0)
     specs = {f"s{i:03d}": corpus_spec(11, i) for i in range(n)}
-    moved = {f"m{i:03d}": variant(specs[f"s{i:03d}"], "position", rng) for i in range(20)}
+    moved = {f"m{i:03d}": variant(specs[f"s{i:03d}"], "position", rng) for i in range(40)}
     ids, captions, uris, labels = [], [], [], []
     for image_id, spec in {**specs, **moved}.items():
         path = images / f"{image_id}.png"
@@ -45,18 +46,20 @@ def build_run(run_dir: Path, n: int = 60) -> RunTables:
     samples = pa.table({"image_id": ids, "uri": uris, "caption": captions, "captions": [[c] for c in captions],
                         "label": labels})
     tables.insert_new("samples", samples, "image_id", samples.schema)
+    case_range = range(20, 40)
     cases = pa.table({
-        "image_id": [f"s{i:03d}" for i in range(20)],
+        "image_id": [f"s{i:03d}" for i in case_range],
         "rank": pa.array(range(1, 21), pa.int32()),
         "score": pa.array([0.9] * 20, pa.float32()),
-        "caption": [specs[f"s{i:03d}"].captions()[0] for i in range(20)],
-        "captions": [[specs[f"s{i:03d}"].captions()[0], moved[f"m{i:03d}"].captions()[0]] for i in range(20)],
-        "clip_only": [[f"m{i:03d}"] for i in range(20)],
-        "reference_only": [[f"s{(i + 1) % 20:03d}"] for i in range(20)],
+        "caption": [specs[f"s{i:03d}"].captions()[0] for i in case_range],
+        "captions": [[specs[f"s{i:03d}"].captions()[0], moved[f"m{i:03d}"].captions()[0]] for i in case_range],
+        "clip_only": [[f"m{i:03d}"] for i in case_range],
+        "reference_only": [[f"s{20 + (i + 1) % 20:03d}"] for i in case_range],
     })
     tables.insert_new("daf_cases", cases, "image_id", cases.schema)
-    blind = pa.table({"image_a": [f"m{i:03d}" for i in range(20)], "image_b": [f"s{i:03d}" for i in range(20)],
-                      "gap": pa.array([0.5] * 20, pa.float32())})
+    blind_ids = [*range(20), 20]
+    blind = pa.table({"image_a": [f"m{i:03d}" for i in blind_ids], "image_b": [f"s{i:03d}" for i in blind_ids],
+                      "gap": pa.array([0.5] * len(blind_ids), pa.float32())})
     tables.insert_new("blind_pairs", blind, ["image_a", "image_b"], blind.schema)
     return tables
 
@@ -99,7 +102,7 @@ def test_name_writes_its_types_beside_the_llms_and_reruns_replace(tmp_path, monk
         run_pipeline(config, ["report"])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert {t["namer"] for t in summary["failure_types"]} == {"caption_contrast", "llm"}
-    assert summary["probe"]["scenes"] == 80
+    assert summary["probe"]["scenes"] == 100
     assert summary["probe"]["blind_pairs"]["position"]["only"] == pytest.approx(1.0)
     html = (run_dir / "report" / "index.html").read_text()
     assert "where the two namers agree" in html and "LLM only" in html and "Texture" in html
@@ -132,3 +135,35 @@ def test_no_flagged_pair_writes_no_type_and_says_so(tmp_path, capsys):
     assert failure_types.read_rows(tables, "caption_contrast") == []
     stats = json.loads((run_dir / "stats" / "name.json").read_text())
     assert "no flagged pairs" in stats["notes"]["summary"]
+
+
+def write_reference_neighbours(tables: RunTables, spec: str, clip_model: str) -> None:
+    """``neighbours`` rows of the reference role: each image's neighbours are the next three images by id (plus,
+    for the CLIP role, one row that the name stage must not read)."""
+    from clipaudit.records import NEIGHBOURS, NEIGHBOURS_STORED_SCHEMA
+
+    ids = sorted(tables.read("samples", ["image_id"]).column("image_id").to_pylist())
+    rows = [{"image_id": image_id, "model": "reference", "ids": [ids[(i + j) % len(ids)] for j in (1, 2, 3)],
+             "sims": [0.9, 0.8, 0.7], "k": 3, "method": "exact", "spec": spec, "clip_model": "",
+             "reference_model": spec} for i, image_id in enumerate(ids)]
+    rows.append({"image_id": ids[0], "model": "clip", "ids": ids[1:4], "sims": [0.9, 0.8, 0.7], "k": 3,
+                 "method": "exact", "spec": clip_model, "clip_model": clip_model, "reference_model": ""})
+    tables.insert_new(NEIGHBOURS, pa.Table.from_pylist(rows, schema=NEIGHBOURS_STORED_SCHEMA),
+                      ["image_id", "model", "clip_model", "reference_model"], NEIGHBOURS_STORED_SCHEMA)
+
+
+def test_the_background_takes_reference_neighbours_and_a_rerun_writes_the_same_rows(tmp_path):
+    run_dir = tmp_path / "run"
+    tables = build_run(run_dir)
+    config = config_for(run_dir)
+    write_reference_neighbours(tables, config.models.reference, config.models.clip_models[0])
+    run_pipeline(config, ["name"])
+    stats = json.loads((run_dir / "stats" / "name.json").read_text())
+    assert stats["counts"]["flagged_pairs"] == 40, "the blind pair listed again as a case pair counts once"
+    assert stats["counts"]["background_reference_pairs"] == 300 - 1
+    assert "299 reference neighbours" in stats["notes"]["summary"]
+    first = failure_types.read_rows(tables, "caption_contrast")
+    assert first[0]["name"].startswith("spatial position") and first[0]["support"] == 40
+    run_pipeline(config, ["name"])
+    again = failure_types.read_rows(tables, "caption_contrast")
+    assert sorted(first, key=lambda r: r["rank"]) == sorted(again, key=lambda r: r["rank"])

@@ -83,7 +83,7 @@ def read_all(config: Config) -> tuple[list[Sample], list[Reject]]:
     """Every sample and reject the configured reader yields, in read order."""
     samples: list[Sample] = []
     rejects: list[Reject] = []
-    work_dir = fs.join(config.run_dir, "synthetic")
+    work_dir = fs.join(config.run_dir, "work")
     for item in read_corpus(config.dataset, work_dir):
         (samples if isinstance(item, Sample) else rejects).append(item)
     return samples, rejects
