@@ -4,9 +4,13 @@ scored; the colour-blind model must fail the colour pairs and a colour-aware ali
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -105,6 +109,25 @@ def _colour_only(pairs: list[dict], layout: dict) -> np.ndarray:
     return np.array([layout[p["image_a"]] == layout[p["image_b"]] for p in pairs], dtype=bool)
 
 
+def assert_clip_benchmark_builds(results: Path, scores: dict) -> None:
+    """``clip_benchmark build`` (the clip-benchmark package's own CLI) reads the result files into one CSV row per
+    (model, task) with our figures."""
+    csv_path = results.parent / "benchmark.csv"
+    done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "clip_benchmark"), "build", str(results),
+                           "--output", str(csv_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * 3
+    assert {row["task"] for row in rows} == {"clipaudit_pairs", "clipaudit_invariance", "clipaudit_text_pairs"}
+    for spec in (BLIND_SPEC, ALIGNED_SPEC):
+        row = next(r for r in rows if r["task"] == "clipaudit_pairs" and r["model"] == spec)
+        assert row["pretrained"] == "clipaudit" and row["language"] == "en"
+        assert float(row["pair_accuracy"]) == pytest.approx(scores[spec]["pair_accuracy"]["value"])
+        invariance = next(r for r in rows if r["task"] == "clipaudit_invariance" and r["model"] == spec)
+        assert float(invariance["invariance_hflip"]) == pytest.approx(scores[spec]["invariance"]["hflip"]["value"])
+
+
 def test_export_then_score_separates_the_colour_blind_model_from_an_aligned_one(audited, tmp_path, capsys):
     run_dir, layout = audited
     bench = str(tmp_path / "bench")
@@ -126,8 +149,9 @@ def test_export_then_score_separates_the_colour_blind_model_from_an_aligned_one(
     assert BLIND_SPEC in card and 'load_dataset("parquet"' in card and "pq.read_table" in card
 
     out = tmp_path / "scores.json"
+    results = tmp_path / "clip-benchmark"
     assert main(["score", bench, "--model", BLIND_SPEC, "--model", ALIGNED_SPEC, "--runner", "local",
-                 "--json", str(out)]) == 0
+                 "--json", str(out), "--clip-benchmark-dir", str(results)]) == 0
     printed = capsys.readouterr().out
     assert BLIND_SPEC in printed and "pair accuracy" in printed
     scores = json.loads(out.read_text())["models"]
@@ -142,6 +166,7 @@ def test_export_then_score_separates_the_colour_blind_model_from_an_aligned_one(
     assert scores[ALIGNED_SPEC]["invariance"]["hflip"]["value"] == 1.0
     assert scores[ALIGNED_SPEC]["text_separation"]["value"] == 1.0
     assert scores[BLIND_SPEC]["text_separation"]["value"] == 0.0
+    assert_clip_benchmark_builds(results, scores)
 
     details = score_benchmark(bench, [BLIND_SPEC, ALIGNED_SPEC], runner="local")
     assert details[BLIND_SPEC].pair_correct[colour_only].mean() <= 0.05
@@ -218,3 +243,18 @@ def test_scoring_on_ray_gives_the_in_process_figures(audited, tmp_path, ray_loca
     assert np.array_equal(on_ray.pair_correct, local.pair_correct)
     assert np.array_equal(on_ray.invariant, local.invariant)
     assert on_ray.figures == local.figures
+
+
+def test_specs_become_clip_benchmark_model_and_pretrained_names():
+    from clipaudit.benchmark.clip_benchmark import model_and_pretrained, result_records
+
+    assert model_and_pretrained("open_clip:ViT-B-32/openai") == ("ViT-B-32", "openai")
+    assert model_and_pretrained("hf:google/siglip-base-patch16-224") == ("google/siglip-base-patch16-224", "hf")
+    assert model_and_pretrained("tiny-clip") == ("tiny-clip", "clipaudit")
+    figure = {"value": 0.5, "ci95": [0.4, 0.6], "n": 10}
+    records = result_records("bench", {"open_clip:ViT-B-32/openai": {
+        "pair_accuracy": figure, "invariance": {"hflip": figure}, "text_separation": figure, "n_pairs": 10}})
+    names = [name for name, _ in records]
+    assert names[0] == "clipaudit-bench_openai_ViT-B-32_en_clipaudit_pairs.json" and len(set(names)) == 3
+    assert all(set(record) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+               for _, record in records)

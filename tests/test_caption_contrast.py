@@ -8,7 +8,9 @@ import random
 import pytest
 
 from clipaudit.caption_contrast import (
+    FailureType,
     Term,
+    background_pairs,
     difference,
     family_of,
     group_terms,
@@ -16,6 +18,7 @@ from clipaudit.caption_contrast import (
     name_failures,
     ngrams,
     random_pairs,
+    term_family,
 )
 from clipaudit.probe.scenes import corpus_spec, variant
 
@@ -93,6 +96,83 @@ def test_terms_seen_in_the_same_pairs_as_a_stronger_type_join_it():
 def test_families_read_plural_words_and_the_background_is_seeded():
     assert family_of("three circles") == "counting" and family_of("circles") == "shape"
     assert family_of("a dog") is None
-    assert random_pairs(10, 50, 3) == random_pairs(10, 50, 3) != random_pairs(10, 50, 4)
-    assert all(a != b for a, b in random_pairs(5, 200, 0))
+    assert random_pairs(100, 50, 3) == random_pairs(100, 50, 3) != random_pairs(100, 50, 4)
+    assert all(a != b for a, b in random_pairs(100, 200, 0))
     assert random_pairs(1, 10, 0) == []
+    assert random_pairs(5, 200, 0) == [(a, b) for a in range(5) for b in range(a + 1, 5)], "a small corpus: every pair"
+
+
+def test_a_word_of_a_family_names_a_term_only_where_it_differs():
+    moved = difference("a red circle in the center", "a red circle on the left")
+    recoloured = difference("a red circle in the center", "a blue circle in the center")
+    reshaped = difference("a red circle in the center", "a red square in the center")
+    assert "circle in" in moved and "circle" not in moved
+    assert term_family("circle in", [moved, moved, reshaped]) is None, "the circle is in both captions"
+    assert term_family("circle in", [reshaped, reshaped, moved]) == "shape"
+    assert term_family("red circle", [recoloured]) == "colour"
+    assert term_family("on the left", [moved]) == "spatial position"
+    assert term_family("a dog", [frozenset({"dog"})]) is None
+
+
+def test_top_words_skip_the_longer_forms_of_a_word_they_show():
+    failure = FailureType("spatial position", [Term("left", 9, 1, 5, 0), Term("the left", 8, 1, 5, 0),
+                                               Term("cleft", 7, 1, 5, 0), Term("right", 6, 1, 5, 0)])
+    assert failure.top_words(3) == ["left", "cleft", "right"], "``left`` is in ``the left``, not in ``cleft``"
+    assert failure.name == "spatial position (left, cleft, right)"
+
+
+def test_the_background_is_half_reference_neighbours_deduplicated_and_seeded():
+    near = [(0, 1), (1, 0), (2, 3), (3, 3)] + [(i, i + 1) for i in range(10, 60)]
+    pairs, n_near = background_pairs(1000, near, 40, 5)
+    assert len(pairs) == 40 and n_near == 20
+    assert set(pairs[:20]) <= {(min(a, b), max(a, b)) for a, b in near if a != b}
+    assert background_pairs(1000, list(reversed(near)), 40, 5) == (pairs, n_near), "the order of near is moot"
+    assert background_pairs(1000, near, 40, 6) != (pairs, n_near)
+    few, n_few = background_pairs(1000, [(0, 1), (1, 0)], 40, 5)
+    assert n_few == 1 and few[0] == (0, 1) and len(few) == 40, "random pairs fill what the near pairs do not"
+    assert background_pairs(4, [], 40, 0) == ([(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)], 0)
+
+
+def _mixed_corpus(n_pairs: int, seed: int) -> tuple[list[frozenset[str]], list[frozenset[str]]]:
+    """Foreground: minimal pairs of probe scenes, 60 % position, the rest kind, colour or count; background: random
+    pairs of the scenes' captions."""
+    from clipaudit.probe.scenes import scene_spec
+
+    rng = random.Random(seed)
+    specs = [scene_spec(seed, i) for i in range(400)]
+    captions = [spec.captions()[i % 5] for i, spec in enumerate(specs)]
+    foreground = []
+    while len(foreground) < n_pairs:
+        spec = specs[rng.randrange(len(specs))]
+        attribute = "position" if rng.random() < 0.6 else rng.choice(["kind", "colour", "count"])
+        try:
+            other = variant(spec, attribute, rng)
+        except IndexError:  # no kind or colour left for this scene's variant
+            continue
+        style = rng.randrange(5)
+        foreground.append(difference(spec.captions()[style], other.captions()[style]))
+    background = [difference(captions[a], captions[b]) for a, b in random_pairs(len(captions), 4 * n_pairs, seed)]
+    return foreground, background
+
+
+def test_mixed_minimal_pairs_are_named_by_the_attribute_that_dominates_and_determinism():
+    foreground, background = _mixed_corpus(1500, 4)
+    types = name_failures(foreground, background)
+    assert types[0].family == "spatial position" and len(types[0].documents) > 0.5 * len(foreground)
+    shape = [t for t in types if t.family == "shape"]
+    assert not shape or not any(term.ngram in ("circle in", "triangle on", "square on", "squares in")
+                                for term in shape[0].terms), "a moved shape's context is not a shape difference"
+    again = name_failures(list(foreground), list(background))
+    assert [(t.name, [x.ngram for x in t.terms], t.documents) for t in types] == \
+        [(t.name, [x.ngram for x in t.terms], t.documents) for t in again]
+
+
+def test_a_hundred_thousand_documents_take_seconds():
+    import time
+
+    foreground, background = _mixed_corpus(2000, 9)
+    foreground, background = foreground * 25, background * 12  # 50,000 and 96,000 documents
+    started = time.perf_counter()
+    types = name_failures(foreground, background)
+    assert time.perf_counter() - started < 15
+    assert types[0].family == "spatial position"

@@ -138,12 +138,15 @@ def test_no_flagged_pair_writes_no_type_and_says_so(tmp_path, capsys):
 
 
 def write_reference_neighbours(tables: RunTables, spec: str, clip_model: str) -> None:
-    """``neighbours`` rows of the reference role: each image's neighbours are the next three images by id (plus,
-    for the CLIP role, one row that the name stage must not read)."""
+    """``neighbours`` rows of the reference role: each image's neighbours are the next two images by id, then its
+    position variant (a flagged pair, which the background leaves out) or the third next; plus one row of the
+    CLIP role, which the name stage must not read."""
     from clipaudit.records import NEIGHBOURS, NEIGHBOURS_STORED_SCHEMA
 
     ids = sorted(tables.read("samples", ["image_id"]).column("image_id").to_pylist())
-    rows = [{"image_id": image_id, "model": "reference", "ids": [ids[(i + j) % len(ids)] for j in (1, 2, 3)],
+    rows = [{"image_id": image_id, "model": "reference",
+             "ids": [ids[(i + 1) % len(ids)], ids[(i + 2) % len(ids)],
+                     "s" + image_id[1:] if image_id.startswith("m") else ids[(i + 3) % len(ids)]],
              "sims": [0.9, 0.8, 0.7], "k": 3, "method": "exact", "spec": spec, "clip_model": "",
              "reference_model": spec} for i, image_id in enumerate(ids)]
     rows.append({"image_id": ids[0], "model": "clip", "ids": ids[1:4], "sims": [0.9, 0.8, 0.7], "k": 3,
@@ -160,8 +163,8 @@ def test_the_background_takes_reference_neighbours_and_a_rerun_writes_the_same_r
     run_pipeline(config, ["name"])
     stats = json.loads((run_dir / "stats" / "name.json").read_text())
     assert stats["counts"]["flagged_pairs"] == 40, "the blind pair listed again as a case pair counts once"
-    assert stats["counts"]["background_reference_pairs"] == 300 - 1
-    assert "299 reference neighbours" in stats["notes"]["summary"]
+    assert stats["counts"]["background_reference_pairs"] == 2 * 100 + 60, "every unflagged pair, once"
+    assert "260 reference neighbours" in stats["notes"]["summary"]
     first = failure_types.read_rows(tables, "caption_contrast")
     assert first[0]["name"].startswith("spatial position") and first[0]["support"] == 40
     run_pipeline(config, ["name"])

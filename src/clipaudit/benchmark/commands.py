@@ -45,7 +45,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def add_score_parser(commands: argparse._SubParsersAction) -> None:
-    """``clipaudit score BENCH_DIR --model SPEC [--model SPEC ...] [--json OUT] [--runner ray|local]``."""
+    """``clipaudit score BENCH_DIR --model SPEC [--model SPEC ...] [--json OUT] [--clip-benchmark-dir DIR]
+    [--runner ray|local]``."""
     score = commands.add_parser(
         "score", help="score image-text models on a benchmark folder",
         description="Pair accuracy (MMVP), invariance rate per transform and text-pair separation rate, each with "
@@ -54,6 +55,9 @@ def add_score_parser(commands: argparse._SubParsersAction) -> None:
     score.add_argument("--model", dest="models", action="append", required=True, metavar="SPEC",
                        help="a model spec with an image and a text tower (see README, Models); repeatable")
     score.add_argument("--json", dest="json_out", metavar="OUT", help="also write the scores as JSON to OUT")
+    score.add_argument("--clip-benchmark-dir", metavar="DIR",
+                       help="also write one CLIP_benchmark result JSON per (model, task) into DIR, for "
+                            "`clip_benchmark build DIR --output benchmark.csv`")
     score.add_argument("--runner", choices=("ray", "local"), default="ray",
                        help="ray: actor pools as the embed stage (default); local: in-process, no Ray")
     score.add_argument("--batch-size", type=int, default=32, help="images per model forward")
@@ -71,4 +75,10 @@ def run_score(args: argparse.Namespace) -> int:
     sys.stdout.write(format_scores(scores))
     if args.json_out:
         fs.write_json(args.json_out, scores_json(args.bench_dir, scores))
+    if args.clip_benchmark_dir:
+        from clipaudit.benchmark.clip_benchmark import write_results
+
+        paths = write_results(args.clip_benchmark_dir, args.bench_dir,
+                              {spec: score.figures for spec, score in scores.items()})
+        print(f"{len(paths)} CLIP_benchmark result files in {args.clip_benchmark_dir}")
     return 0
