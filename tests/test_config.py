@@ -59,6 +59,10 @@ def test_overrides_are_dotted_and_typed(tmp_path):
     ({}, ["models"], "expected key=value"),
     ({"models": {"clip": "tiny-clip"}}, ["models.clip.name=x"], "'clip' is not a section"),
     ({}, ["models.clip.name=x"], "models.clip: expected a string"),
+    ({}, ["name.max_types=0"], "name.max_types: must be at least 1"),
+    ({}, ["name.alpha0=0"], "name.alpha0: must be positive"),
+    ({}, ["name.min_z=-1"], "name.min_z: must be positive"),
+    ({}, ["name.seed=x"], "name.seed: expected an integer"),
 ])
 def test_bad_config_errors_name_the_key(tmp_path, data, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):

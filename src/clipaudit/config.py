@@ -501,6 +501,9 @@ class NameConfig:
                 raise ConfigError(f"name.{key}: must be at least 1, got {getattr(self, key)}")
         if self.alpha0 <= 0:
             raise ConfigError(f"name.alpha0: must be positive, got {self.alpha0}")
+        if self.min_z <= 0:
+            raise ConfigError(f"name.min_z: must be positive (a term more frequent among the flagged pairs), got "
+                              f"{self.min_z}")
 
 
 @dataclass(frozen=True)
