@@ -26,6 +26,7 @@ from clipaudit.probe.truth import (
     SCENE_ATTRIBUTES,
     chance_rates,
     differs_in,
+    full,
     only_differs_in,
     pair_truth,
     parse_label,
@@ -74,6 +75,12 @@ def test_a_corpus_with_variants_is_drawn_scenes_each_followed_by_one_variant_per
         assert base == scene_spec(0, start // 5)
         assert [only_differs_in(base, specs[start + v]) for v in range(1, 5)] == list(ATTRIBUTES)
     assert [corpus_spec(0, i) for i in range(10)] == [scene_spec(0, i) for i in range(10)]
+
+
+def test_a_large_corpus_with_variants_never_runs_out_and_never_repeats_an_image():
+    for seed in (0, 1):
+        specs = [corpus_spec(seed, i, 4) for i in range(4500)]
+        assert len({full(spec) for spec in specs}) == len(specs)
 
 
 def test_chance_rates_match_counting_every_pair():

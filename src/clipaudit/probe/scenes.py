@@ -234,11 +234,27 @@ def variant(spec: SceneSpec, attribute: str, rng: random.Random) -> SceneSpec:
     """``spec`` with ``attribute`` of one of its groups changed, everything else kept (a minimal pair).
 
     ``position`` moves a group to a free position (or, with every position taken, swaps two groups'); ``colour``
-    and ``kind`` change one group's look to one no other group has; ``count`` changes one group's count.
+    and ``kind`` change one group's look to one no other group has (ValueError when no group has such a look
+    left); ``count`` changes one group's count.
     """
     if attribute not in ATTRIBUTES:
         raise ValueError(f"unknown attribute {attribute!r} (known: {', '.join(ATTRIBUTES)})")
     groups = list(spec.groups)
+    if attribute in ("kind", "colour"):
+        taken = {(g.kind, g.colour) for g in groups}
+        values = KINDS if attribute == "kind" else tuple(COLOURS)
+
+        def options(group: ShapeGroup) -> list[str]:
+            return [v for v in values if v != getattr(group, attribute)
+                    and (v if attribute == "kind" else group.kind, v if attribute == "colour" else group.colour)
+                    not in taken]
+
+        open_groups = [i for i, g in enumerate(groups) if options(g)]
+        if not open_groups:
+            raise ValueError(f"no {attribute} variant of {spec.to_json()}: every other {attribute} is taken")
+        index = rng.choice(open_groups)
+        groups[index] = replace(groups[index], **{attribute: rng.choice(options(groups[index]))})
+        return replace(spec, groups=tuple(groups))
     index = rng.randrange(len(groups))
     group = groups[index]
     if attribute == "position":
@@ -249,15 +265,8 @@ def variant(spec: SceneSpec, attribute: str, rng: random.Random) -> SceneSpec:
             other = rng.choice([i for i in range(len(groups)) if i != index])
             groups[index], groups[other] = (replace(group, position=groups[other].position),
                                             replace(groups[other], position=group.position))
-    elif attribute == "count":
-        groups[index] = replace(group, count=rng.choice([c for c in range(1, MAX_COUNT + 1) if c != group.count]))
     else:
-        taken = {(g.kind, g.colour) for g in groups}
-        values = KINDS if attribute == "kind" else tuple(COLOURS)
-        options = [v for v in values if v != getattr(group, attribute)
-                   and (v if attribute == "kind" else group.kind, v if attribute == "colour" else group.colour)
-                   not in taken]
-        groups[index] = replace(group, **{attribute: rng.choice(options)})
+        groups[index] = replace(group, count=rng.choice([c for c in range(1, MAX_COUNT + 1) if c != group.count]))
     return replace(spec, groups=tuple(groups))
 
 
@@ -283,23 +292,32 @@ def corpus_spec(seed: int, index: int, variants: int = 0) -> SceneSpec:
             drawn = corpus.specs[-number]
             for attempt in range(_MAX_REDRAWS):
                 rng = random.Random(f"clipaudit-synthetic-variant/{seed}/{corpus.cursor - 1}/{number}/{attempt}")
-                spec = variant(drawn, ATTRIBUTES[(number - 1) % len(ATTRIBUTES)], rng)
-                if spec.to_json() not in corpus.seen:
+                try:
+                    spec = variant(drawn, ATTRIBUTES[(number - 1) % len(ATTRIBUTES)], rng)
+                except ValueError:
+                    spec = None
                     break
-        while spec is None or spec.to_json() in corpus.seen:
+                if _content(spec) not in corpus.seen:
+                    break
+        while spec is None or _content(spec) in corpus.seen:
             spec = scene_spec(seed, corpus.cursor)
             corpus.cursor += 1
         corpus.specs.append(spec)
-        corpus.seen.add(spec.to_json())
+        corpus.seen.add(_content(spec))
     return corpus.specs[index]
+
+
+def _content(spec: SceneSpec) -> tuple:
+    """What a scene shows, whatever the order of its groups: equal for two specs that draw the same image."""
+    return spec.background, tuple(sorted((g.kind, g.colour, g.count, g.position) for g in spec.groups))
 
 
 @dataclass
 class _Corpus:
-    """A corpus with variants as far as it has been generated: its images, their JSON, the next scene to draw."""
+    """A corpus with variants as far as it has been generated: its images, what they show, the next scene."""
 
     specs: list[SceneSpec] = field(default_factory=list)
-    seen: set[str] = field(default_factory=set)
+    seen: set[tuple] = field(default_factory=set)
     cursor: int = 0
 
 
