@@ -170,3 +170,21 @@ def test_the_background_takes_reference_neighbours_and_a_rerun_writes_the_same_r
     run_pipeline(config, ["name"])
     again = failure_types.read_rows(tables, "caption_contrast")
     assert sorted(first, key=lambda r: r["rank"]) == sorted(again, key=lambda r: r["rank"])
+
+
+def test_the_reference_lists_are_sampled_not_expanded_whole(tmp_path):
+    from clipaudit.stages.name import reference_pairs
+    from clipaudit.stages.upstream import model_view
+
+    run_dir = tmp_path / "run"
+    tables = build_run(run_dir)
+    config = config_for(run_dir)
+    write_reference_neighbours(tables, config.models.reference, config.models.clip_models[0])
+    view = model_view(tables, config)
+    ids = sorted(tables.read("samples", ["image_id"]).column("image_id").to_pylist())
+    index = {image_id: i for i, image_id in enumerate(ids)}
+    every = reference_pairs(view, index, rows=10_000, seed=0)
+    assert len(every) == 3 * len(ids)
+    some = reference_pairs(view, index, rows=10, seed=0)
+    assert len({a for a, _ in some}) == 10 and len(some) == 30 and set(some) <= set(every)
+    assert some == reference_pairs(view, index, rows=10, seed=0) != reference_pairs(view, index, rows=10, seed=1)

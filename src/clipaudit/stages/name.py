@@ -16,6 +16,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
 from clipaudit import caption_contrast as cc
@@ -60,14 +61,18 @@ def flagged_pairs(tables: Any) -> list[tuple[str, str]]:
     return unique
 
 
-def reference_pairs(tables: Any, index: dict[str, int]) -> list[tuple[int, int]]:
+def reference_pairs(tables: Any, index: dict[str, int], rows: int, seed: int) -> list[tuple[int, int]]:
     """(image, reference neighbour) pairs as indices of ``index``, from every reference's lists in ``neighbours``
-    ([] without the table or its reference rows)."""
+    ([] without the table or its reference rows); from a seeded sample of at most ``rows`` lists, so a corpus of
+    millions is not expanded into Python for the few thousand background pairs it needs."""
     if not tables.exists(NEIGHBOURS):
         return []
     table = tables.read(NEIGHBOURS, ["image_id", "ids"], where="model = 'reference'")
     if table is None:
         return []
+    if table.num_rows > rows:
+        picked = np.sort(np.random.default_rng(seed).choice(table.num_rows, size=rows, replace=False))
+        table = table.take(pa.array(picked))
     out = []
     for image_id, ids in zip(table.column("image_id").to_pylist(), table.column("ids").to_pylist()):
         a = index.get(image_id)
@@ -126,7 +131,8 @@ def run_name(config: Config, tables: RunTables) -> StageStats:
     ids = sorted(captions)
     index = {image_id: i for i, image_id in enumerate(ids)}
     flagged = {frozenset((index[a], index[b])) for a, b in pairs}
-    near = [pair for pair in reference_pairs(tables, index) if frozenset(pair) not in flagged]
+    near = [pair for pair in reference_pairs(tables, index, cfg.background_pairs, cfg.seed)
+            if frozenset(pair) not in flagged]
     chosen, n_near = (cc.background_pairs(len(ids), near, max(cfg.background_pairs, len(pairs)), cfg.seed)
                       if pairs else ([], 0))
     foreground = [cc.difference(captions[a], captions[b], cfg.ngram_max) for a, b in pairs]
