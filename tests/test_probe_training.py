@@ -47,6 +47,8 @@ def test_the_audit_finds_the_retrained_blind_spot_well_above_chance(retrained, t
     assert main(["run", *args]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["random_models"] is False
+    assert summary["stages"]["name"]["ran"] and not summary["stages"]["summarize"]["ran"], \
+        "the offline namer's table does not make the LLM stage look as if it ran"
     probe = summary["probe"]
     assert probe["scenes"] == 250 and probe["trained_to_miss"]["hidden"] == "position"
     blind = probe["headline"]["blind_pairs"]

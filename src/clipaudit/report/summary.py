@@ -50,7 +50,7 @@ HISTORY_DIR = "history"
 """``run_dir/history/<run_id>/summary.json``: the summary of every run that made a report, kept for diffs."""
 SCHEMA_VERSION = 1
 STAGE_TABLES = {"ingest": SAMPLES, "embed": IMAGE_EMBEDDINGS["clip"], "neighbours": NEIGHBOURS, "daf": DAF_CASES,
-                "name": FAILURE_TYPES, "tcac": TCAC_SUMMARY, "summarize": FAILURE_TYPES, "validate": FAILURE_CHECKS}
+                "name": FAILURE_TYPES, "tcac": TCAC_SUMMARY, "summarize": LLM_CALLS, "validate": FAILURE_CHECKS}
 """The table whose presence shows that a stage ran, where its stats file is not there to say so."""
 _RANDOM_SPEC = re.compile(r"^(tiny-|hf-random:)|/random$")
 
