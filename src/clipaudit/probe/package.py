@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from clipaudit.models import packaged
-from clipaudit.probe.scenes import ATTRIBUTES, corpus_spec, render_scene
-from clipaudit.probe.train import TrainConfig, train_pair
+from clipaudit.probe.scenes import ATTRIBUTES, corpus_spec
+from clipaudit.probe.train import TrainConfig, model_inputs, train_pair
 
 log = logging.getLogger("clipaudit")
 
@@ -36,16 +36,12 @@ def minimal_pair_similarities(clip: Any, reference: Any, seed: int = HELD_OUT_SE
     drawn scene against its variant in each attribute)."""
     import torch
 
-    from clipaudit.models import tiny
-
     group = len(ATTRIBUTES) + 1
     specs = [corpus_spec(seed, i, len(ATTRIBUTES)) for i in range(scenes * group)]
-    images = [render_scene(spec) for spec in specs]
-    clip_pre, ref_pre = tiny.preprocess_for(tiny.TINY_CLIP), tiny.preprocess_for(tiny.TINY_DINO)
+    clip_pixels, ref_pixels = model_inputs(specs)
     with torch.inference_mode():
-        c = clip.encode_image(torch.from_numpy(np.stack([clip_pre(im) for im in images])), normalize=True)
-        r = torch.nn.functional.normalize(
-            reference(pixel_values=torch.from_numpy(np.stack([ref_pre(im) for im in images]))).pooler_output, dim=-1)
+        c = clip.encode_image(clip_pixels, normalize=True)
+        r = torch.nn.functional.normalize(reference(pixel_values=ref_pixels).pooler_output, dim=-1)
     c, r = c.numpy(), r.numpy()
     base = np.arange(0, len(specs), group)
     out = {}

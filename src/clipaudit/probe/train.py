@@ -95,29 +95,38 @@ HEAD_SIZES = [len(KINDS) + 1, len(COLOURS) + 1, MAX_COUNT + 1] * len(POSITIONS) 
 """Classes of each attribute head of the reference, in :func:`attribute_labels` order."""
 
 
-def training_set(cfg: TrainConfig) -> TrainingSet:
-    """Render the training scenes and preprocess them exactly as the audit will (each model's own Preprocess)."""
-    import open_clip
+def model_inputs(specs: list[Any]) -> tuple[Any, Any]:
+    """Each scene drawn once and preprocessed exactly as the audit will for each model (its own Preprocess):
+    (probe-clip pixels, probe-dino pixels), float32 tensors."""
     import torch
 
     from clipaudit.models import tiny
 
     clip_pre, ref_pre = tiny.preprocess_for(tiny.TINY_CLIP), tiny.preprocess_for(tiny.TINY_DINO)
-    tiny.register_open_clip_config()
-    tokenizer = open_clip.get_tokenizer(tiny.TINY_CLIP)
-    clip_pixels, ref_pixels, captions, labels = [], [], [], []
-    for index in range(cfg.scenes):
-        spec = corpus_spec(cfg.seed, index, cfg.variants)
+    clip_pixels, ref_pixels = [], []
+    for spec in specs:
         image = render_scene(spec)
         clip_pixels.append(clip_pre(image))
         ref_pixels.append(ref_pre(image))
-        captions.append(spec.captions(omit=frozenset({cfg.hidden})))
-        labels.append(attribute_labels(spec))
+    return torch.from_numpy(np.stack(clip_pixels)), torch.from_numpy(np.stack(ref_pixels))
+
+
+def training_set(cfg: TrainConfig) -> TrainingSet:
+    """Render the training scenes and preprocess them for each model; tokenise their captions."""
+    import open_clip
+    import torch
+
+    from clipaudit.models import tiny
+
+    tiny.register_open_clip_config()
+    tokenizer = open_clip.get_tokenizer(tiny.TINY_CLIP)
+    specs = [corpus_spec(cfg.seed, index, cfg.variants) for index in range(cfg.scenes)]
+    clip_pixels, ref_pixels = model_inputs(specs)
+    captions = [spec.captions(omit=frozenset({cfg.hidden})) for spec in specs]
     per_scene = len(captions[0])
     tokens = tokenizer([c for scene in captions for c in scene]).reshape(cfg.scenes, per_scene, -1)
     tokens = tokens[:, :, :int((tokens != 0).sum(dim=-1).max())]
-    return TrainingSet(torch.from_numpy(np.stack(clip_pixels)), torch.from_numpy(np.stack(ref_pixels)),
-                       tokens, torch.tensor(labels))
+    return TrainingSet(clip_pixels, ref_pixels, tokens, torch.tensor([attribute_labels(spec) for spec in specs]))
 
 
 def _batches(n: int, batch_size: int, steps: int, rng: random.Random) -> list[list[int]]:

@@ -104,6 +104,7 @@ class ReportBuilder:
         self.thumbs = Thumbnails(report_dir, cfg.thumb_px, cfg.jpeg_quality, max_pixels, cfg.workers, tcac_params)
         self.samples: dict[str, dict[str, Any]] = {}
         self.charts: list[str] = []
+        self._scenes: dict[str, Any] | None = None
 
     # -- the page ---------------------------------------------------------------------------------------------
 
@@ -138,6 +139,12 @@ class ReportBuilder:
         write_bytes(fs.join(self.report_dir, CHARTS_DIR, f"{name}.png"), png)
         self.charts.append(path)
         return tag("img", src=path, alt=alt, class_="chart")
+
+    def _probe_scenes(self) -> dict[str, Any]:
+        """The corpus's probe scenes by image id, read once for every section that shows a pair's truth."""
+        if self._scenes is None:
+            self._scenes = probe_scenes(self.view)
+        return self._scenes
 
     def _caption(self, image_id: str) -> str:
         return str((self.samples.get(image_id) or {}).get("caption") or "")
@@ -225,7 +232,7 @@ class ReportBuilder:
         pairs = top_blind_pairs(self.view, self.cfg.blind_pairs)
         for pair in pairs:
             pair["_a"], pair["_b"] = self.thumbs.want(pair["image_a"]), self.thumbs.want(pair["image_b"])
-        truth = (truth_of_pairs([(p["image_a"], p["image_b"]) for p in pairs], probe_scenes(self.view))
+        truth = (truth_of_pairs([(p["image_a"], p["image_b"]) for p in pairs], self._probe_scenes())
                  if self.summary.get("probe") else {})
 
         def render() -> Markup:
@@ -392,7 +399,7 @@ class ReportBuilder:
             pairs += item_pairs
             for image_id in [*item["shown_examples"], *(i for pair in item_pairs for i in pair)]:
                 keys.setdefault(image_id, self.thumbs.want(image_id))
-        truth = truth_of_pairs(pairs, probe_scenes(self.view)) if self.summary.get("probe") and pairs else {}
+        truth = truth_of_pairs(pairs, self._probe_scenes()) if self.summary.get("probe") and pairs else {}
         checks_table = self.view.read(FAILURE_CHECKS)
         checks = [] if checks_table is None else checks_table.to_pylist()
 

@@ -46,7 +46,7 @@ from clipaudit.io.readers import (
     require,
     write_bytes,
 )
-from clipaudit.io.readers.manifest import BadCell, cell_captions
+from clipaudit.io.readers.manifest import BadCell, row_captions
 from clipaudit.records import Reject, Sample
 
 if TYPE_CHECKING:
@@ -74,10 +74,6 @@ def cached_snapshot(repo: str) -> str | None:
     return os.path.join(folder, snapshots[-1][1]) if snapshots else None
 
 
-def _exists(path: str) -> bool:
-    return fs.exists(path)
-
-
 def data_files(path: str, split: str | None) -> list[str]:
     """The Parquet / Arrow files of the dataset at ``path`` (see the module docstring), in reading order."""
     if not fs.is_remote(path) and not os.path.exists(path) and path.count("/") == 1:
@@ -88,16 +84,16 @@ def data_files(path: str, split: str | None) -> list[str]:
         path = snapshot
     path = absolute(path)
     if path.endswith(DATA_SUFFIXES):
-        if not _exists(path):
+        if not fs.exists(path):
             raise IngestError(f"dataset.path: file not found: {path}")
         return [path]
-    if _exists(fs.join(path, "dataset_dict.json")):
+    if fs.exists(fs.join(path, "dataset_dict.json")):
         splits = json.loads(fs.read_bytes(fs.join(path, "dataset_dict.json"))).get("splits") or []
         chosen = split or "train"
         if chosen not in splits:
             raise IngestError(f"dataset.split: {path} has splits {', '.join(splits)}, not {chosen!r}")
         return data_files(fs.join(path, chosen), None)
-    if _exists(fs.join(path, "state.json")):
+    if fs.exists(fs.join(path, "state.json")):
         state = json.loads(fs.read_bytes(fs.join(path, "state.json")))
         return [fs.join(path, item["filename"]) for item in state.get("_data_files") or []]
     files = [entry for entry in list_files(path, recursive=True) if entry.rel.endswith(DATA_SUFFIXES)
@@ -202,12 +198,7 @@ def read_hf_dataset(cfg: DatasetConfig, work_dir: str) -> Iterator[Sample | Reje
                 item = f"row {row}"
                 try:
                     data, uri = _image(values.get(cfg.image_column), cfg.image_column, base)
-                    captions = []
-                    for column in cfg.caption_columns:
-                        try:
-                            captions += cell_captions(values.get(column))
-                        except BadCell as exc:
-                            raise BadCell(f"caption column {column!r} {exc}") from None
+                    captions = row_captions(values, cfg.caption_columns)
                 except BadCell as exc:
                     yield reject(file, item, "malformed", str(exc))
                     continue

@@ -206,7 +206,7 @@ def _to_sample(row: _Row, cfg: DatasetConfig, source: str, base: str) -> Sample 
     if not image:
         return reject(source, row.item, "malformed", f"empty image column {cfg.image_column!r}")
     try:
-        captions = _captions(row, cfg.caption_columns)
+        captions = row_captions(row.values, cfg.caption_columns, row.from_text)
     except BadCell as exc:
         return reject(source, row.item, "malformed", str(exc))
     if not captions:
@@ -235,11 +235,13 @@ def _uri(image: str, base: str) -> str:
     return os.path.normpath(os.path.join(base, local))
 
 
-def _captions(row: _Row, columns: list[str]) -> list[str]:
+def row_captions(values: dict[str, Any], columns: list[str], from_text: bool = False) -> list[str]:
+    """The captions of one record over its caption ``columns`` (:func:`cell_captions` each, in column order);
+    :class:`BadCell` naming the column whose cell holds something else."""
     captions: list[str] = []
     for column in columns:
         try:
-            captions.extend(cell_captions(row.values.get(column), row.from_text))
+            captions.extend(cell_captions(values.get(column), from_text))
         except BadCell as exc:
             raise BadCell(f"caption column {column!r} {exc}") from None
     return captions
