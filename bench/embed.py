@@ -57,7 +57,7 @@ def bare_loop(paths: list[str], models: dict, batch_size: int, threads: int) -> 
     """Seconds for read + decode + preprocess + both forwards, in this process, batch after batch."""
     import torch
 
-    from clipaudit.stages.embed_batches import decode_image, read_image_bytes
+    from clipaudit.io.images import decode_image, read_image_bytes
 
     torch.set_num_threads(threads)
     loaded = {role: model.load("cpu") for role, model in models.items()}
@@ -93,7 +93,7 @@ def bare_parts(paths: list[str], models: dict, batch_size: int, threads: int) ->
     images, each measured on its own in this process."""
     import torch
 
-    from clipaudit.stages.embed_batches import decode_image, read_image_bytes
+    from clipaudit.io.images import decode_image, read_image_bytes
 
     torch.set_num_threads(threads)
     start = time.perf_counter()

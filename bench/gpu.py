@@ -3,7 +3,7 @@
 Three sections, each timing the project's own code and a bare loop over the same inputs, on the same device, in
 the same dtype and batch size, interleaved (``--repeats`` rounds, the fastest round of each path reported):
 
-* **embed**: :class:`clipaudit.stages.embed_batches.ImageEncoder` (what each model actor of the embed stage runs per
+* **embed**: :class:`clipaudit.batches.embed.ImageEncoder` (what each model actor of the embed stage runs per
   batch: pinned host memory, the copy to the device, the forward, the checks, the vectors back on the host) for
   the CLIP role (default ``open_clip:ViT-B-32/random``: ``open_clip.create_model("ViT-B-32", pretrained=None)``)
   and the reference role (default ``hf-random:dinov2-base``: ``Dinov2Model(Dinov2Config(...))`` with the base
@@ -12,10 +12,10 @@ the same dtype and batch size, interleaved (``--repeats`` rounds, the fastest ro
   on the same preprocessed batches: ``bare`` copies each host batch to the device, casts it, runs the forward
   and brings the normalised vectors back; ``forward only`` runs the forward on batches already on the device
   (the ceiling). Preprocessing (a CPU task in the stage) is done once beforehand and timed by neither.
-* **tcac**: :class:`clipaudit.stages.tcac_batches.TransformedEncoder` (the CLIP actor of the tcac stage: the seven
+* **tcac**: :class:`clipaudit.batches.tcac.TransformedEncoder` (the CLIP actor of the tcac stage: the seven
   transforms as batched tensor ops on its device, the crop, the model's preprocessing, the forward) over the rows
-  that :func:`~clipaudit.stages.tcac_batches.prepare_resized` (a CPU task, done beforehand) makes of generated
-  500 x 375 images, against a bare loop of the same kernels (:func:`clipaudit.transform_kernels.transform_batch`,
+  that :func:`~clipaudit.batches.tcac.prepare_resized` (a CPU task, done beforehand) makes of generated
+  500 x 375 images, against a bare loop of the same kernels (:func:`clipaudit.transforms.transform_batch`,
   same drawn parameters), the crop and the normalisation on the device, and the forward. Figures are transformed
   images (image x transform rows) per second; the project's own per-row seconds split its time into the
   transform (with the crop) and the rest (to the host, preprocessing, forward).
@@ -205,8 +205,8 @@ def embed_section(spec: str, role: str, device: str, sizes: Sizes) -> dict[str, 
     """One model's embed forward: the project's ImageEncoder against a bare loop of the same module."""
     import torch
 
+    from clipaudit.batches.embed import OK, ImageEncoder
     from clipaudit.models import resolve_model
-    from clipaudit.stages.embed_batches import OK, ImageEncoder
 
     resolved = resolve_model(spec, role)
     _reset_peak(device)
@@ -282,12 +282,12 @@ def tcac_section(spec: str, device: str, sizes: Sizes, scratch: Path) -> dict[st
     """The CLIP actor of the tcac stage against a bare loop of the same transform kernels, crop and forward."""
     import torch
 
+    from clipaudit.batches.embed import OK
+    from clipaudit.batches.tcac import TransformedEncoder, images_per_task, prepare_resized
     from clipaudit.config import EmbedConfig, TcacConfig
     from clipaudit.model_view import center_crop_or_pad
     from clipaudit.models import resolve_model
-    from clipaudit.stages.embed_batches import OK
-    from clipaudit.stages.tcac_batches import TransformedEncoder, images_per_task, prepare_resized
-    from clipaudit.transform_kernels import transform_batch
+    from clipaudit.transforms import transform_batch
 
     resolved = resolve_model(spec, "clip")
     tcac = TcacConfig()

@@ -4,7 +4,7 @@ Old path (before the transforms moved to the model actor): per image and transfo
 ``torchvision.transforms.v2.functional`` kernel on the full-size decoded image, then the model's preprocessing
 (resize, crop, normalise) of the result. New path: the image resized once for the model (before the crop; its
 time shared by the image's rows), then per transform one batched call of
-:func:`clipaudit.transform_kernels.transform_batch` over the images of that size, the crop, and the model's
+:func:`clipaudit.transforms.transform_batch` over the images of that size, the crop, and the model's
 normalisation. Both start from the same decoded images (the shared Flickr8k sample where present, else generated
 scenes of 500 x 375), on this process's CPU with --threads torch threads, and both yield the same model inputs
 up to the resolution change. Reported: transformed images per second per transform, and new / old.
@@ -112,8 +112,7 @@ def new_path(resized, preprocess, tcac, name: str, batch_size: int) -> float:
     import torch
 
     from clipaudit.model_view import center_crop_or_pad, model_inputs
-    from clipaudit.transform_kernels import transform_batch
-    from clipaudit.transforms import generator_for, sample_params
+    from clipaudit.transforms import generator_for, sample_params, transform_batch
 
     start = time.perf_counter()
     groups: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
@@ -172,9 +171,9 @@ def main() -> None:
     import torch
 
     from clipaudit.config import TcacConfig
+    from clipaudit.io.images import decode_image, read_image_bytes
     from clipaudit.model_view import resize_for_model
     from clipaudit.models import resolve_model
-    from clipaudit.stages.embed_batches import decode_image, read_image_bytes
     from clipaudit.transforms import TRANSFORM_NAMES
 
     torch.set_num_threads(threads)

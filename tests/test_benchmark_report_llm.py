@@ -19,7 +19,7 @@ from clipaudit.llm.prompts import extract_data
 from clipaudit.records import LLM_CALLS, SAMPLES, SAMPLES_SCHEMA, samples_to_table
 from clipaudit.report.benchmark_section import benchmark_section
 from clipaudit.report.render import missing
-from clipaudit.report.summary import RunView
+from clipaudit.run_view import RunView
 
 
 def test_the_report_says_what_an_export_would_hold(report_run: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fixtures_images import GOOD, write_image_zoo
 
-from clipaudit.stages.embed_batches import ImageRejected, decode_image, read_image_bytes, to_rgb
+from clipaudit.io.images import ImageRejected, decode_image, read_image_bytes, to_rgb
 
 MAX_PIXELS = 64_000_000
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+from clipaudit.batches.isolation import INFRASTRUCTURE, NODE_LOST, ROW
 from clipaudit.placement import PlacementError
 from clipaudit.runtime.failures import FailureClassifier
-from clipaudit.stages.isolation import INFRASTRUCTURE, NODE_LOST, ROW
 
 pytestmark = pytest.mark.ray
 

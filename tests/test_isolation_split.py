@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from clipaudit.batches.embed import FORWARD_FAILED, OK, ImageEncoder, TextEncoder
+from clipaudit.batches.isolation import describe, run_isolated
 from clipaudit.config import ConfigError, load_config
-from clipaudit.stages.embed_batches import FORWARD_FAILED, OK, ImageEncoder, TextEncoder
-from clipaudit.stages.isolation import describe, run_isolated
 from clipaudit.stages.reject_limit import RejectLimitError, check_reject_share
 
 

@@ -8,8 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clipaudit.placement import PlacementError
-from clipaudit.stages.isolation import (
+from clipaudit.batches.isolation import (
     INFRASTRUCTURE,
     KILLS_WORKER,
     LOST,
@@ -22,6 +21,7 @@ from clipaudit.stages.isolation import (
     bisect_stream,
     reopen_retryable,
 )
+from clipaudit.placement import PlacementError
 
 
 class Poisoned:

@@ -209,7 +209,7 @@ def test_html_builder_escapes_data_and_keeps_markup() -> None:
 
 def _view_of(tmp_path: Path, tables: dict[str, pa.Table]):
     """A RunView over a run directory holding ``tables``."""
-    from clipaudit.report.summary import RunView
+    from clipaudit.run_view import RunView
 
     run = RunTables(str(tmp_path))
     for name, rows in tables.items():

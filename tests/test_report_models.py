@@ -23,7 +23,7 @@ from clipaudit.probe.scenes import SceneSpec, ShapeGroup, render_scene
 from clipaudit.report.diff import diff_runs, format_diff
 from clipaudit.report.models import model_page, model_slug
 from clipaudit.report.render import top_daf_cases
-from clipaudit.report.summary import RunView
+from clipaudit.run_view import RunView
 
 REFERENCE = "python:planted_models:colour_aware"
 COLOUR_BLIND = "python:planted_models:colour_blind"

@@ -27,7 +27,8 @@ from clipaudit.llm.prompts import FENCE, TemplateError, data_block, extract_data
 from clipaudit.pipeline import run_pipeline
 from clipaudit.records import FAILURE_TYPES, LLM_CALLS
 from clipaudit.runtime import LocalRunner
-from clipaudit.stages.summarize import MissingKeyError, run_summarize
+from clipaudit.runtime.llm_session import MissingKeyError
+from clipaudit.stages.summarize import run_summarize
 
 KEY = "sk-test-summarize-DO-NOT-LEAK-0123456789abcdef"
 ENV = "CLIPAUDIT_TEST_KEY"

@@ -12,19 +12,25 @@ import pytest
 import torch
 from PIL import Image
 
+from clipaudit.batches.tcac import TransformedEncoder, images_per_task, prepare_resized
 from clipaudit.config import Config, EmbedConfig, ModelsConfig, TcacConfig
+from clipaudit.io.images import decode_image, read_image_bytes
 from clipaudit.io.tables import RunTables
 from clipaudit.model_view import MAX_ASPECT, center_crop_or_pad, model_inputs, resize_for_model
 from clipaudit.models import Preprocess, resolve_model
 from clipaudit.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD
 from clipaudit.records import SAMPLES, SAMPLES_SCHEMA, TCAC_CASES, Sample, samples_to_table
-from clipaudit.report.images import input_from, recreate_transformed
 from clipaudit.runtime import LocalRunner
-from clipaudit.stages.embed_batches import decode_image, read_image_bytes
 from clipaudit.stages.tcac import run_tcac
-from clipaudit.stages.tcac_batches import TransformedEncoder, images_per_task, prepare_resized
-from clipaudit.transform_kernels import transform_batch
-from clipaudit.transforms import TRANSFORM_NAMES, TransformParams, apply_params, sample_params
+from clipaudit.transforms import (
+    TRANSFORM_NAMES,
+    TransformParams,
+    apply_params,
+    input_from,
+    recreate_transformed,
+    sample_params,
+    transform_batch,
+)
 
 SHAPES = [(1, 1), (1, 7), (7, 1), (3, 150), (150, 3), (500, 375), (375, 500), (64, 64), (20, 1000), (1001, 21),
           (33, 35), (231, 500)]

@@ -12,12 +12,18 @@ import pytest
 import torch
 from PIL import Image
 
+from clipaudit.batches.tcac import ORIGINAL, TRANSFORM_FAILED, TransformedEncoder, prepare_resized
 from clipaudit.config import TcacConfig
 from clipaudit.models import resolve_model
-from clipaudit.stages.embed_batches import OK
-from clipaudit.stages.tcac_batches import ORIGINAL, TRANSFORM_FAILED, TransformedEncoder, prepare_resized
-from clipaudit.transform_kernels import TransformFailed, transform_batch
-from clipaudit.transforms import TRANSFORM_NAMES, PerspectiveParams, TransformParams, sample_params
+from clipaudit.records import OK
+from clipaudit.transforms import (
+    TRANSFORM_NAMES,
+    PerspectiveParams,
+    TransformFailed,
+    TransformParams,
+    sample_params,
+    transform_batch,
+)
 
 SEEDS = range(12)
 

@@ -122,7 +122,12 @@ def test_elastic_field_equals_torchvision_v2_for_its_recorded_seed(image):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["tcac.transforms=[hflip, blur]"], r"tcac\.transforms\[1\]: 'blur' is not one of"),
+    (["tcac.transforms=[hflip, blur]"], r"tcac\.transforms\[1\]: unknown transform 'blur'"),
+    (["tcac.transforms=[jpeg@7]"], r"tcac\.transforms\[0\]: jpeg: severity level must be one of 1, 2, 3, 4, 5"),
+    (["tcac.transforms=[jpeg@x]"], r"tcac\.transforms\[0\]: 'jpeg@x': a graded transform is CORRUPTION@LEVEL"),
+    (["tcac.transforms=[fog@2]"], r"tcac\.transforms\[0\]: unknown corruption 'fog'"),
+    (["tcac.severities=[0, 3]"], r"tcac\.severities: must be distinct levels"),
+    (["tcac.severities=[]"], r"tcac\.severities: must be distinct levels"),
     (["tcac.transforms=[hflip, hflip]"], "tcac.transforms: 'hflip' is listed more than once"),
     (["tcac.params.rotation.degrees=400"], r"tcac\.params\.rotation\.degrees: must be in \(0, 180\], got 400"),
     (["tcac.params.rotation.degrees=0"], r"tcac\.params\.rotation\.degrees"),

@@ -56,7 +56,7 @@ def _diff(args: argparse.Namespace) -> int:
     """Run ``clipaudit diff``: print the differences, optionally write them as JSON."""
     from clipaudit.io import fs
     from clipaudit.report.diff import diff_runs, format_diff, new_failure_types
-    from clipaudit.report.summary import RunView
+    from clipaudit.run_view import RunView
 
     result = diff_runs(RunView.parse(args.run_a), RunView.parse(args.run_b))
     sys.stdout.write(format_diff(result))

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from clipaudit.errors import ClipauditError
-from clipaudit.transforms import TRANSFORM_NAMES, TransformName, TransformParams
+from clipaudit.transforms import CORRUPTION_NAMES, LEVELS, TRANSFORM_NAMES, TransformParams, expand, parse_graded
 
 
 class ConfigError(ClipauditError, ValueError):
@@ -205,7 +205,7 @@ class RayConfig:
 
     task_retries: int = 2
     """Times Ray re-runs a CPU task (decode, resize) whose worker died, before the rows behind it are isolated
-    (see :mod:`clipaudit.stages.isolation`)."""
+    (see :mod:`clipaudit.batches.isolation`)."""
     autoscale_timeout_s: int = 600
     """On a cluster with an autoscaler: how long a stage waits for the nodes its plan asked the autoscaler for
     before it fails (saying what it asked for, what came, and how long it waited)."""
@@ -335,12 +335,18 @@ class DafConfig:
 @dataclass(frozen=True)
 class TcacConfig:
     """Transformative Caption Analysis settings, checked when built: an unknown transform, a repeated one or an
-    out-of-range parameter is a :class:`ConfigError` naming the key (``tcac.params.rotation.degrees``)."""
+    out-of-range parameter is a :class:`ConfigError` naming the key (``tcac.params.rotation.degrees``).
+
+    ``transforms`` is stored expanded: a bare corruption becomes its graded names at ``severities``."""
 
     seed: int = 0
     """Seeds every transform's random parameters, per (seed, image_id, transform)."""
-    transforms: list[TransformName] = field(default_factory=lambda: list(TRANSFORM_NAMES))
-    """Which transforms to apply, each at most once (see :mod:`clipaudit.transforms`)."""
+    transforms: list[str] = field(default_factory=lambda: list(TRANSFORM_NAMES))
+    """Which transforms to apply, each at most once: the paper's seven (see :mod:`clipaudit.transforms`), graded
+    corruptions at one level (``gaussian_blur@3``), or a corruption at every level of ``severities``
+    (``gaussian_blur``; see :mod:`clipaudit.transforms.severities`)."""
+    severities: list[int] = field(default_factory=lambda: list(LEVELS))
+    """The severity levels (1 mild to 5 severe) a bare corruption in ``transforms`` is applied at."""
     params: TransformParams = field(default_factory=TransformParams)
     """Per-transform parameters: ``tcac.params.rotation.degrees``, ``tcac.params.elastic.alpha``, ..."""
     cases_per_transform: int = 100
@@ -354,6 +360,19 @@ class TcacConfig:
         repeated = sorted({name for name in self.transforms if self.transforms.count(name) > 1})
         if repeated:
             raise ConfigError(f"tcac.transforms: {repeated[0]!r} is listed more than once")
+        bad_levels = [level for level in self.severities if level not in LEVELS]
+        if bad_levels or not self.severities or len(set(self.severities)) != len(self.severities):
+            raise ConfigError(f"tcac.severities: must be distinct levels among {', '.join(map(str, LEVELS))}, "
+                              f"got {self.severities!r}")
+        for index, name in enumerate(self.transforms):
+            try:
+                known = name in TRANSFORM_NAMES or name in CORRUPTION_NAMES or parse_graded(name) is not None
+            except ValueError as exc:
+                raise ConfigError(f"tcac.transforms[{index}]: {exc}") from exc
+            if not known:
+                raise ConfigError(f"tcac.transforms[{index}]: unknown transform {name!r} (known: "
+                                  f"{', '.join(TRANSFORM_NAMES + CORRUPTION_NAMES)}, or CORRUPTION@LEVEL)")
+        object.__setattr__(self, "transforms", expand(self.transforms, self.severities))
         problems = [f"tcac.params.{key}: {message}" for key, message in self.params.problems()]
         for key, value, low in (("cases_per_transform", self.cases_per_transform, 0),
                                 ("pool_neighbours", self.pool_neighbours, 1), ("top_k", self.top_k, 1)):
@@ -753,7 +772,7 @@ def _cached_hf_dataset(fmt: str, value: str) -> bool:
     """Whether ``value`` names a dataset repo (``ORG/NAME``) in the Hugging Face hub cache."""
     if fmt != "hf_dataset" or value.count("/") != 1 or value.startswith((".", "/")):
         return False
-    from clipaudit.io.readers.hf_dataset import cached_snapshot
+    from clipaudit.io.hf_cache import cached_snapshot
 
     return cached_snapshot(value) is not None
 

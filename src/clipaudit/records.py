@@ -16,6 +16,8 @@ IMAGE_EMBEDDINGS = {"clip": "image_embeddings_clip", "reference": "image_embeddi
 CAPTION_EMBEDDINGS = "caption_embeddings"
 CLIP_MODEL = "clip_model"
 """The column that tells the CLIP-role models of one run apart: the spec as written in ``models.clip``."""
+OK = "ok"
+"""The ``status`` of a batch row that went through (any other value is a reject reason)."""
 REFERENCE_MODEL = "reference_model"
 """The column that tells the reference models of one run apart: the spec as written in ``models.reference``."""
 

@@ -2,7 +2,7 @@
 
 One request per pair, its two own captions as the data block of ``clipaudit/llm/prompts/distinguish.txt`` (data
 fenced as data, like every other prompt); the answer is parsed (JSON or a Python literal, never evaluated) into
-``(caption_a, caption_b)``. Requests go through the summarize stage's :class:`~clipaudit.stages.summarize.LLMSession`:
+``(caption_a, caption_b)``. Requests go through :class:`~clipaudit.runtime.llm_session.LLMSession`:
 recorded in ``llm_calls`` (kind ``export``), cached (a second export sends nothing), the estimate printed first,
 ``llm.dry_run`` honoured, fanned out by the runner's ``map_llm``.
 """
@@ -17,7 +17,7 @@ from clipaudit.llm.parse import ParseError, _candidates, _load
 from clipaudit.llm.prompts import DISTINGUISH_FORMAT, load_template, request_params
 from clipaudit.llm.requests import LLMRequest
 from clipaudit.records import StageStats
-from clipaudit.stages.summarize import LLMSession, PlannedCall
+from clipaudit.runtime.llm_session import LLMSession, PlannedCall
 
 if TYPE_CHECKING:
     from clipaudit.config import Config

@@ -8,7 +8,9 @@ table as a user's zero-shot results. The tasks and their metrics:
 
 - ``clipaudit_pairs``: ``pair_accuracy`` (MMVP), its ``_ci95_low`` / ``_ci95_high`` and ``_n``, ``n_pairs``;
 - ``clipaudit_invariance``: ``invariance_<transform>`` per transform, with interval and ``n``;
-- ``clipaudit_text_pairs``: ``text_separation``, with interval, ``n_text_pairs``.
+- ``clipaudit_text_pairs``: ``text_separation``, with interval, ``n_text_pairs``;
+- ``clipaudit_severity`` (when scored with ``--severities``): ``pair_accuracy_<corruption>_<level>``, with interval
+  and ``n``.
 
 ``dataset`` is ``clipaudit/<benchmark folder name>``; a spec becomes ``model`` and ``pretrained`` as CLIP_benchmark
 names them: ``open_clip:ViT-B-32/openai`` -> ``ViT-B-32`` / ``openai``, ``hf:org/name`` -> ``org/name`` / ``hf``,
@@ -47,7 +49,15 @@ def task_metrics(figures: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     invariance: dict[str, Any] = {}
     for transform, figure in sorted((figures.get("invariance") or {}).items()):
         invariance.update(_with_interval(f"invariance_{transform}", figure))
+    tasks: dict[str, dict[str, Any]] = {}
+    severity: dict[str, Any] = {}
+    for corruption, by_level in (figures.get("pair_accuracy_by_severity") or {}).items():
+        for level, figure in sorted(by_level.items()):
+            severity.update(_with_interval(f"pair_accuracy_{corruption}_{level}", figure))
+    if severity:
+        tasks["clipaudit_severity"] = severity
     return {
+        **tasks,
         "clipaudit_pairs": {**_with_interval("pair_accuracy", figures["pair_accuracy"]),
                             "n_pairs": figures.get("n_pairs")},
         "clipaudit_invariance": {**invariance, "n_probes": figures.get("n_probes")},

@@ -23,7 +23,7 @@ from clipaudit.records import (
     SAMPLES,
     TCAC_CASES,
 )
-from clipaudit.report.summary import RunView, in_filter
+from clipaudit.run_view import RunView, in_filter
 
 BLIND = "blind_pair"
 DAF = "daf_case"

@@ -8,12 +8,14 @@ import sys
 
 def add_export_parser(commands: argparse._SubParsersAction) -> None:
     """``clipaudit export RUN_DIR OUT_DIR [--images copy|reference] [--llm auto|off] [--clip-model SPEC]
-    [--set K=V]``."""
+    [--license TEXT] [--attribution TEXT] [--set K=V]``."""
     export = commands.add_parser(
         "export", help="write what an audit found as a benchmark folder (Parquet + dataset card)",
         description="Export a run's findings as a versioned benchmark folder: pairs.parquet (image pairs CLIP "
                     "confuses), invariance.parquet (TCAC probes), text_pairs.parquet (validated caption pairs), "
-                    "README.md (dataset card) and images/. RUN_DIR may be RUN_DIR@RUN_ID.")
+                    "README.md (dataset card), images/, and hf/pairs.parquet + hf/invariance.parquet (the same rows "
+                    "with the images inline, for datasets.load_dataset(\"parquet\", ...)). RUN_DIR may be "
+                    "RUN_DIR@RUN_ID.")
     export.add_argument("run", metavar="RUN_DIR", help="the run directory to export")
     export.add_argument("out_dir", metavar="OUT_DIR", help="the benchmark folder to write")
     export.add_argument("--images", choices=("copy", "reference"), default="copy",
@@ -24,6 +26,12 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--clip-model", dest="clip_model", metavar="SPEC",
                         help="which CLIP-role model's findings to export, for a run of several (a spec of its "
                              "models.clip, as written there); default: the first")
+    export.add_argument("--license", metavar="TEXT",
+                        help="the images' licence, for the license column of hf/*.parquet and the dataset card, "
+                             "where the run's samples table has no license column value (default: the source "
+                             "corpus's known terms, e.g. Flickr8k's, else none)")
+    export.add_argument("--attribution", metavar="TEXT",
+                        help="the images' attribution (credit line), likewise for the attribution column")
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the run's config for the LLM requests (llm.dry_run=true); "
                              "repeatable")
@@ -35,7 +43,7 @@ def run_export(args: argparse.Namespace) -> int:
     from clipaudit.benchmark.export import export_benchmark
 
     manifest = export_benchmark(args.run, args.out_dir, images=args.images, llm=args.llm, overrides=args.overrides,
-                                clip_model=args.clip_model)
+                                clip_model=args.clip_model, license=args.license, attribution=args.attribution)
     counts = manifest["counts"]
     print(f"exported to {args.out_dir}: {sum(counts['pairs'].values())} image pairs "
           f"({sum(counts['pairs_left_out'].values())} left out: their captions do not tell them apart), "
@@ -58,10 +66,21 @@ def add_score_parser(commands: argparse._SubParsersAction) -> None:
     score.add_argument("--clip-benchmark-dir", metavar="DIR",
                        help="also write one CLIP_benchmark result JSON per (model, task) into DIR, for "
                             "`clip_benchmark build DIR --output benchmark.csv`")
+    score.add_argument("--severities", type=_levels, default=(), metavar="LEVELS",
+                       help="also measure pair accuracy with both images degraded by each graded corruption (JPEG, "
+                            "downscale, blur, noise, brightness) at these levels, e.g. 1,3,5 (1 mild .. 5 severe)")
     score.add_argument("--runner", choices=("ray", "local"), default="ray",
                        help="ray: actor pools as the embed stage (default); local: in-process, no Ray")
     score.add_argument("--batch-size", type=int, default=32, help="images per model forward")
     score.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    """``1,3,5`` -> (1, 3, 5); argparse reports anything else as a bad value."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected levels such as 1,3,5, got {text!r}") from exc
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -71,7 +90,7 @@ def run_score(args: argparse.Namespace) -> int:
     from clipaudit.io import fs
 
     scores = score_benchmark(args.bench_dir, args.models, runner=args.runner,
-                             embed=EmbedConfig(batch_size=args.batch_size))
+                             embed=EmbedConfig(batch_size=args.batch_size), severities=args.severities)
     sys.stdout.write(format_scores(scores))
     if args.json_out:
         fs.write_json(args.json_out, scores_json(args.bench_dir, scores))

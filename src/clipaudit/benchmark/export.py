@@ -19,11 +19,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from clipaudit.benchmark import card
+from clipaudit.benchmark import card, hf_parquet
 from clipaudit.benchmark.collect import BLIND, DAF, collect_pairs, probe_rows, text_pair_rows
 from clipaudit.benchmark.format import (
     CARD,
     FORMAT_VERSION,
+    HF_INVARIANCE,
+    HF_PAIRS,
     IMAGE_MODES,
     IMAGES_DIR,
     INVARIANCE,
@@ -49,8 +51,7 @@ from clipaudit.records import (
     TCAC_CASES,
     StageStats,
 )
-from clipaudit.report.images import write_bytes
-from clipaudit.report.summary import RunView, is_random_spec
+from clipaudit.run_view import RunView, is_random_spec
 
 log = logging.getLogger("clipaudit.benchmark")
 LLM_MODES = ("auto", "off")
@@ -176,11 +177,13 @@ def _llm_captions(view: RunView, pairs: list[dict[str, Any]], llm: str,
 
 
 class _Images:
-    """Where each image of the benchmark is found: a copy under ``images/`` or its URI."""
+    """Where each image of the benchmark is found: a copy under ``images/`` or its URI; with copies, each image's
+    bytes (read once, for ``images/`` and the ``hf/`` tables alike)."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.files: dict[str, tuple[str, str]] = {}
+        self._data: dict[str, bytes] = {}
 
     def file(self, image_id: str, uri: str) -> str:
         """The ``file`` value of an image (registering it for copying)."""
@@ -190,17 +193,26 @@ class _Images:
         self.files[image_id] = (name, uri)
         return name
 
-    def copy(self, out_dir: str) -> None:
-        """Copy every registered image's bytes into the folder."""
-        from clipaudit.stages.embed_batches import ImageRejected, read_image_bytes
+    def read(self, image_id: str) -> bytes:
+        """The bytes of a registered image (read from its URI the first time)."""
+        from clipaudit.io.images import ImageRejected, read_image_bytes
 
-        for image_id, (name, uri) in sorted(self.files.items()):
+        if image_id not in self._data:
             try:
-                data = read_image_bytes(uri)
+                self._data[image_id] = read_image_bytes(self.files[image_id][1])
             except ImageRejected as exc:
                 raise BenchmarkError(f"cannot copy image {image_id} ({exc}); export with --images reference to "
                                      "write its URI instead") from exc
-            write_bytes(fs.join(out_dir, *name.split("/")), data)
+        return self._data[image_id]
+
+    def data(self, image_id: str, file: str) -> bytes | None:
+        """An image's bytes for the ``hf/`` tables: None where images are referenced by URI."""
+        return None if self.mode == "reference" else self.read(image_id)
+
+    def copy(self, out_dir: str) -> None:
+        """Copy every registered image's bytes into the folder."""
+        for image_id, (name, _uri) in sorted(self.files.items()):
+            fs.write_bytes(fs.join(out_dir, *name.split("/")), self.read(image_id))
 
 
 def _prepare_out_dir(out_dir: str) -> None:
@@ -218,14 +230,18 @@ def _prepare_out_dir(out_dir: str) -> None:
 
 
 def export_benchmark(run: str, out_dir: str, images: str = "copy", llm: str = "auto",
-                     overrides: Sequence[str] = (), clip_model: str | None = None) -> dict[str, Any]:
+                     overrides: Sequence[str] = (), clip_model: str | None = None, *,
+                     license: str | None = None, attribution: str | None = None) -> dict[str, Any]:
     """Export the findings of ``run`` (``RUN_DIR`` or ``RUN_DIR@RUN_ID``) to the benchmark folder ``out_dir``;
     returns the manifest written to ``benchmark.json``.
 
     ``images``: ``copy`` (into ``images/``) or ``reference`` (the URIs). ``llm``: ``auto`` asks the LLM for
     distinguishing captions when the run's LLM stages ran (with the run's ``llm`` config and ``overrides``);
     ``off`` never asks. ``clip_model``: which CLIP-role model's findings, for a run of several (a spec of its
-    ``models.clip``; None: the first).
+    ``models.clip``; None: the first). ``license`` / ``attribution``: the images' licence and attribution for the
+    ``license`` / ``attribution`` columns of the ``hf/`` tables and the card, where the run's ``samples`` table
+    has no value of its own (None: the source corpus's default, if clipaudit knows one; see
+    :mod:`clipaudit.benchmark.hf_parquet`).
     """
     if images not in IMAGE_MODES:
         raise BenchmarkError(f"--images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
@@ -252,19 +268,26 @@ def export_benchmark(run: str, out_dir: str, images: str = "copy", llm: str = "a
               INVARIANCE: pa.Table.from_pylist(probe_table, schema=INVARIANCE_SCHEMA),
               TEXT_PAIRS: pa.Table.from_pylist(text_pairs, schema=TEXT_PAIRS_SCHEMA)}
     contents = {name: parquet_bytes(table) for name, table in tables.items()}
+    source = _source(view)
+    image_ids = {r["image_a"] for r in pair_rows} | {r["image_b"] for r in pair_rows} | {
+        p["image_id"] for p in probe_table}
+    licences = hf_parquet.read_licences(view, image_ids, license, attribution, source["dataset"].get("format"))
+    contents[HF_PAIRS] = hf_parquet.hf_parquet_bytes(hf_parquet.pairs_table(pair_rows, files.data, licences))
+    contents[HF_INVARIANCE] = hf_parquet.hf_parquet_bytes(
+        hf_parquet.invariance_table(probe_table, files.data, licences))
     counts = plan_counts(view)
     counts["invariance"] = {t: sum(1 for p in probes if p["transform"] == t) for t in counts["invariance"]}
     counts.update(invariance_left_out=mismatched, llm_captions=len(captions))
-    source = _source(view)
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": f"clipaudit-benchmark-{source['run_id'] or 'run'}",
         "source": source, "images": images, "thresholds": _thresholds(view, text_pairs), "counts": counts,
+        "license": licences.manifest(),
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(contents.items())},
     }
     fs.makedirs(out_dir)
     for name, data in contents.items():
-        write_bytes(fs.join(out_dir, name), data)
+        fs.write_bytes(fs.join(out_dir, *name.split("/")), data)
     files.copy(out_dir)
     fs.write_text(fs.join(out_dir, CARD), card.card_text(manifest))
     fs.write_text(fs.join(out_dir, MANIFEST), json_text(manifest))

@@ -1,9 +1,10 @@
 """The benchmark folder's format: its version, file names, table schemas, and deterministic reading and writing.
 
 A benchmark folder holds ``benchmark.json`` (the format version, provenance and counts), ``pairs.parquet``,
-``invariance.parquet``, ``text_pairs.parquet``, ``README.md`` (the dataset card) and, when exported with
-``--images copy``, ``images/``. Every file is written from sorted rows with fixed options and no timestamps, so
-the same run exports to the same bytes.
+``invariance.parquet``, ``text_pairs.parquet``, ``README.md`` (the dataset card), ``hf/pairs.parquet`` and
+``hf/invariance.parquet`` (the same rows for Hugging Face ``datasets``, images inline:
+:mod:`clipaudit.benchmark.hf_parquet`) and, when exported with ``--images copy``, ``images/``. Every file is
+written from sorted rows with fixed options and no timestamps, so the same run exports to the same bytes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ INVARIANCE = "invariance.parquet"
 TEXT_PAIRS = "text_pairs.parquet"
 CARD = "README.md"
 IMAGES_DIR = "images"
+HF_DIR = "hf"
+HF_PAIRS = f"{HF_DIR}/pairs.parquet"
+HF_INVARIANCE = f"{HF_DIR}/invariance.parquet"
 IMAGE_MODES = ("copy", "reference")
 
 PAIRS_SCHEMA = pa.schema([
@@ -87,10 +91,12 @@ class BenchmarkError(ClipauditError, RuntimeError):
     """A benchmark cannot be exported or read (the message says why and what to do)."""
 
 
-def parquet_bytes(table: pa.Table) -> bytes:
-    """``table`` as Parquet bytes, written with fixed options (the same table gives the same bytes)."""
+def parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
+    """``table`` as Parquet bytes, written with fixed options (the same table gives the same bytes);
+    ``row_group_size``: rows per row group (None: pyarrow's default)."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd", write_statistics=False, store_schema=True)
+    pq.write_table(table, buffer, compression="zstd", write_statistics=False, store_schema=True,
+                   row_group_size=row_group_size)
     return buffer.getvalue()
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from clipaudit.benchmark.collect import caption_corpus_vectors
-from clipaudit.report.summary import RunView
+from clipaudit.run_view import RunView
 from clipaudit.tcac_scoring import build_corpus, caption_pools
 
 log = logging.getLogger("clipaudit.benchmark")

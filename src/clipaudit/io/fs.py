@@ -71,19 +71,25 @@ def makedirs(path: str) -> None:
     fs.create_dir(inner, recursive=True)
 
 
-def write_text(path: str, text: str) -> None:
-    """Write a text file atomically where the filesystem allows (temp file + rename on local disks)."""
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a binary file whole, its folder created, atomically where the filesystem allows (temp file + rename
+    on local disks)."""
     fs, inner = _filesystem(path)
     parent = posixpath.dirname(inner) if is_remote(path) else os.path.dirname(inner)
     fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{inner}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
         os.replace(tmp, inner)
         return
     with fs.open_output_stream(inner) as stream:
-        stream.write(text.encode("utf-8"))
+        stream.write(data)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a UTF-8 text file as :func:`write_bytes` does."""
+    write_bytes(path, text.encode("utf-8"))
 
 
 def read_text(path: str) -> str:

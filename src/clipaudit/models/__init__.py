@@ -11,7 +11,8 @@ See :mod:`clipaudit.models.registry` for the spec forms and :mod:`clipaudit.mode
 from .base import LoadedModel, l2_normalise
 from .errors import ModelSpecError, ModelUnavailableError
 from .preprocess import Preprocess
-from .registry import ResolvedModel, parse_spec, resolve_model
+from .registry import parse_spec, resolve_model
+from .resolved import ResolvedModel
 
 __all__ = [
     "LoadedModel",

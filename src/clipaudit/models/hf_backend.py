@@ -50,7 +50,8 @@ from .errors import ModelSpecError, ModelUnavailableError
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, Preprocess
 
 if TYPE_CHECKING:
-    from .registry import ResolvedModel
+    from .base import LoadedModel
+    from .resolved import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,10 @@ class HfTarget:
     def random(self) -> bool:
         """True when built from a config with random weights (no ``source`` to load, nothing packaged)."""
         return not self.source and not self.packaged
+
+    def load(self, resolved: ResolvedModel, device: str) -> LoadedModel:
+        """Load or build the model on ``device`` (see :func:`load`)."""
+        return load(resolved, self, device)
 
 
 def family_defaults(family: str, image_size: int = 224) -> Preprocess:

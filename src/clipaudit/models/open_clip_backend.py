@@ -38,7 +38,8 @@ from .errors import ModelSpecError, ModelUnavailableError
 from .preprocess import Preprocess
 
 if TYPE_CHECKING:
-    from .registry import ResolvedModel
+    from .base import LoadedModel
+    from .resolved import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ class OpenClipTarget:
     random: bool = False
     packaged: str | None = None
     """``probe-clip``: the architecture's seeded initialisation, then this weights file (:mod:`.packaged`)."""
+
+    def load(self, resolved: ResolvedModel, device: str) -> LoadedModel:
+        """Build the model on ``device`` (see :func:`load`)."""
+        return load(resolved, self, device)
 
 
 def parse(spec: str, body: str) -> tuple[str, str]:

@@ -37,7 +37,8 @@ from .errors import ModelSpecError
 from .preprocess import Preprocess
 
 if TYPE_CHECKING:
-    from .registry import ResolvedModel
+    from .base import LoadedModel
+    from .resolved import ResolvedModel
 
 DEFAULT_IMAGE_SIZE = 224
 
@@ -48,6 +49,10 @@ class PluginTarget:
 
     module: str
     attr: str
+
+    def load(self, resolved: ResolvedModel, device: str) -> LoadedModel:
+        """Call the factory on ``device`` (see :func:`load`)."""
+        return load(resolved, self, device)
 
 
 def parse(spec: str, body: str) -> PluginTarget:

@@ -32,13 +32,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import hf_backend, open_clip_backend, packaged, plugin, tiny
-from .base import ROLES, LoadedModel, is_cuda
+from .base import ROLES
 from .errors import ModelSpecError, ModelUnavailableError
-from .preprocess import Preprocess
+from .resolved import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
@@ -74,59 +74,6 @@ def parse_spec(spec: str) -> ParsedSpec:
                 break
             return ParsedSpec(prefix[:-1], body)
     raise ModelSpecError(f"bad model spec {spec!r}: expected one of {SPEC_HELP}")
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A model named, checked and described on the driver; small and picklable (sent to Ray actors).
-
-    Attributes:
-        spec: the spec actually used (``tiny-clip`` after a fallback).
-        requested_spec: the spec the configuration asked for.
-        role: ``clip`` or ``reference``.
-        preprocess: what ``encode_images`` expects: ``preprocess(image)`` outputs stacked on axis 0.
-        is_random: True for random weights (tiny models, ``random`` architectures, fallbacks): the findings
-            are meaningless.
-        dim: the embedding dimension when known without loading (None for ``python:`` plug-ins).
-        cache_dir: where weights are looked up (a Hugging Face hub cache directory); None: the default.
-        target: backend-specific description of what to load (internal).
-    """
-
-    spec: str
-    requested_spec: str
-    role: str
-    preprocess: Preprocess
-    is_random: bool
-    dim: int | None = None
-    cache_dir: str | None = None
-    target: Any = field(default=None, repr=False)
-
-    def load(self, device: str = "cpu") -> LoadedModel:
-        """Build or load the weights on ``device`` (``cpu``, ``cuda``, ``cuda:N``); call once per actor.
-
-        On CUDA the model runs in fp16; outputs are always float32 numpy arrays with unit rows.
-        Raises ModelUnavailableError when the weights cannot be had on this machine.
-        """
-        if is_cuda(device):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise RuntimeError(f"{self.spec}: device {device!r} requested but CUDA is not available")
-        start = time.perf_counter()
-        target = self.target
-        if isinstance(target, open_clip_backend.OpenClipTarget):
-            model: LoadedModel = open_clip_backend.load(self, target, device)
-        elif isinstance(target, hf_backend.HfTarget):
-            model = hf_backend.load(self, target, device)
-        elif isinstance(target, plugin.PluginTarget):
-            model = plugin.load(self, target, device)
-        else:
-            raise TypeError(f"{self.spec}: nothing to load (make ResolvedModel with resolve_model)")
-        if self.dim is not None and model.dim != self.dim:
-            raise RuntimeError(f"{self.spec}: loaded a model of dimension {model.dim}, expected {self.dim}")
-        logger.info("loaded %s (%s, dim %d) on %s in %.1f s", self.spec, self.role, model.dim, device,
-                    time.perf_counter() - start)
-        return model
 
 
 def _resolve_exact(spec: str, role: str, cache_dir: str | None) -> ResolvedModel:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from clipaudit.report.html import Markup, join, num, table, tag
-from clipaudit.report.summary import RunView
+from clipaudit.run_view import RunView
 
 ANCHOR = "benchmark"
 TITLE = "Benchmark: export the findings, score any model"

@@ -118,3 +118,32 @@ def model_bars(names: Sequence[str], values: Sequence[float | None], label: str,
     axes.set_xlabel(label, fontsize=9)
     axes.spines[["top", "right"]].set_visible(False)
     return _png(figure)
+
+
+def severity_chart(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], label: str,
+                   share: bool = False, top: float | None = None) -> bytes:
+    """Severity curves: one panel per corruption, the figure against the severity level (1 mild to 5 severe), one
+    line per model (``curves``: model -> corruption -> (level, value) points)."""
+    plt = _pyplot()
+    corruptions = list(dict.fromkeys(c for per_model in curves.values() for c in per_model))
+    figure, panels = plt.subplots(1, max(1, len(corruptions)), figsize=(2.3 * max(1, len(corruptions)) + 0.6, 2.8),
+                                  sharey=True, squeeze=False)
+    for axes, corruption in zip(panels[0], corruptions):
+        for model, per_model in curves.items():
+            points = per_model.get(corruption) or []
+            if points:
+                name = (model if len(model) <= 30 else "\u2026" + model[-29:]).replace("$", r"\$")
+                axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", linewidth=1.5, label=name)
+        axes.set_title(corruption.replace("_", " "), fontsize=9)
+        axes.set_xlabel("severity", fontsize=8)
+        axes.set_xticks([1, 2, 3, 4, 5])
+        axes.set_xlim(0.6, 5.4)
+        if share:
+            axes.set_ylim(0, 1)
+        elif top is not None:
+            axes.set_ylim(0, top)
+        axes.spines[["top", "right"]].set_visible(False)
+    panels[0][0].set_ylabel(label, fontsize=8)
+    if len(curves) > 1:
+        panels[0][-1].legend(fontsize=7, frameon=False)
+    return _png(figure)

@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from clipaudit.records import SAMPLES
-from clipaudit.report.summary import RunView, load_summary
+from clipaudit.report.summary import load_summary
+from clipaudit.run_view import RunView
 
 _COUNTS = ("in", "embedded", "rejected", "rejects", "captions_embedded")
 _DAF = ("mean_overlap", "median_overlap", "chance_overlap", "alignment_over_chance", "null_p_value", "cases",

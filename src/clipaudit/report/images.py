@@ -1,11 +1,11 @@
 """Thumbnails for the report: small JPEG files under ``report/thumbs/``, one per (image, transform) shown.
 
-Images are read and decoded as the embed stage does (:func:`clipaudit.stages.embed_batches.read_image_bytes`,
-:func:`~clipaudit.stages.embed_batches.decode_image`: EXIF orientation, RGB, pixel bound). A TCAC image is
+Images are read and decoded as the embed stage does (:func:`clipaudit.io.images.read_image_bytes`,
+:func:`~clipaudit.io.images.decode_image`: EXIF orientation, RGB, pixel bound). A TCAC image is
 re-created from the recorded parameters: the ``params`` column (what was drawn) and the ``settings`` column (the
 configured ranges, interpolation and fill, and under ``input`` the model's resize) of ``tcac_cases``. The image is
 resized as TCAC resized it (:func:`clipaudit.model_view.resize_for_model`, the model's resolution before its
-crop) and transformed by :func:`clipaudit.transforms.apply_params`, the kernel the TCAC actor applies to its
+crop) and transformed by :func:`clipaudit.transforms.recreate_transformed`, the kernel the TCAC actor applies to its
 batches: the pixels TCAC scored, shown whole (before the crop); only then is it shrunk. Rows written before
 ``settings`` recorded the input were transformed at full size, and are re-created so. Work runs in a thread pool
 (reads from object stores wait on the network, not the CPU). An image that cannot be read is shown as a grey box,
@@ -14,13 +14,9 @@ not a broken image.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
-import json
 import logging
-import os
-import posixpath
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,83 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 from clipaudit.io import fs
 from clipaudit.report.html import Markup, tag
-from clipaudit.transforms import TransformParams
+from clipaudit.transforms import TransformParams, input_from, recreate_transformed, transform_params_from
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from clipaudit.models import Preprocess
 
 log = logging.getLogger("clipaudit.report")
 
 THUMBS_DIR = "thumbs"
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    """Write a binary file, local or on an object store (through pyarrow's filesystems, as :mod:`clipaudit.io.fs`)."""
-    if fs.is_remote(path):
-        import pyarrow.fs as pafs
-
-        filesystem, inner = pafs.FileSystem.from_uri(path)
-        filesystem.create_dir(posixpath.dirname(inner), recursive=True)
-        with filesystem.open_output_stream(inner) as stream:
-            stream.write(data)
-        return
-    local = os.path.abspath(path.removeprefix("file://"))
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    tmp = f"{local}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, local)
-
-
-def transform_params_from(transform: str, settings_json: str | None, fallback: TransformParams) -> TransformParams:
-    """The configured parameters a ``tcac_cases`` row was made with (its ``settings`` JSON), or ``fallback`` where
-    the row does not say or says something this version cannot read."""
-    try:
-        values = json.loads(settings_json or "{}").get("params")
-        if not isinstance(values, dict):
-            return fallback
-        section = type(fallback.of(transform))(**values)
-        return dataclasses.replace(fallback, **{transform: section})
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return fallback
-
-
-def input_from(settings_json: str | None) -> Preprocess | None:
-    """The model resize a ``tcac_cases`` row was transformed after (its ``settings`` JSON's ``input``), as a
-    :class:`~clipaudit.models.Preprocess` (its normalisation unused); None where the row does not say."""
-    from clipaudit.models import Preprocess
-
-    try:
-        values = json.loads(settings_json or "{}").get("input")
-        if not isinstance(values, dict):
-            return None
-        known = {f.name for f in dataclasses.fields(Preprocess)}
-        extra = {key: values[key] for key in ("resize_mode", "style") if key in values and key in known}
-        return Preprocess(int(values["image_size"]), int(values["resize_size"]), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
-                          str(values["interpolation"]), **extra)
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
-
-
-def recreate_transformed(image: Image.Image, transform: str, params_json: str | None,
-                         params: TransformParams, model_input: Preprocess | None = None) -> Image.Image:
-    """Apply transform ``transform`` with the drawn parameters ``params_json`` (the ``params`` column) to an RGB
-    image exactly as TCAC did: resized as ``model_input`` resizes (before its crop; None: at full size), then
-    :func:`clipaudit.transforms.apply_params`."""
-    import numpy as np
-    import torch
-    from torchvision.transforms.v2 import functional as F
-
-    from clipaudit.model_view import resize_for_model
-    from clipaudit.transforms import apply_params
-
-    drawn = json.loads(params_json or "{}")
-    rgb = image.convert("RGB") if image.mode != "RGB" else image
-    pixels = resize_for_model(rgb, model_input) if model_input is not None else np.array(rgb, dtype=np.uint8)
-    tensor = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)
-    return F.to_pil_image(apply_params(tensor, transform, drawn, params).contiguous())
 
 
 def at_display_size(picture: Image.Image, original: Image.Image) -> Image.Image:
@@ -197,7 +125,7 @@ class Thumbnails:
     def _make_image(self, image_id: str, uri: str | None,
                     requests: list[ThumbRequest]) -> dict[str, Thumb | None]:
         """Read and decode one image once, then make all its thumbnails (the original and its transforms)."""
-        from clipaudit.stages.embed_batches import ImageRejected, decode_image, read_image_bytes
+        from clipaudit.io.images import ImageRejected, decode_image, read_image_bytes
 
         if uri is None:
             return self._fail(requests, "not in the samples table")
@@ -215,7 +143,7 @@ class Thumbnails:
                                                                    params, input_from(request.settings)), image)
                 data, width, height = shrink(picture, self.long_side, self.quality)
                 name = f"{THUMBS_DIR}/{request.key}.jpg"
-                write_bytes(fs.join(self.report_dir, *name.split("/")), data)
+                fs.write_bytes(fs.join(self.report_dir, *name.split("/")), data)
                 self.bytes_written += len(data)
                 out[request.key] = Thumb(name, width, height)
             except Exception as exc:  # noqa: BLE001 - one bad thumbnail must not cost the whole report

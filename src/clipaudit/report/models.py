@@ -20,10 +20,11 @@ from clipaudit.io import fs
 from clipaudit.records import DAF_CASES, NEIGHBOURS
 from clipaudit.report import charts
 from clipaudit.report.html import Markup, join, num, page, pct, seconds, table, tag
-from clipaudit.report.images import Thumbnails, write_bytes
+from clipaudit.report.images import Thumbnails
 from clipaudit.report.render import missing
-from clipaudit.report.summary import RunView, in_filter
+from clipaudit.run_view import RunView, in_filter
 from clipaudit.transforms import TransformParams
+from clipaudit.transforms.severities import level_curve
 
 CHARTS_DIR = "charts"
 FLIP = "top1_flip_rate_"
@@ -106,7 +107,7 @@ class ModelsIndexBuilder:
 
     def _chart(self, name: str, png: bytes, alt: str) -> Markup:
         path = f"{CHARTS_DIR}/{name}.png"
-        write_bytes(fs.join(self.report_dir, CHARTS_DIR, f"{name}.png"), png)
+        fs.write_bytes(fs.join(self.report_dir, CHARTS_DIR, f"{name}.png"), png)
         self.charts.append(path)
         return tag("img", src=path, alt=alt, class_="chart")
 
@@ -162,9 +163,27 @@ class ModelsIndexBuilder:
                 images.append(self._chart(f"leaderboard_{key}", charts.model_bars(names, series, label, share),
                                           label))
             parts.append(tag("div", images, class_="chart-row"))
+            parts.extend(self._severities())
             return join(parts)
 
         return render
+
+    def _severities(self) -> list[Any]:
+        """Each model's caption-shift curve per graded corruption (nothing when no model was graded)."""
+        per_model = self.summary.get("per_model") or {}
+        curves = {spec: level_curve((name, t.get("mean_changed"))
+                                    for name, t in (((per_model.get(spec) or {}).get("tcac") or {})
+                                                    .get("transforms") or {}).items())
+                  for spec in self.specs}
+        curves = {spec: curve for spec, curve in curves.items() if curve}
+        if not curves:
+            return []
+        return [tag("h3", "Graded corruptions: caption shift per severity level", id="severities"),
+                tag("p", "Mean number of top-k captions that change once the image is degraded, at severity 1 "
+                         "(mild) to 5 (severe); flatter is more robust. The leaderboard's corruption columns are "
+                         "the means over the levels.", class_="muted"),
+                self._chart("leaderboard_severity_shift", charts.severity_chart(curves, "mean captions changed"),
+                            "caption shift per severity level, per model")]
 
     # -- where the models disagree ------------------------------------------------------------------------------
 

@@ -23,12 +23,13 @@ from clipaudit.records import BLIND_PAIRS, DAF_CASES, FAILURE_CHECKS, TCAC_CASES
 from clipaudit.report import charts
 from clipaudit.report.benchmark_section import benchmark_section
 from clipaudit.report.html import Markup, join, num, page, pct, seconds, table, tag
-from clipaudit.report.images import Thumbnails, write_bytes
+from clipaudit.report.images import Thumbnails
 from clipaudit.report.probe_section import probe_section
 from clipaudit.report.probe_truth import probe_scenes, truth_of_pairs
-from clipaudit.report.summary import RunView
 from clipaudit.report.taxonomy_section import evidence_pairs, taxonomy_section
-from clipaudit.transforms import TransformParams
+from clipaudit.run_view import RunView
+from clipaudit.transforms import TransformParams, is_graded
+from clipaudit.transforms.severities import level_curve, most_severe
 
 log = logging.getLogger("clipaudit.report")
 
@@ -136,7 +137,7 @@ class ReportBuilder:
     def _chart(self, name: str, png: bytes, alt: str) -> Markup:
         name = f"{self.chart_prefix}{name}"
         path = f"{CHARTS_DIR}/{name}.png"
-        write_bytes(fs.join(self.report_dir, CHARTS_DIR, f"{name}.png"), png)
+        fs.write_bytes(fs.join(self.report_dir, CHARTS_DIR, f"{name}.png"), png)
         self.charts.append(path)
         return tag("img", src=path, alt=alt, class_="chart")
 
@@ -326,21 +327,23 @@ class ReportBuilder:
             parts.append(tag("p", "Each image is transformed; CLIP ranks a pool of captions (the image's own and their "
                                   "nearest corpus captions) before and after. A robust model keeps its top captions: "
                                   "many changes mean CLIP's reading of the image moved.", class_="muted"))
-            names = list(transforms)
-            parts.append(table(
-                ["transform", "images", f"mean changed (top {top_k or 'k'})", "top-1 changed", "own caption R@1",
-                 "R@5", "R@10", "mean TV shift", "cases (DAF too)"],
-                [(name, num(t.get("images")), num(t.get("mean_changed"), 2), pct(t.get("top1_changed_share")),
-                  f"{pct(t.get('recall_at_1_before'))} \u2192 {pct(t.get('recall_at_1_after'))}",
-                  f"{pct(t.get('recall_at_5_before'))} \u2192 {pct(t.get('recall_at_5_after'))}",
-                  f"{pct(t.get('recall_at_10_before'))} \u2192 {pct(t.get('recall_at_10_after'))}",
-                  num(t.get("mean_tv_distance")), f"{num(t.get('cases'))} ({num(t.get('daf_cases'))})")
-                 for name, t in transforms.items()], class_="tcac-summary"))
+            names = [name for name in transforms if not is_graded(name)]
             if names:
+                parts.append(table(
+                    ["transform", "images", f"mean changed (top {top_k or 'k'})", "top-1 changed", "own caption R@1",
+                     "R@5", "R@10", "mean TV shift", "cases (DAF too)"],
+                    [(name, num(t.get("images")), num(t.get("mean_changed"), 2), pct(t.get("top1_changed_share")),
+                      f"{pct(t.get('recall_at_1_before'))} \u2192 {pct(t.get('recall_at_1_after'))}",
+                      f"{pct(t.get('recall_at_5_before'))} \u2192 {pct(t.get('recall_at_5_after'))}",
+                      f"{pct(t.get('recall_at_10_before'))} \u2192 {pct(t.get('recall_at_10_after'))}",
+                      num(t.get("mean_tv_distance")), f"{num(t.get('cases'))} ({num(t.get('daf_cases'))})")
+                     for name, t in ((n, transforms[n]) for n in names)], class_="tcac-summary"))
                 parts.append(self._chart("tcac_transforms", charts.transform_chart(
                     names, [transforms[t].get("mean_changed") for t in names],
                     [transforms[t].get("top1_changed_share") for t in names], top_k), "per-transform robustness"))
-            for name in names:
+            parts.extend(self._severities(transforms, top_k))
+            shown = names + [name for name in transforms if is_graded(name) and name in most_severe(transforms)]
+            for name in shown:
                 rows = by_transform.get(name) or []
                 if not rows:
                     continue
@@ -349,6 +352,35 @@ class ReportBuilder:
             return join(parts)
 
         return render
+
+    def _severities(self, transforms: dict[str, dict[str, Any]], top_k: int | None) -> list[Any]:
+        """The graded corruptions: caption shift and the own caption's R@1 against the severity level, as curves
+        and as a table (nothing when the run graded none)."""
+        shift = level_curve((name, t.get("mean_changed")) for name, t in transforms.items())
+        if not shift:
+            return []
+        recall = level_curve((name, t.get("recall_at_1_after")) for name, t in transforms.items())
+        levels = sorted({level for points in shift.values() for level, _ in points})
+        cells = {(c, level): v for c, points in shift.items() for level, v in points}
+        recall_cells = {(c, level): v for c, points in recall.items() for level, v in points}
+        return [
+            tag("h3", "Graded corruptions: how the captions drift as the image degrades", id="severities"),
+            tag("p", "JPEG, downscaling, blur, noise and brightness at severity levels 1 (mild) to 5 (severe), as "
+                     "ImageNet-C grades them. A robust model's curves stay flat: the caption shift (top-"
+                     f"{top_k or 'k'} captions that changed) near 0 and the own caption's R@1 near its value on "
+                     "the original.", class_="muted"),
+            self._chart("tcac_severity_shift", charts.severity_chart(
+                {"": shift}, f"mean changed (top {top_k or 'k'})", top=float(top_k) if top_k else None),
+                "caption shift per severity level"),
+            self._chart("tcac_severity_recall", charts.severity_chart({"": recall}, "own caption R@1", share=True),
+                        "own caption R@1 per severity level"),
+            table(["corruption", *(f"level {level}" for level in levels)],
+                  [(corruption, *(f"{num(cells.get((corruption, level)), 2)} / "
+                                  f"{pct(recall_cells.get((corruption, level)))}" for level in levels))
+                   for corruption in shift], class_="tcac-severity"),
+            tag("p", "Cells: mean captions changed / own caption R@1. Cases are shown below for the most severe "
+                     "level of each corruption.", class_="muted"),
+        ]
 
     def _tcac_case(self, row: dict[str, Any]) -> Markup:
         shown = self.cfg.top_captions

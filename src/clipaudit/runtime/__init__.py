@@ -1,6 +1,6 @@
 """Where work is scheduled: the one package that imports Ray for scheduling.
 
-Stages describe their work as plain batch functions (see :mod:`clipaudit.stages.embed_batches`) and hand them to
+Stages describe their work as plain batch functions (see :mod:`clipaudit.batches.embed`) and hand them to
 a runner; everything Ray-specific lives here, one module per job:
 
 * :mod:`~clipaudit.runtime.session`: joining or starting Ray;

@@ -1,6 +1,6 @@
 """Why a distributed run failed: a row, a lost node, or the cluster itself.
 
-:func:`~clipaudit.stages.isolation.bisect_stream` reruns the rows of a failed run; what it does depends on the
+:func:`~clipaudit.batches.isolation.bisect_stream` reruns the rows of a failed run; what it does depends on the
 answer of a :class:`FailureClassifier`:
 
 * **infrastructure** (the stage stops, no row is written as a reject): clipaudit's own cluster errors (a
@@ -25,8 +25,8 @@ import socket
 import time
 from collections.abc import Iterator
 
+from clipaudit.batches.isolation import INFRASTRUCTURE, NODE_LOST, ROW, FailureKind
 from clipaudit.errors import ClipauditError
-from clipaudit.stages.isolation import INFRASTRUCTURE, NODE_LOST, ROW, FailureKind
 
 CONNECT_TIMEOUT_S = 1.0
 """How long a raylet's port is given to accept a connection before its node counts as gone."""

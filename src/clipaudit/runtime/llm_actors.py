@@ -234,7 +234,7 @@ def map_llm_ray(requests: Sequence[LLMRequest], llm: LLMConfig, api_key: str,
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from clipaudit.stages.isolation import InfrastructureError
+    from clipaudit.batches.isolation import InfrastructureError
 
     unique = _unique_requests(requests)
     if not unique:

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from clipaudit.batches.embed import Batch, ImageEncoder, TextEncoder, prepare_images
+from clipaudit.batches.isolation import LOST_BEFORE, bisect_stream
 from clipaudit.placement import Placement, PoolRequest
 from clipaudit.runtime.capacity import Capacity
 from clipaudit.runtime.failures import FailureClassifier
 from clipaudit.runtime.llm_actors import map_llm_local, map_llm_ray
 from clipaudit.runtime.session import ray_session
 from clipaudit.runtime.topk import TopkSearch
-from clipaudit.stages.embed_batches import Batch, ImageEncoder, TextEncoder, prepare_images
-from clipaudit.stages.isolation import LOST_BEFORE, bisect_stream
 
 if TYPE_CHECKING:
     from clipaudit.config import Config, EmbedConfig, LLMConfig, NeighboursConfig, RayConfig, TcacConfig
@@ -35,7 +35,7 @@ log = logging.getLogger("clipaudit.runtime")
 
 warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
 """The bounded retries of the Ray maps (``max_retries`` of the tasks, ``max_restarts=0`` of the actors: see
-:mod:`clipaudit.stages.isolation`) have no named parameter in Ray 2.60's ``map_batches`` and go through its
+:mod:`clipaudit.batches.isolation`) have no named parameter in Ray 2.60's ``map_batches`` and go through its
 deprecated ``**ray_remote_args``; its notice says nothing a user can act on."""
 
 
@@ -96,7 +96,7 @@ class LocalRunner:
                         embed: EmbedConfig) -> Iterator[Batch]:
         """tcac: decode and resize each image of ``todo`` (image_id, uri, transforms) once, then transform in
         batches, crop and embed with CLIP."""
-        from clipaudit.stages.tcac_batches import TransformedEncoder, images_per_task, prepare_resized
+        from clipaudit.batches.tcac import TransformedEncoder, images_per_task, prepare_resized
 
         encoder = TransformedEncoder(model, tcac, "cpu", embed.torch_threads)
         per_task = images_per_task(embed.batch_size, len(tcac.transforms) + 1)
@@ -164,7 +164,7 @@ class RayRunner:
 
     def map_images(self, todo: pa.Table, models: dict[str, ResolvedModel], embed: EmbedConfig) -> Iterator[Batch]:
         """Prepare ``todo`` as CPU tasks, embed it in one actor pool per model, stream the batches back; rows
-        behind a run that fails are isolated (:func:`~clipaudit.stages.isolation.bisect_stream`)."""
+        behind a run that fails are isolated (:func:`~clipaudit.batches.isolation.bisect_stream`)."""
         return self._stream(lambda part: self._embed_images(part, models, embed), todo, "image_id")
 
     def _embed_images(self, todo: pa.Table, models: dict[str, ResolvedModel], embed: EmbedConfig) -> Iterator[Batch]:
@@ -220,7 +220,7 @@ class RayRunner:
                              embed: EmbedConfig) -> Iterator[Batch]:
         import ray
 
-        from clipaudit.stages.tcac_batches import TransformedEncoder, images_per_task, prepare_resized
+        from clipaudit.batches.tcac import TransformedEncoder, images_per_task, prepare_resized
 
         placement = self.plan(embed, pools=1)
         per_task = images_per_task(embed.batch_size, len(tcac.transforms) + 1)

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from clipaudit.batches.isolation import InfrastructureError
 from clipaudit.placement import Placement, PlacementError, PoolRequest
-from clipaudit.stages.isolation import InfrastructureError
 
 if TYPE_CHECKING:
     from clipaudit.config import NeighboursConfig

@@ -12,7 +12,7 @@ Plans what is left to do from the tables (so a re-run or a resumed run skips fin
 work to a runner (Ray or in-process) and is the single writer of the results: vectors into
 ``image_embeddings_clip`` / ``image_embeddings_reference`` / ``caption_embeddings``, unusable images and
 captions whose forward failed into ``rejects`` (the batch functions never raise for one row: see
-:mod:`clipaudit.stages.embed_batches`). Writes go through :meth:`RunTables.insert_new`, keyed, so nothing is ever
+:mod:`clipaudit.batches.embed`). Writes go through :meth:`RunTables.insert_new`, keyed, so nothing is ever
 written twice. The stage fails only when it rejected more than ``embed.max_reject_share`` of the images it tried
 (:mod:`clipaudit.stages.reject_limit`).
 """
@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
+from clipaudit.batches.embed import OK, Batch
+from clipaudit.batches.isolation import LOST_BEFORE, LOST_FLAG, reopen_retryable
 from clipaudit.errors import ClipauditError
 from clipaudit.io.tables import sql_string
 from clipaudit.records import (
@@ -46,8 +48,6 @@ from clipaudit.records import (
     vector_array,
     with_clip_model,
 )
-from clipaudit.stages.embed_batches import OK, Batch
-from clipaudit.stages.isolation import LOST_BEFORE, LOST_FLAG, reopen_retryable
 from clipaudit.stages.reject_limit import check_reject_share
 from clipaudit.stages.upstream import empty_input_message
 

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from clipaudit.io import fs
-from clipaudit.io.readers import list_files, open_binary, progress, read_corpus, reject
+from clipaudit.io.readers import read_corpus
+from clipaudit.io.readers.common import list_files, open_binary, progress, reject
 from clipaudit.records import (
     REJECTS,
     REJECTS_KEY,

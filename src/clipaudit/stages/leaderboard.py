@@ -45,6 +45,7 @@ from clipaudit.records import (
     TCAC_SUMMARY,
     StageStats,
 )
+from clipaudit.transforms.severities import parse_graded
 
 if TYPE_CHECKING:
     from clipaudit.config import Config
@@ -105,15 +106,27 @@ def alignment(view: ModelTables, config: Config) -> dict[str, Any]:
             "chance_overlap": figures[0]["chance_overlap"], "overlap_p_value": max(p_values) if p_values else None}
 
 
+def measured_transforms(transforms: list[str]) -> list[str]:
+    """The leaderboard's transform columns: each of the paper's transforms, and each graded corruption once (its
+    columns are the means over its levels)."""
+    return list(dict.fromkeys((parse_graded(t) or (t, 0))[0] for t in transforms))
+
+
 def transform_measures(view: ModelTables, transforms: list[str]) -> dict[str, float | None]:
-    """The per-transform TCAC columns of one model from its ``tcac_summary`` rows (null where missing)."""
-    out: dict[str, float | None] = {f"{prefix}_{t}": None for t in transforms for prefix in TRANSFORM_MEASURES}
+    """The per-transform TCAC columns of one model from its ``tcac_summary`` rows (null where missing); a graded
+    corruption's columns average its levels' rows."""
+    columns = measured_transforms(transforms)
+    values: dict[str, list[float]] = {}
     summary = view.read(TCAC_SUMMARY) if view.exists(TCAC_SUMMARY) else None
     for row in summary.to_pylist() if summary is not None else []:
-        if row["transform"] in transforms:
-            for prefix, column in TRANSFORM_MEASURES.items():
-                out[f"{prefix}_{row['transform']}"] = row.get(column)
-    return out
+        if row["transform"] not in transforms:
+            continue
+        column = (parse_graded(row["transform"]) or (row["transform"], 0))[0]
+        for prefix, measure in TRANSFORM_MEASURES.items():
+            if row.get(measure) is not None:
+                values.setdefault(f"{prefix}_{column}", []).append(float(row[measure]))
+    return {f"{prefix}_{t}": (sum(v) / len(v) if (v := values.get(f"{prefix}_{t}")) else None)
+            for t in columns for prefix in TRANSFORM_MEASURES}
 
 
 def validation_rate(view: ModelTables) -> float | None:
@@ -151,7 +164,7 @@ def rank_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def build_leaderboard(config: Config, tables: RunTables) -> pa.Table:
     """The ranked ``leaderboard`` of every CLIP-role model of ``config``."""
     rows = [model_row(tables.for_clip_model(spec), config) for spec in config.models.clip_models]
-    schema = leaderboard_schema(config.tcac.transforms)
+    schema = leaderboard_schema(measured_transforms(config.tcac.transforms))
     ranked = rank_rows(rows)
     return pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in ranked], schema=schema)
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from clipaudit.io import fs
 from clipaudit.records import StageStats
-from clipaudit.report.summary import SUMMARY_FILE, RunView, build_summary, history_path
+from clipaudit.report.summary import SUMMARY_FILE, build_summary, history_path
+from clipaudit.run_view import RunView
 from clipaudit.runs import current_run_id
 
 if TYPE_CHECKING:
@@ -33,8 +35,9 @@ def report_path(run_dir: str) -> str:
     return fs.join(run_dir, REPORT_DIR, INDEX)
 
 
-def run_report(config: Config, tables: RunTables, run_id: str | None = None) -> StageStats:
-    """Write the report and the summary of ``config.run_dir``; returns counts and timings."""
+def run_report(config: Config, tables: RunTables, stages: Sequence[str], run_id: str | None = None) -> StageStats:
+    """Write the report and the summary of ``config.run_dir``; returns counts and timings. ``stages``: the
+    pipeline's stage names, in order (the summary says of each whether it ran)."""
     from clipaudit.report.models import ModelsIndexBuilder
     from clipaudit.report.render import ReportBuilder, unused_thumbs
 
@@ -42,7 +45,7 @@ def run_report(config: Config, tables: RunTables, run_id: str | None = None) -> 
     started = time.perf_counter()
     run_id = run_id or current_run_id(config.run_dir)
     view = RunView(config.run_dir, tables=tables)
-    summary = build_summary(view, run_id)
+    summary = build_summary(view, run_id, stages)
     for part in [summary, *(summary.get("per_model") or {}).values()]:
         part["stages"][STAGE] = {"ran": True, "output": True, "seconds": None, "summary": "this report"}
     stats.add_time("summary", time.perf_counter() - started)

@@ -115,7 +115,7 @@ def _leaderboard(ctx: StageContext) -> StageStats:
 def _report(ctx: StageContext) -> StageStats:
     from clipaudit.stages.report import run_report
 
-    return run_report(ctx.config, ctx.tables)
+    return run_report(ctx.config, ctx.tables, STAGES)
 
 
 STAGE_TABLE: tuple[Stage, ...] = (

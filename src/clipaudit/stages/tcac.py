@@ -29,6 +29,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
+from clipaudit.batches.embed import OK, Batch
+from clipaudit.batches.isolation import LOST_BEFORE, LOST_FLAG, reopen_retryable
+from clipaudit.batches.tcac import ORIGINAL
 from clipaudit.errors import ClipauditError
 from clipaudit.records import (
     CAPTION_EMBEDDINGS,
@@ -45,10 +48,7 @@ from clipaudit.records import (
     TCAC_SUMMARY_SCHEMA,
     StageStats,
 )
-from clipaudit.stages.embed_batches import OK, Batch
-from clipaudit.stages.isolation import LOST_BEFORE, LOST_FLAG, reopen_retryable
 from clipaudit.stages.reject_limit import check_reject_share
-from clipaudit.stages.tcac_batches import ORIGINAL
 from clipaudit.stages.upstream import empty_input_message, model_view
 from clipaudit.tcac_scoring import (
     CaptionCorpus,
@@ -106,8 +106,11 @@ def resolve_clip(config: Config) -> ResolvedModel:
 def settings_for(tcac: TcacConfig, transform: str, preprocess: Preprocess) -> str:
     """JSON of everything configured that a row of ``transform`` depends on (the ``settings`` column): the tcac
     settings and, under ``input``, the model's resize (the resolution the transform was applied at)."""
+    from clipaudit.transforms.severities import graded_settings, is_graded
+
+    params = graded_settings(transform) if is_graded(transform) else tcac.params.values(transform)
     return json.dumps({"seed": tcac.seed, "pool_neighbours": tcac.pool_neighbours, "top_k": tcac.top_k,
-                       "params": tcac.params.values(transform), "input": input_settings(preprocess)},
+                       "params": params, "input": input_settings(preprocess)},
                       sort_keys=True)
 
 

@@ -18,7 +18,7 @@ similar as the most similar 1 % of unrelated caption pairs.
 Requests go through the same machinery as summarize (recorded in ``llm_calls``, cached, estimate printed,
 ``llm.dry_run`` honoured); the table is recomputed and replaced on every run. A caption the text tower cannot take
 (its forward raises alone, or gives NaN) drops its pair, not the stage: the forward is split in halves down to the
-failing captions (:func:`clipaudit.stages.isolation.run_isolated`), the pair is left out of ``pairs`` and
+failing captions (:func:`clipaudit.batches.isolation.run_isolated`), the pair is left out of ``pairs`` and
 counted as ``pairs_rejected``, and the first such error is logged.
 """
 
@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from clipaudit.batches.isolation import describe, run_isolated
 from clipaudit.errors import ClipauditError
 from clipaudit.io import failure_types
 from clipaudit.llm.parse import ParseError, _candidates, _load
 from clipaudit.llm.prompts import PAIRS_FORMAT, load_template, request_params
 from clipaudit.llm.requests import LLMRequest
 from clipaudit.records import CAPTION_EMBEDDINGS, FAILURE_CHECKS, FAILURE_CHECKS_SCHEMA, FAILURE_TYPES, StageStats
-from clipaudit.stages.isolation import describe, run_isolated
-from clipaudit.stages.summarize import LLMSession, PlannedCall
+from clipaudit.runtime.llm_session import LLMSession, PlannedCall
 from clipaudit.stages.upstream import empty_input_message, model_view
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from clipaudit.io import fs
-from clipaudit.io.readers import (
+from clipaudit.io.readers.common import (
     CsvRecord,
     IngestError,
     absolute,

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from clipaudit.io import fs
-from clipaudit.io.readers import (
+from clipaudit.io.hf_cache import cached_snapshot, hub_cache
+from clipaudit.io.readers.common import (
     IngestError,
     absolute,
     basename,
@@ -44,7 +45,6 @@ from clipaudit.io.readers import (
     progress,
     reject,
     require,
-    write_bytes,
 )
 from clipaudit.io.readers.manifest import BadCell, row_captions
 from clipaudit.records import Reject, Sample
@@ -55,23 +55,6 @@ if TYPE_CHECKING:
 DATA_SUFFIXES = (".parquet", ".arrow")
 _SIGNATURES = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG", ".png"), (b"GIF8", ".gif"), (b"RIFF", ".webp"),
                (b"BM", ".bmp"))
-
-
-def hub_cache() -> str:
-    """The Hugging Face hub cache folder, as ``huggingface_hub`` finds it."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    return os.path.join(home, "hub")
-
-
-def cached_snapshot(repo: str) -> str | None:
-    """The newest snapshot folder of dataset repo ``ORG/NAME`` in the hub cache, or None."""
-    folder = os.path.join(hub_cache(), "datasets--" + repo.replace("/", "--"), "snapshots")
-    if not os.path.isdir(folder):
-        return None
-    snapshots = sorted((os.path.getmtime(os.path.join(folder, s)), s) for s in os.listdir(folder))
-    return os.path.join(folder, snapshots[-1][1]) if snapshots else None
 
 
 def data_files(path: str, split: str | None) -> list[str]:
@@ -215,7 +198,7 @@ def read_hf_dataset(cfg: DatasetConfig, work_dir: str) -> Iterator[Sample | Reje
                 if data is not None:
                     uri = fs.join(extracted, stem, f"{row:06d}{image_extension(data)}")
                     if not fs.exists(uri):
-                        write_bytes(uri, data)
+                        fs.write_bytes(uri, data)
                         written += 1
                 elif uri is not None and not fs.is_remote(uri) and not os.path.isfile(uri):
                     yield reject(file, item, "missing_image", f"image {uri} not found")

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from clipaudit.io import fs
-from clipaudit.io.readers import (
+from clipaudit.io.readers.common import (
     FileEntry,
     IngestError,
     absolute,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from clipaudit.io import fs
-from clipaudit.io.readers import (
+from clipaudit.io.readers.common import (
     IngestError,
     absolute,
     clip_text,

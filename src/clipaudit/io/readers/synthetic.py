@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from clipaudit.io import fs
-from clipaudit.io.readers import absolute, log, progress, write_bytes
+from clipaudit.io.readers.common import absolute, log, progress
 from clipaudit.probe.scenes import corpus_spec, render_scene
 from clipaudit.records import Sample
 
@@ -33,7 +33,7 @@ def read_synthetic(cfg: DatasetConfig, work_dir: str) -> Iterator[Sample]:
         spec = corpus_spec(cfg.seed, index, variants)
         path = fs.join(folder, f"{index:05d}.png")
         if not fs.exists(path):
-            write_bytes(path, _png(render_scene(spec)))
+            fs.write_bytes(path, _png(render_scene(spec)))
             written += 1
         captions = spec.captions()
         yield Sample(image_id=f"scene_{cfg.seed}_{index:05d}", uri=path, captions=captions, caption=captions[0],

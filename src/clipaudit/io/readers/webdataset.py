@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
 from clipaudit.io.fs import TAR_SEPARATOR
-from clipaudit.io.readers import (
+from clipaudit.io.readers.common import (
     IMAGE_EXTENSIONS,
     IngestError,
     absolute,

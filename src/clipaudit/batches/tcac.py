@@ -7,13 +7,13 @@
    pixels and the drawn parameters.
 2. :class:`TransformedEncoder` (the CLIP actor) expands each image into its (image, transform) rows (with the
    identity, ``original``, where the image's CLIP vector is not stored yet), applies the transforms as batched
-   tensor operations on the actor's device (:func:`clipaudit.transform_kernels.transform_batch`, one call per
+   tensor operations on the actor's device (:func:`clipaudit.transforms.transform_batch`, one call per
    transform and image size), centre-crops, preprocesses exactly as the embed stage does, embeds, and hands back
    the model's ``logit_scale`` so the driver can turn cosines into CLIP probabilities.
 
 Nothing here raises for one bad row. An image that cannot be read, decoded or resized gets ``status`` = a reject
 reason on all its rows; a transform or a forward that raises (or gives a non-finite or misshapen vector) is split
-in halves down to the rows that fail alone (:func:`clipaudit.stages.isolation.run_isolated`), which get
+in halves down to the rows that fail alone (:func:`clipaudit.batches.isolation.run_isolated`), which get
 ``status`` ``transform_failed`` or ``forward_failed`` (``detail``: the transform, the exception type and its
 message); the rest of the batch goes on.
 """
@@ -26,17 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from clipaudit.batches.embed import FORWARD_FAILED, Batch, ImageEncoder
+from clipaudit.batches.isolation import describe, run_isolated, stack_vectors
+from clipaudit.io.images import ImageRejected, decode_image, read_image_bytes
 from clipaudit.model_view import center_crop_or_pad, model_inputs, resize_for_model
-from clipaudit.stages.embed_batches import (
-    FORWARD_FAILED,
-    OK,
-    Batch,
-    ImageEncoder,
-    ImageRejected,
-    decode_image,
-    read_image_bytes,
-)
-from clipaudit.stages.isolation import describe, run_isolated, stack_vectors
+from clipaudit.records import OK
 from clipaudit.transforms import generator_for, params_json, sample_params
 
 if TYPE_CHECKING:
@@ -210,7 +204,7 @@ class TransformedEncoder(ImageEncoder):
     def _apply(self, name: str, stack: torch.Tensor, members: list[int],
                rows: _Rows) -> list[torch.Tensor | None]:
         """Transform a stack in one call; if that raises, split in halves, rejecting the rows that raise alone."""
-        from clipaudit.transform_kernels import transform_batch
+        from clipaudit.transforms import transform_batch
 
         if name == ORIGINAL:
             return list(stack.unbind(0))

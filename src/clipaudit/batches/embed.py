@@ -12,101 +12,28 @@ failed, the exception's type and its message, and the rest of the batch goes on.
 preprocessing are per row (``missing``, ``zero_bytes``, ``not_an_image``, ``truncated``, ``undecodable``,
 ``too_large``; any other exception: ``unreadable``, ``undecodable`` or ``preprocess_failed``); a forward that
 raises, or gives a non-finite or misshapen vector, is split in halves down to the rows that fail alone
-(:func:`clipaudit.stages.isolation.run_isolated`), which become ``forward_failed``.
+(:func:`clipaudit.batches.isolation.run_isolated`), which become ``forward_failed``.
 """
 
 from __future__ import annotations
 
-import io
 import time
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clipaudit.io import fs
-from clipaudit.stages.isolation import describe, run_isolated, stack_vectors
+from clipaudit.batches.isolation import describe, run_isolated, stack_vectors
+from clipaudit.io.images import ImageRejected, decode_image, read_image_bytes
+from clipaudit.records import OK
 
 if TYPE_CHECKING:
-    from PIL import Image
 
     from clipaudit.models import Preprocess, ResolvedModel
 
 Batch = dict[str, np.ndarray]
-OK = "ok"
 FORWARD_FAILED = "forward_failed"
 PREPROCESS_FAILED = "preprocess_failed"
 _PHASE_REASONS = {"read": "unreadable", "decode": "undecodable", "preprocess": PREPROCESS_FAILED}
-_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
-                     b"RIFF")
-
-
-class ImageRejected(Exception):
-    """An image that cannot be embedded; ``reason`` is the reject code, the message the detail."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
-def read_image_bytes(uri: str) -> bytes:
-    """Read an image's bytes; a missing file or an empty one is an :class:`ImageRejected`."""
-    try:
-        data = fs.read_bytes(uri)
-    except FileNotFoundError as exc:
-        raise ImageRejected("missing", f"file not found: {uri}") from exc
-    except OSError as exc:
-        raise ImageRejected("unreadable", f"{uri}: {exc}") from exc
-    if not data:
-        raise ImageRejected("zero_bytes", f"{uri}: the file is empty")
-    return data
-
-
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode image bytes to an RGB PIL image: EXIF orientation applied, alpha composited on white,
-    16-bit, palette and CMYK images converted; more than ``max_pixels`` pixels is rejected before decoding."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageRejected("too_large",
-                                    f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}")
-            image.load()
-    except ImageRejected:
-        raise
-    except UnidentifiedImageError as exc:
-        if data.startswith(_IMAGE_SIGNATURES):
-            raise ImageRejected("undecodable", f"has an image signature but cannot be decoded: {exc}") from exc
-        raise ImageRejected("not_an_image", f"not a recognised image format ({len(data)} bytes)") from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected("too_large", str(exc)) from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        reason = "truncated" if "truncated" in str(exc).lower() else "undecodable"
-        raise ImageRejected(reason, f"{type(exc).__name__}: {exc}") from exc
-    return to_rgb(ImageOps.exif_transpose(image))
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB; transparency is composited on a white background."""
-    from PIL import Image
-
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max() if array.size and array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def prepare_images(batch: Batch, preprocessors: dict[str, Preprocess], max_pixels: int) -> Batch:

@@ -1,5 +1,5 @@
-"""Batched tensor kernels of the TCAC transforms: one call transforms a stack of same-size uint8 images, each row
-with its own drawn parameters, on the device the stack is on (the model actor's GPU when it has one).
+"""Batched tensor kernels of the paper's TCAC transforms: one call transforms a stack of same-size uint8 images, each
+row with its own drawn parameters, on the device the stack is on (the model actor's GPU when it has one).
 
 - ``grayscale``, ``hflip`` and ``invert`` are the ``torchvision.transforms.v2.functional`` ops applied to the
   whole stack (``hflip``/``invert`` only to the rows whose ``applied`` is true).
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from clipaudit.transforms import TransformParams
+    from clipaudit.transforms.params import TransformParams
 
 
 class TransformFailed(ValueError):
@@ -237,11 +237,11 @@ def _flag_rows(images: torch.Tensor, drawn: Sequence[dict[str, Any]], op: Any) -
     return out
 
 
-def transform_batch(images: torch.Tensor, name: str, drawn: Sequence[dict[str, Any]],
+def geometric_batch(images: torch.Tensor, name: str, drawn: Sequence[dict[str, Any]],
                     params: TransformParams) -> list[torch.Tensor]:
-    """Apply transform ``name`` to a uint8 ``(N, 3, H, W)`` stack, row ``i`` with the parameters ``drawn[i]`` of
-    :func:`clipaudit.transforms.sample_params`, on the stack's device. Returns the N transformed ``(3, H', W')``
-    images (the same size as the input except a rotation with ``expand``)."""
+    """Apply the paper's transform ``name`` to a uint8 ``(N, 3, H, W)`` stack, row ``i`` with the parameters
+    ``drawn[i]`` of :func:`clipaudit.transforms.sample_params`, on the stack's device. Returns the N transformed
+    ``(3, H', W')`` images (the same size as the input except a rotation with ``expand``)."""
     import torch
     from torchvision.transforms.v2 import functional as F
 

@@ -2,8 +2,8 @@
 raise alone, so that one bad row becomes one reject and the rest of the batch is still computed.
 
 :func:`run_isolated` is plain Python (no Ray, no torch). The model actors use it around their forwards
-(:class:`~clipaudit.stages.embed_batches.ImageEncoder`, :class:`~clipaudit.stages.embed_batches.TextEncoder`,
-:class:`~clipaudit.stages.tcac_batches.TransformedEncoder`) and around the transforms; a batch that fails as a
+(:class:`~clipaudit.batches.embed.ImageEncoder`, :class:`~clipaudit.batches.embed.TextEncoder`,
+:class:`~clipaudit.batches.tcac.TransformedEncoder`) and around the transforms; a batch that fails as a
 whole for a reason that does not depend on one row (an out-of-memory error of a too-large batch) is recomputed in
 smaller parts the same way. Retries are bounded: a batch of ``n`` rows costs at most ``2n - 1`` calls (the nodes
 of a binary tree with ``n`` leaves); one bad row among ``n`` costs about ``2 log2(n)`` extra calls.
