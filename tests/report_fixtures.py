@@ -23,7 +23,7 @@ SCRIPT_CAPTION = "<script>alert(1)</script> a caption that tries to run a script
 LLM_MARKUP = '<img src=x onerror="alert(2)">'
 KEY_ENV = "CLIPAUDIT_REPORT_TEST_KEY"
 N_IMAGES = 14
-TRANSFORMS = ("grayscale", "hflip", "invert", "rotation")
+TRANSFORMS = ("grayscale", "hflip", "invert", "rotation", "gaussian_blur@2", "brightness@5")
 """The cheap transforms plus one resampling one (the report re-creates each from its recorded parameters)."""
 
 TYPES = {

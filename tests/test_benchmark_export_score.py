@@ -118,14 +118,18 @@ def assert_clip_benchmark_builds(results: Path, scores: dict) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     with open(csv_path, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 2 * 3
-    assert {row["task"] for row in rows} == {"clipaudit_pairs", "clipaudit_invariance", "clipaudit_text_pairs"}
+    assert len(rows) == 2 * 4
+    assert {row["task"] for row in rows} == {"clipaudit_pairs", "clipaudit_invariance", "clipaudit_text_pairs",
+                                             "clipaudit_severity"}
     for spec in (BLIND_SPEC, ALIGNED_SPEC):
         row = next(r for r in rows if r["task"] == "clipaudit_pairs" and r["model"] == spec)
         assert row["pretrained"] == "clipaudit" and row["language"] == "en"
         assert float(row["pair_accuracy"]) == pytest.approx(scores[spec]["pair_accuracy"]["value"])
         invariance = next(r for r in rows if r["task"] == "clipaudit_invariance" and r["model"] == spec)
         assert float(invariance["invariance_hflip"]) == pytest.approx(scores[spec]["invariance"]["hflip"]["value"])
+        severity = next(r for r in rows if r["task"] == "clipaudit_severity" and r["model"] == spec)
+        assert float(severity["pair_accuracy_gaussian_blur_5"]) == pytest.approx(
+            scores[spec]["pair_accuracy_by_severity"]["gaussian_blur"]["5"]["value"])
 
 
 def test_export_then_score_separates_the_colour_blind_model_from_an_aligned_one(audited, tmp_path, capsys):
@@ -151,9 +155,9 @@ def test_export_then_score_separates_the_colour_blind_model_from_an_aligned_one(
     out = tmp_path / "scores.json"
     results = tmp_path / "clip-benchmark"
     assert main(["score", bench, "--model", BLIND_SPEC, "--model", ALIGNED_SPEC, "--runner", "local",
-                 "--json", str(out), "--clip-benchmark-dir", str(results)]) == 0
+                 "--json", str(out), "--clip-benchmark-dir", str(results), "--severities", "1,5"]) == 0
     printed = capsys.readouterr().out
-    assert BLIND_SPEC in printed and "pair accuracy" in printed
+    assert BLIND_SPEC in printed and "pair accuracy" in printed and "pairs under gaussian_blur" in printed
     scores = json.loads(out.read_text())["models"]
     for spec in (BLIND_SPEC, ALIGNED_SPEC):
         figure = scores[spec]["pair_accuracy"]
@@ -162,6 +166,12 @@ def test_export_then_score_separates_the_colour_blind_model_from_an_aligned_one(
         assert set(scores[spec]["invariance"]) == {"grayscale", "hflip"}
         assert scores[spec]["text_separation"]["ci95"] is not None
     assert scores[ALIGNED_SPEC]["pair_accuracy"]["value"] >= 0.9
+    for spec in (BLIND_SPEC, ALIGNED_SPEC):
+        graded = scores[spec]["pair_accuracy_by_severity"]
+        assert set(graded) == {"jpeg", "downscale", "gaussian_blur", "gaussian_noise", "brightness"}
+        assert all(set(levels) == {"1", "5"} and all(f["n"] == len(pairs) for f in levels.values())
+                   for levels in graded.values())
+    assert scores[ALIGNED_SPEC]["pair_accuracy_by_severity"]["downscale"]["1"]["value"] >= 0.8
     assert scores[BLIND_SPEC]["pair_accuracy"]["value"] <= 0.1
     assert scores[ALIGNED_SPEC]["invariance"]["hflip"]["value"] == 1.0
     assert scores[ALIGNED_SPEC]["text_separation"]["value"] == 1.0

@@ -75,7 +75,8 @@ def test_self_contained_every_image_is_a_local_file(report_run: Path, page) -> N
     assert all((report_run / "report" / src).is_file() for src in sources)
     assert {src.split("/")[0] for src in sources} == {"thumbs", "charts"}
     charts = {src for src in sources if src.startswith("charts/")}
-    assert charts == {"charts/daf_overlap.png", "charts/tcac_transforms.png", "charts/failure_support.png"}
+    assert charts == {"charts/daf_overlap.png", "charts/tcac_transforms.png", "charts/failure_support.png",
+                      "charts/tcac_severity_shift.png", "charts/tcac_severity_recall.png"}
 
 
 def test_thumbnails_are_small_jpegs(report_run: Path) -> None:
@@ -129,6 +130,21 @@ def test_tcac_images_are_recreated_from_their_parameters(report_run: Path, page)
     assert np.ptp(after, axis=-1).max() < 24 < np.ptp(before, axis=-1).max(), "grey after, colours before"
 
 
+def test_graded_corruptions_have_their_curves_and_table(report_run: Path, page) -> None:
+    text, parsed = page
+    assert 'id="severities"' in text
+    sources = {attrs.get("src") for attrs in parsed.all("img")}
+    for chart in ("charts/tcac_severity_shift.png", "charts/tcac_severity_recall.png"):
+        assert chart in sources and (report_run / "report" / chart).stat().st_size > 1000
+    table = text[text.index('class="tcac-severity"'):]
+    table = table[:table.index("</table>")]
+    assert "gaussian_blur" in table and "brightness" in table and "level 2" in table and "level 5" in table
+    summary_table = text[text.index('class="tcac-summary"'):]
+    assert "brightness@5" not in summary_table[:summary_table.index("</table>")]
+    before, after = _thumb(report_run, text, "brightness@5")
+    assert after.mean() > before.mean() + 20
+
+
 def test_summary_json(report_run: Path, summary) -> None:
     daf_stats = json.loads((report_run / "stats" / "daf.json").read_text())["notes"]
     assert summary["schema_version"] == 1
@@ -139,7 +155,7 @@ def test_summary_json(report_run: Path, summary) -> None:
     assert summary["daf"]["chance_overlap"] == pytest.approx(4 / 13)
     assert summary["daf"]["cases"] == 3 and summary["daf"]["blind_pairs"] is not None
     transforms = summary["tcac"]["transforms"]
-    assert list(transforms) == list(TRANSFORMS)
+    assert sorted(transforms) == sorted(TRANSFORMS), "summary.json is written with sorted keys"
     assert all(0 <= t["top1_changed_share"] <= 1 and t["mean_changed"] >= 0 for t in transforms.values())
     types = {(t["method"], t["name"]): t for t in summary["failure_types"]}
     assert set(types) == {(m, n) for m in ("DAF", "TCAC") for n in ("Counting", "Spatial relations")}

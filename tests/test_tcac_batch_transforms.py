@@ -23,9 +23,11 @@ from clipaudit.records import SAMPLES, SAMPLES_SCHEMA, TCAC_CASES, Sample, sampl
 from clipaudit.runtime import LocalRunner
 from clipaudit.stages.tcac import run_tcac
 from clipaudit.transforms import (
+    CORRUPTION_NAMES,
     TRANSFORM_NAMES,
     TransformParams,
     apply_params,
+    expand,
     input_from,
     recreate_transformed,
     sample_params,
@@ -60,11 +62,14 @@ def test_resize_then_crop_is_the_models_preprocessing(preprocess):
         assert np.array_equal(ours, preprocess(image)), (width, height)
 
 
+GRADED = expand(CORRUPTION_NAMES, [2, 5])
+
+
 def test_a_batch_gives_each_row_what_it_alone_would_get():
     rng = np.random.default_rng(1)
     stack = torch.from_numpy(rng.integers(0, 256, (5, 3, 30, 44), dtype=np.uint8))
     params = TransformParams()
-    for name in TRANSFORM_NAMES:
+    for name in [*TRANSFORM_NAMES, *GRADED]:
         drawn = [sample_params(name, params, 30, 44, torch.Generator().manual_seed(seed)) for seed in range(5)]
         batched = transform_batch(stack, name, drawn, params)
         for i in range(5):
@@ -114,14 +119,17 @@ def test_tcac_cases_params_rebuild_the_pixels_scored(tmp_path):
         samples.append(Sample(image_id=path.name, uri=str(path), captions=[f"picture {i} of shapes"],
                               caption=f"picture {i} of shapes", source="test"))
     config = Config(run_dir=str(tmp_path / "run"), models=ModelsConfig(clip="tiny-clip"),
-                    embed=EmbedConfig(batch_size=16, text_batch_size=64), tcac=TcacConfig(seed=11))
+                    embed=EmbedConfig(batch_size=16, text_batch_size=64),
+                    tcac=TcacConfig(seed=11, transforms=[*TRANSFORM_NAMES, *CORRUPTION_NAMES], severities=[2, 5]))
+    names = [*TRANSFORM_NAMES, *GRADED]
+    assert sorted(config.tcac.transforms) == sorted(names)
     tables = RunTables(config.run_dir)
     tables.insert_new(SAMPLES, samples_to_table(samples), "image_id", SAMPLES_SCHEMA)
     model = resolve_model("tiny-clip", "clip")
     RecordingEncoder.scored = {}
     stats = run_tcac(config, tables, RecordingRunner(), model)
     rows = tables.read(TCAC_CASES).to_pylist()
-    assert len(rows) == len(samples) * len(TRANSFORM_NAMES) == stats.counts["pairs_written"]
+    assert len(rows) == len(samples) * len(names) == stats.counts["pairs_written"]
     uris = {s.image_id: s.uri for s in samples}
     for row in rows:
         model_input = input_from(row["settings"])
@@ -134,4 +142,4 @@ def test_tcac_cases_params_rebuild_the_pixels_scored(tmp_path):
         assert np.array_equal(square.permute(1, 2, 0).numpy(), scored), (row["image_id"], row["transform"])
     perspective = [json.loads(r["params"]) for r in rows if r["transform"] == "perspective"]
     assert all(max(x for x, _ in p["endpoints"]) < 64 * 300 / 40 for p in perspective)
-    assert all(f"transform_{name}" in stats.seconds for name in TRANSFORM_NAMES)
+    assert all(f"transform_{name}" in stats.seconds for name in names)

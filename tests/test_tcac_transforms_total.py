@@ -17,10 +17,12 @@ from clipaudit.config import TcacConfig
 from clipaudit.models import resolve_model
 from clipaudit.records import OK
 from clipaudit.transforms import (
+    CORRUPTION_NAMES,
     TRANSFORM_NAMES,
     PerspectiveParams,
     TransformFailed,
     TransformParams,
+    expand,
     sample_params,
     transform_batch,
 )
@@ -75,10 +77,13 @@ def encoder(tiny_clip):
     return TransformedEncoder(tiny_clip, TcacConfig())
 
 
+GRADED = expand(CORRUPTION_NAMES, [1, 5])
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_every_transform_on_every_awkward_image_gives_a_valid_row(hostile, tiny_clip, encoder, seed):
     tcac = TcacConfig(seed=seed)
-    names = ",".join([ORIGINAL, *TRANSFORM_NAMES])
+    names = ",".join([ORIGINAL, *TRANSFORM_NAMES, *GRADED])
     batch = {"image_id": np.asarray(list(hostile), dtype=object),
              "uri": np.asarray([str(p) for p in hostile.values()], dtype=object),
              "transforms": np.asarray([names] * len(hostile), dtype=object)}
@@ -86,7 +91,7 @@ def test_every_transform_on_every_awkward_image_gives_a_valid_row(hostile, tiny_
     assert list(prepared["status"]) == [OK] * len(hostile), list(zip(prepared["image_id"], prepared["detail"]))
     encoder.tcac = tcac
     out = encoder(prepared)
-    assert len(out["image_id"]) == len(hostile) * (len(TRANSFORM_NAMES) + 1)
+    assert len(out["image_id"]) == len(hostile) * (len(TRANSFORM_NAMES) + len(GRADED) + 1)
     for status, detail in zip(out["status"], out["detail"]):
         assert status == OK or (status == TRANSFORM_FAILED and ": " in detail), detail
     vectors = out["vector_clip"][out["status"] == OK]
@@ -95,7 +100,7 @@ def test_every_transform_on_every_awkward_image_gives_a_valid_row(hostile, tiny_
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 5), (5, 1), (2, 100), (100, 2), (3, 3)])
-@pytest.mark.parametrize("name", TRANSFORM_NAMES)
+@pytest.mark.parametrize("name", [*TRANSFORM_NAMES, *GRADED])
 def test_the_kernels_are_total_on_raw_tiny_images(shape, name):
     """On images smaller than any model input (the report re-creates old rows at full size): a valid image or a
     TransformFailed that says why, never another exception."""

@@ -36,6 +36,7 @@ from clipaudit.records import (
 )
 from clipaudit.report.probe_truth import probe_section
 from clipaudit.run_view import RunView, is_random_spec
+from clipaudit.transforms.severities import CORRUPTION_NAMES, is_graded, parse_graded
 
 log = logging.getLogger("clipaudit.report")
 
@@ -171,10 +172,22 @@ _TCAC_FIGURES = ("images", "mean_changed", "top1_changed_share", "recall_at_1_be
 
 
 def _tcac(view: RunView, config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The TCAC figures per transform, in the configured order; without a config the paper's transforms by name,
+    then the graded corruptions in their table's order, mildest level first."""
     table = view.read(TCAC_SUMMARY)
     if table is None:
         return None
-    rows = table.to_pylist()
+    order = list(((config or {}).get("tcac") or {}).get("transforms") or [])
+
+    def place(name: str) -> tuple[Any, ...]:
+        graded = parse_graded(name) if is_graded(name) else None
+        if name in order:
+            return (0, order.index(name))
+        if graded is None:
+            return (1, name)
+        return (2, CORRUPTION_NAMES.index(graded[0]), graded[1])
+
+    rows = sorted(table.to_pylist(), key=lambda r: place(r["transform"]))
     return {"model": rows[0].get("model") if rows else None,
             "top_k": ((config or {}).get("tcac") or {}).get("top_k"),
             "rows": view.count(TCAC_CASES),

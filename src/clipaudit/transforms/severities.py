@@ -119,21 +119,31 @@ def _to_uint8(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def _jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
-    """Encode and decode the whole stack at ``quality`` (on a GPU stack: nvjpeg, batched)."""
-    import torch
-    from torchvision.io import decode_jpeg, encode_jpeg
+    """Encode and decode the whole stack at ``quality`` (on a GPU stack: nvjpeg, batched). torchvision 0.29 marks
+    its image codecs deprecated in favour of TorchCodec, which is not a dependency: the warning is silenced."""
+    import warnings
 
-    encoded = encode_jpeg(list(images.contiguous().unbind(0)), quality=int(quality))
-    return torch.stack(decode_jpeg(encoded, device=images.device))
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import decode_jpeg, encode_jpeg
+
+        encoded = encode_jpeg(list(images.contiguous().unbind(0)), quality=int(quality))
+        return torch.stack(decode_jpeg(encoded, device=images.device))
 
 
 def _downscale(images: torch.Tensor, factor: float) -> torch.Tensor:
+    """Shrink by ``factor`` (antialiased), then back to the input's size, in float (torch's uint8 antialiased
+    resize asserts on some images a few pixels wide)."""
     from torchvision.transforms.v2 import functional as F
 
     height, width = images.shape[-2:]
-    small = (max(1, round(height * factor)), max(1, round(width * factor)))
-    shrunk = F.resize(images, list(small), interpolation=F.InterpolationMode.BILINEAR, antialias=True)
-    return F.resize(shrunk, [height, width], interpolation=F.InterpolationMode.BILINEAR, antialias=False)
+    small = [max(1, round(height * factor)), max(1, round(width * factor))]
+    pixels = images.float() / 255.0
+    shrunk = F.resize(pixels, small, interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+    return _to_uint8(F.resize(shrunk, [height, width], interpolation=F.InterpolationMode.BILINEAR,
+                              antialias=False))
 
 
 def _blur(images: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
