@@ -30,17 +30,20 @@ class ConfigError(ClipauditError, ValueError):
 class DatasetConfig:
     """Where the captioned corpus comes from and how it is read."""
 
-    format: Literal["flickr8k", "manifest", "imagefolder", "webdataset", "hf_dataset", "synthetic"] = "synthetic"
+    format: Literal["flickr8k", "manifest", "imagefolder", "webdataset", "hf_dataset", "clip_retrieval",
+                    "synthetic"] = "synthetic"
     captions: str | None = None
     """flickr8k: ``Flickr8k.token.txt`` or the CSV ``image,caption`` file. manifest: the CSV/JSONL/Parquet file."""
     images: str | None = None
     """flickr8k: the image folder. imagefolder: the root with one folder per class.
     webdataset: a folder of .tar shards or one .tar. manifest (optional): the folder relative image paths are
-    taken from (default: the manifest's own folder)."""
+    taken from (default: the manifest's own folder). clip_retrieval (optional): the folder relative ``image_path``
+    values are taken from (default: the index folder's parent)."""
     caption_choice: Literal["longest", "first"] = "longest"
     path: str | None = None
     """hf_dataset: a ``save_to_disk`` folder, a Parquet / Arrow file or a folder of them (local or s3://), or
-    ``ORG/NAME``, a dataset in the Hugging Face hub cache."""
+    ``ORG/NAME``, a dataset in the Hugging Face hub cache. clip_retrieval: the output folder of clip-retrieval's
+    ``inference`` (``metadata/``, ``img_emb/``, optionally ``text_emb/``; local or s3://)."""
     split: str | None = None
     """hf_dataset: the split of a DatasetDict folder (default ``train``), or the prefix of the data files' names."""
     image_column: str = "image"
@@ -85,6 +88,7 @@ FORMAT_KEYS: dict[str, frozenset[str]] = {
     "imagefolder": frozenset({"images", "templates", "class_names"}),
     "webdataset": frozenset({"images"}),
     "hf_dataset": frozenset({"path", "split", "image_column", "caption_columns", "id_column"}),
+    "clip_retrieval": frozenset({"path", "images"}),
     "synthetic": frozenset({"num_images", "seed", "variants"}),
 }
 """The dataset keys each format's reader reads, besides :data:`COMMON_DATASET_KEYS`."""
@@ -673,10 +677,32 @@ def _path_or_id(value: str, base: Path) -> str:
     return str(resolved) if resolved.exists() else value
 
 
+def _precomputed_spec(spec: str, base: Path) -> str:
+    """``precomputed:INDEX_DIR`` with a relative local INDEX_DIR made absolute against ``base`` (the config's
+    folder, as every other path of a config file); any other spec unchanged."""
+    prefix = "precomputed:"
+    if not spec.startswith(prefix):
+        return spec
+    index = spec[len(prefix):]
+    if not index or _is_remote(index) or os.path.isabs(os.path.expanduser(index)):
+        return spec
+    return prefix + str((base / os.path.expanduser(index)).resolve())
+
+
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     dataset = raw.get("dataset")
     if isinstance(dataset, dict) and isinstance(dataset.get("path"), str):
-        dataset["path"] = _path_or_id(dataset["path"], base)
+        value = dataset["path"]
+        if dataset.get("format") == "clip_retrieval" and not _is_remote(value):
+            dataset["path"] = str((base / os.path.expanduser(value)).resolve())
+        else:
+            dataset["path"] = _path_or_id(value, base)
+    models = raw.get("models")
+    if isinstance(models, dict) and isinstance(models.get("clip"), (str, list)):
+        specs = models["clip"]
+        resolved = [_precomputed_spec(s, base) if isinstance(s, str) else s
+                    for s in (specs if isinstance(specs, list) else [specs])]
+        models["clip"] = resolved if isinstance(specs, list) else resolved[0]
     for keys in _PATH_KEYS:
         node = raw
         for key in keys[:-1]:
@@ -786,6 +812,7 @@ def _check_files(config: Config) -> None:
         "imagefolder": ["images"],
         "webdataset": ["images"],
         "hf_dataset": ["path"],
+        "clip_retrieval": ["path"],
         "synthetic": [],
     }
     for name in needs[ds.format]:
@@ -796,10 +823,14 @@ def _check_files(config: Config) -> None:
             raise ConfigError(f"dataset.{name}: file not found: {value}"
                               + (" (nor a dataset of that id in the Hugging Face cache)"
                                  if ds.format == "hf_dataset" else ""))
-    if ds.format == "manifest" and ds.images is not None and not _is_remote(ds.images) \
+    if ds.format in ("manifest", "clip_retrieval") and ds.images is not None and not _is_remote(ds.images) \
             and not os.path.isdir(ds.images):
-        raise ConfigError(f"dataset.images: folder not found: {ds.images} (manifest: the base folder of relative "
+        raise ConfigError(f"dataset.images: folder not found: {ds.images} ({ds.format}: the base folder of relative "
                           "image paths)")
+    if ds.format == "clip_retrieval" and ds.path is not None and not _is_remote(ds.path) \
+            and not os.path.isdir(os.path.join(ds.path, "metadata")):
+        raise ConfigError(f"dataset.path: {ds.path} is not a clip-retrieval index folder (no metadata/ folder in "
+                          "it: point it at the output folder of clip-retrieval inference)")
     if ds.class_names is not None and not os.path.exists(ds.class_names):
         raise ConfigError(f"dataset.class_names: file not found: {ds.class_names}")
     if not ds.caption_columns:

@@ -9,6 +9,8 @@ Specs:
 ``hf:ORG/NAME`` or ``hf:/path/to/dir``      transformers CLIP or DINOv2 (family from config.json)
 ``hf-random:dinov2-small``                  a known transformers architecture, seeded random weights (benchmarks)
 ``python:package.module:factory``           a user model (see :mod:`clipaudit.models.plugin`)
+``precomputed:INDEX_DIR``                   CLIP role only: vectors read from a clip-retrieval index, not computed
+                                            (:mod:`clipaudit.models.precomputed`)
 ``tiny-clip`` / ``tiny-dino``               small random models for tests and demos (:mod:`clipaudit.models.tiny`)
 ``probe-clip`` / ``probe-dino``             the tiny architectures trained on probe scenes, weights in the package
                                             (:mod:`clipaudit.models.packaged`): the demo's pair, CLIP blind to
@@ -35,7 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import hf_backend, open_clip_backend, packaged, plugin, tiny
+from . import hf_backend, open_clip_backend, packaged, plugin, precomputed, tiny
 from .base import ROLES
 from .errors import ModelSpecError, ModelUnavailableError
 from .resolved import ResolvedModel
@@ -43,16 +45,17 @@ from .resolved import ResolvedModel
 logger = logging.getLogger(__name__)
 
 FALLBACKS = ("none", "tiny")
-PREFIXES = ("open_clip:", "hf:", "hf-random:", "python:")
+PREFIXES = ("open_clip:", "hf:", "hf-random:", "python:", precomputed.PREFIX)
 SPEC_HELP = ("'open_clip:ARCH/TAG' (e.g. open_clip:ViT-B-32/openai), 'open_clip:ARCH//path/to/checkpoint.pt', "
              "'hf:ORG/NAME' or 'hf:/path/to/dir', 'hf-random:dinov2-small', 'python:package.module:factory', "
+             "'precomputed:INDEX_DIR' (CLIP role: a clip-retrieval index), "
              "'tiny-clip', 'tiny-dino', 'probe-clip', 'probe-dino'")
 
 
 @dataclass(frozen=True)
 class ParsedSpec:
-    """A spec split into its kind (``open_clip``, ``hf``, ``hf-random``, ``python``, ``tiny``, ``packaged``) and
-    the rest."""
+    """A spec split into its kind (``open_clip``, ``hf``, ``hf-random``, ``python``, ``precomputed``, ``tiny``,
+    ``packaged``) and the rest."""
 
     kind: str
     body: str
@@ -98,6 +101,9 @@ def _resolve_exact(spec: str, role: str, cache_dir: str | None) -> ResolvedModel
     if parsed.kind == "hf-random":
         target, preprocess, dim = hf_backend.resolve_random(spec, parsed.body, role)
         return ResolvedModel(spec, spec, role, preprocess, True, dim, cache_dir, target)
+    if parsed.kind == precomputed.KIND:
+        found = precomputed.resolve(spec, parsed.body, role)
+        return ResolvedModel(spec, spec, role, None, False, found.dim, cache_dir, found)
     target, preprocess = plugin.resolve(spec, parsed.body)
     return ResolvedModel(spec, spec, role, preprocess, False, None, cache_dir, target)
 
@@ -128,7 +134,9 @@ def resolve_model(spec: str, role: str, *, fallback: str = "none", cache_dir: st
         cache_dir: a Hugging Face hub cache directory to look for weights in (``models.cache_dir``).
 
     Raises:
-        ModelSpecError: a malformed spec, an unknown architecture or tag, or a model that cannot fill the role.
+        ModelSpecError: a malformed spec, an unknown architecture or tag, or a model that cannot fill the role
+            (a ``precomputed:`` spec in the reference role, or an index that cannot be read: no fallback, since
+            random vectors cannot stand in for a user's index).
         ModelUnavailableError: the weights cannot be had here (and ``fallback`` is ``none``).
     """
     if role not in ROLES:

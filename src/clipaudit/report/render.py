@@ -305,6 +305,10 @@ class ReportBuilder:
     def _tcac(self) -> Section:
         tcac = self.summary.get("tcac")
         if tcac is None:
+            skipped = ((self.view.stats("tcac") or {}).get("notes") or {}).get("skipped")
+            if skipped:
+                return lambda: join([tag("h2", "TCAC: robustness to image transforms", id="tcac"),
+                                     tag("p", tag("strong", "Skipped. "), skipped, class_="warning")])
             return lambda: join([tag("h2", "TCAC: robustness to image transforms", id="tcac"),
                                  missing("TCAC", "The tcac stage has not run in this run directory (no "
                                          "tcac_summary table).", "Run: clipaudit tcac --config CONFIG.")])

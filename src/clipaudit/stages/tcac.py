@@ -33,6 +33,7 @@ from clipaudit.batches.embed import OK, Batch
 from clipaudit.batches.isolation import LOST_BEFORE, LOST_FLAG, reopen_retryable
 from clipaudit.batches.tcac import ORIGINAL
 from clipaudit.errors import ClipauditError
+from clipaudit.models.precomputed import is_precomputed
 from clipaudit.records import (
     CAPTION_EMBEDDINGS,
     DAF_CASES,
@@ -497,6 +498,14 @@ def run_tcac(config: Config, tables: RunTables, runner: Runner, model: ResolvedM
     stats = StageStats(STAGE)
     started = time.perf_counter()
     model = model if model is not None else resolve_clip(config)
+    if is_precomputed(model):
+        reason = (f"{model.requested_spec}: its vectors are precomputed (read from a clip-retrieval index), with no "
+                  "weights to embed transformed images; name the model the index was built with to run TCAC")
+        log.warning("tcac: skipped: %s", reason)
+        stats.add_time("wall", time.perf_counter() - started)
+        stats.notes.update(model=model.spec, skipped=reason,
+                           summary="tcac: skipped (precomputed CLIP vectors: no model to embed transformed images)")
+        return stats
     samples = tables.read(SAMPLES, ["image_id", "uri", "captions", "caption"])
     if samples is None or samples.num_rows == 0:
         raise TcacError(empty_input_message(tables, f"no samples in {tables.uri}", "ingest", SAMPLES))

@@ -40,6 +40,7 @@ from clipaudit.io import failure_types
 from clipaudit.llm.parse import ParseError, _candidates, _load
 from clipaudit.llm.prompts import PAIRS_FORMAT, load_template, request_params
 from clipaudit.llm.requests import LLMRequest
+from clipaudit.models.precomputed import PREFIX as PRECOMPUTED
 from clipaudit.records import CAPTION_EMBEDDINGS, FAILURE_CHECKS, FAILURE_CHECKS_SCHEMA, FAILURE_TYPES, StageStats
 from clipaudit.runtime.llm_session import LLMSession, PlannedCall
 from clipaudit.stages.upstream import empty_input_message, model_view
@@ -231,6 +232,12 @@ def run_validate(config: Config, tables: RunTables, runner: object | None = None
     if config.llm.dry_run and not failure_types.read_rows(tables, failure_types.LLM):
         log.info("validate: no failure types yet (the summarize stage ran as a dry run): nothing to validate")
         stats.notes["summary"] = "no failure types yet: nothing planned, nothing sent"
+        return stats
+    if config.models.clip.startswith(PRECOMPUTED):
+        reason = (f"{config.models.clip}: its vectors are precomputed, with no text tower to encode the new caption "
+                  "pairs; name the model the index was built with to validate")
+        log.warning("validate: skipped: %s", reason)
+        stats.notes.update(skipped=reason, summary="validate: skipped (precomputed CLIP vectors: no text tower)")
         return stats
     types = load_types(config, tables)
     calls = plan_calls(config, types)

@@ -12,7 +12,8 @@ Reject reasons written by the readers:
 * ``missing_image``: a captioned image that is not there (not in the folder, no image for a tar key);
 * ``no_caption``: an image without any non-empty caption;
 * ``not_an_image_file`` / ``not_in_class_folder``: stray files in an ImageFolder tree;
-* ``corrupt_shard`` / ``empty_shard``: a WebDataset tar that cannot be read, or holds nothing.
+* ``corrupt_shard`` / ``empty_shard``: a WebDataset tar that cannot be read, or holds nothing;
+* ``duplicate``: a clip-retrieval metadata row whose image was already read from an earlier row.
 
 Readers fill ``Sample.caption`` with the first caption; the ingest stage applies ``caption_choice``.
 All file access goes through :mod:`clipaudit.io.fs` or pyarrow filesystems, so ``s3://`` works too.
@@ -58,6 +59,10 @@ def read_corpus(cfg: DatasetConfig, work_dir: str) -> Iterator[Sample | Reject]:
         from clipaudit.io.readers.hf_dataset import read_hf_dataset
 
         return read_hf_dataset(cfg, work_dir)
+    if cfg.format == "clip_retrieval":
+        from clipaudit.io.readers.clip_retrieval import read_clip_retrieval
+
+        return read_clip_retrieval(cfg)
     if cfg.format == "synthetic":
         from clipaudit.io.readers.synthetic import read_synthetic
 

@@ -8,6 +8,10 @@ written in the config (``clip_model`` or ``reference_model``), which is part of 
 list later embeds only that model. Vectors are variable-size lists (one table holds the models of a role, whose
 dimensions may differ).
 
+A CLIP-role model ``precomputed:INDEX_DIR`` (:mod:`clipaudit.models.precomputed`) is not sent through the runner:
+its vectors are read from the clip-retrieval index (:func:`embed_precomputed`), before the other models run, so
+the images it rejects are not embedded by them for nothing.
+
 Plans what is left to do from the tables (so a re-run or a resumed run skips finished work), hands the batch
 work to a runner (Ray or in-process) and is the single writer of the results: vectors into
 ``image_embeddings_clip`` / ``image_embeddings_reference`` / ``caption_embeddings``, unusable images and
@@ -31,13 +35,10 @@ from tqdm import tqdm
 
 from clipaudit.batches.embed import OK, Batch
 from clipaudit.batches.isolation import LOST_BEFORE, LOST_FLAG, reopen_retryable
-from clipaudit.errors import ClipauditError
-from clipaudit.io.tables import sql_string
+from clipaudit.models.precomputed import is_precomputed
 from clipaudit.records import (
     CAPTION_EMBEDDINGS,
     CLIP_MODEL,
-    IMAGE_EMBEDDINGS,
-    REFERENCE_MODEL,
     REJECTS,
     REJECTS_KEY,
     REJECTS_SCHEMA,
@@ -48,8 +49,18 @@ from clipaudit.records import (
     vector_array,
     with_clip_model,
 )
+from clipaudit.stages.embed.plan import (
+    STAGE,
+    EmbedError,
+    column_ids,
+    model_filter,
+    plan_captions,
+    plan_images,
+    spec_column,
+    table_of,
+)
+from clipaudit.stages.embed.precomputed import embed_precomputed
 from clipaudit.stages.reject_limit import check_reject_share
-from clipaudit.stages.upstream import empty_input_message
 
 if TYPE_CHECKING:
     from clipaudit.config import EmbedConfig
@@ -57,11 +68,7 @@ if TYPE_CHECKING:
     from clipaudit.models import ResolvedModel
 
 log = logging.getLogger("clipaudit.embed")
-STAGE = "embed"
-
-
-class EmbedError(ClipauditError, RuntimeError):
-    """The embed stage cannot run as configured (the message says why and what to do)."""
+__all__ = ["EmbedError", "embed_captions", "embed_images", "plan_images", "run_embed", "summary_line"]
 
 
 class Runner(Protocol):
@@ -74,86 +81,6 @@ class Runner(Protocol):
     def map_texts(self, texts: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
         """Yield batches of text vectors (columns ``text``, ``vector``, ``t_infer``)."""
         ...
-
-
-def _ids(table: pa.Table | None, column: str = "image_id") -> pa.Array:
-    return table.column(column).combine_chunks() if table is not None else pa.array([], pa.string())
-
-
-def table_of(model: ResolvedModel) -> str:
-    """The table holding ``model``'s image vectors (by its role)."""
-    return IMAGE_EMBEDDINGS[model.role]
-
-
-def spec_column(model: ResolvedModel) -> str:
-    """The column holding the spec of ``model``'s rows: ``clip_model`` or ``reference_model`` (by its role)."""
-    return CLIP_MODEL if model.role == "clip" else REFERENCE_MODEL
-
-
-def model_filter(tables: RunTables, name: str, model: ResolvedModel) -> str:
-    """The SQL predicate selecting ``model``'s rows of table ``name`` (EmbedError for a table written without the
-    spec column, by an older clipaudit)."""
-    column = spec_column(model)
-    if tables.exists(name) and not tables.has_column(name, column):
-        raise EmbedError(f"{name} in {tables.uri} has no {column} column (written by an older clipaudit): "
-                         "use a new run_dir")
-    return f"{column} = {sql_string(model.requested_spec)}"
-
-
-def _check_model(tables: RunTables, name: str, model: ResolvedModel) -> None:
-    models = tables.read(name, ["model"], where=model_filter(tables, name, model))
-    if models is None or models.num_rows == 0:
-        return
-    found = set(pc.unique(models.column("model")).to_pylist())
-    if found != {model.spec}:
-        raise EmbedError(
-            f"{name} in {tables.uri} holds vectors of {sorted(found)}, but the config asks for {model.spec!r}: "
-            "use a new run_dir for a different model"
-        )
-
-
-def plan_images(tables: RunTables, models: dict[str, ResolvedModel]) -> pa.Table:
-    """Samples that some model still has to embed: columns image_id, uri, need_<slot> for each slot of ``models``.
-
-    An image is done for a model when its vector is in that model's rows, and done for every model when the
-    embed stage already rejected it.
-    """
-    samples = tables.read(SAMPLES, ["image_id", "uri"])
-    if samples is None or samples.num_rows == 0:
-        raise EmbedError(empty_input_message(tables, f"no samples in {tables.uri}", "ingest", SAMPLES))
-    rejected = _ids(tables.read(REJECTS, ["item"], where=f"stage = '{STAGE}'"), "item")
-    open_rows = pc.invert(pc.is_in(samples.column("image_id"), value_set=rejected))
-    needs = []
-    for slot, model in models.items():
-        name = table_of(model)
-        _check_model(tables, name, model)
-        done = _ids(tables.read(name, ["image_id"], where=model_filter(tables, name, model)))
-        need = pc.and_(open_rows, pc.invert(pc.is_in(samples.column("image_id"), value_set=done)))
-        samples = samples.append_column(f"need_{slot}", need)
-        needs.append(need)
-    any_need = needs[0]
-    for need in needs[1:]:
-        any_need = pc.or_(any_need, need)
-    return samples.filter(any_need).sort_by("image_id")
-
-
-def plan_captions(tables: RunTables, model: ResolvedModel) -> pa.Table:
-    """Captions without a vector of ``model`` yet and not rejected: caption_id (``image_id#n``), image_id, text."""
-    _check_model(tables, CAPTION_EMBEDDINGS, model)
-    samples = tables.read(SAMPLES, ["image_id", "captions"])
-    done = set(_ids(tables.read(CAPTION_EMBEDDINGS, ["caption_id"],
-                                where=model_filter(tables, CAPTION_EMBEDDINGS, model)), "caption_id").to_pylist())
-    done |= set(_ids(tables.read(REJECTS, ["item"], where=f"stage = '{STAGE}'"), "item").to_pylist())
-    rows = {"caption_id": [], "image_id": [], "text": []}
-    for image_id, captions in zip(samples.column("image_id").to_pylist(), samples.column("captions").to_pylist()):
-        for n, text in enumerate(captions or []):
-            caption_id = f"{image_id}#{n}"
-            if caption_id not in done:
-                rows["caption_id"].append(caption_id)
-                rows["image_id"].append(image_id)
-                rows["text"].append(text)
-    return pa.table(rows, schema=pa.schema([("caption_id", pa.string()), ("image_id", pa.string()),
-                                            ("text", pa.string())]))
 
 
 class ImageSink:
@@ -229,11 +156,13 @@ def _consume(batches: Iterable[Batch], add, flush, total: int, unit: str) -> Non
 
 
 def embed_images(tables: RunTables, runner: Runner, models: dict[str, ResolvedModel], embed: EmbedConfig,
-                 stats: StageStats) -> None:
+                 stats: StageStats, lost: set[str] | None = None) -> None:
     """Embed every sample image that some role still lacks; unusable images become rejects. Rows rejected by an
-    earlier run for a transient reason (a worker lost) are tried again."""
-    lost = reopen_retryable(tables, STAGE)
-    stats.add_count("retried", len(lost))
+    earlier run for a transient reason (a worker lost) are tried again: ``lost`` holds them when the caller
+    already reopened them (:func:`~clipaudit.batches.isolation.reopen_retryable`), None reopens them here."""
+    if lost is None:
+        lost = reopen_retryable(tables, STAGE)
+        stats.add_count("retried", len(lost))
     todo = plan_images(tables, models)
     stats.add_count("images_todo", todo.num_rows)
     if todo.num_rows == 0:
@@ -343,12 +272,13 @@ def embed_captions(tables: RunTables, runner: Runner, model: ResolvedModel, embe
 def account(tables: RunTables, models: Iterable[ResolvedModel]) -> dict[str, int]:
     """Corpus-level accounting: samples in, images embedded by every model, images rejected by this stage, caption
     vectors, captions rejected by this stage."""
-    samples = set(_ids(tables.read(SAMPLES, ["image_id"])).to_pylist())
+    samples = set(column_ids(tables.read(SAMPLES, ["image_id"])).to_pylist())
     embedded = set(samples)
     for model in models:
         name = table_of(model)
-        embedded &= set(_ids(tables.read(name, ["image_id"], where=model_filter(tables, name, model))).to_pylist())
-    items = set(_ids(tables.read(REJECTS, ["item"], where=f"stage = '{STAGE}'"), "item").to_pylist())
+        rows = tables.read(name, ["image_id"], where=model_filter(tables, name, model))
+        embedded &= set(column_ids(rows).to_pylist())
+    items = set(column_ids(tables.read(REJECTS, ["item"], where=f"stage = '{STAGE}'"), "item").to_pylist())
     rejected = items & samples
     return {"in": len(samples), "embedded": len(embedded), "rejected": len(rejected),
             "captions": tables.count(CAPTION_EMBEDDINGS), "rejected_captions": len(items - samples)}
@@ -359,19 +289,27 @@ def check_rejects(tables: RunTables, totals: dict[str, int], limit: float) -> No
     images it tried (embedded or rejected by it) were rejected; the message names the top reasons."""
     if not totals["rejected"] or totals["rejected"] / max(totals["embedded"] + totals["rejected"], 1) <= limit:
         return
-    samples = _ids(tables.read(SAMPLES, ["image_id"]))
+    samples = column_ids(tables.read(SAMPLES, ["image_id"]))
     rejects = tables.read(REJECTS, ["item", "reason", "detail"], where=f"stage = '{STAGE}'")
     rejects = rejects.filter(pc.is_in(rejects.column("item"), value_set=samples)).sort_by("item")
     check_reject_share(STAGE, totals["embedded"] + totals["rejected"], rejects.to_pylist(), limit, "images")
 
 
 def run_embed(tables: RunTables, runner: Runner, models: dict[str, ResolvedModel], embed: EmbedConfig) -> StageStats:
-    """Run the embed stage: images under every model of ``models`` (slot -> model; one decode per image), then
-    captions under each CLIP-role model's text tower."""
+    """Run the embed stage: the vectors of precomputed models read from their index, then images under every other
+    model of ``models`` (slot -> model; one decode per image), then captions under each computed CLIP-role model's
+    text tower."""
     stats = StageStats(STAGE)
     started = time.perf_counter()
-    embed_images(tables, runner, models, embed, stats)
-    for model in models.values():
+    lost = reopen_retryable(tables, STAGE)
+    stats.add_count("retried", len(lost))
+    computed = {slot: model for slot, model in models.items() if not is_precomputed(model)}
+    for slot, model in models.items():
+        if is_precomputed(model):
+            embed_precomputed(tables, slot, model, embed, stats)
+    if computed:
+        embed_images(tables, runner, computed, embed, stats, lost)
+    for model in computed.values():
         if model.role == "clip":
             embed_captions(tables, runner, model, embed, stats)
     totals = account(tables, models.values())
@@ -392,7 +330,10 @@ def summary_line(stats: StageStats) -> str:
     if c.get("total_rejected_captions"):
         line += f" ({c['total_rejected_captions']} captions rejected)"
     new_images = sum(v for k, v in c.items() if k.startswith("embedded_") and k != "embedded_captions")
-    if c.get("images_todo", 0) == 0 and c.get("captions_todo", 0) == 0:
+    if c.get("captions_without_precomputed_vector"):
+        line += f"; {c['captions_without_precomputed_vector']} captions have no precomputed vector (left out)"
+    if all(c.get(key, 0) == 0 for key in ("images_todo", "captions_todo", "precomputed_images_todo",
+                                          "embedded_captions")):
         return f"{line}; {c['total_captions']} captions embedded; nothing left to do, no new rows written"
     return (f"{line}; {c['total_captions']} captions embedded; this run wrote {new_images} image vectors, "
             f"{c.get('embedded_captions', 0)} caption vectors, {c.get('rejected', 0)} rejects")
