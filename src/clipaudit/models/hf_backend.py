@@ -107,6 +107,19 @@ class HfTarget:
         """Load or build the model on ``device`` (see :func:`load`)."""
         return load(resolved, self, device)
 
+    def describe(self, resolved: ResolvedModel) -> dict[str, Any]:
+        """Where the weights come from, for :func:`~clipaudit.models.provenance.provenance`."""
+        out: dict[str, Any] = {"backend": "transformers", "architecture": self.family}
+        if self.packaged:
+            return {**out, "source": self.packaged, "files": [self.packaged]}
+        if self.random:
+            return {**out, "source": "random (seeded, from the architecture's config)"}
+        directory = Path(self.source) if self.local else None
+        if directory is None:
+            config = hub.cached_hub_file(self.source, "config.json", resolved.cache_dir)
+            directory = Path(config).parent if config else None
+        return {**out, "source": self.source, "files": weight_files(directory) if directory else []}
+
 
 def family_defaults(family: str, image_size: int = 224) -> Preprocess:
     """Preprocessing of a family when the model has no ``preprocessor_config.json``."""
@@ -191,6 +204,22 @@ def check_tokenizer_dir(spec: str, directory: Path) -> None:
     if size < MIN_VOCAB:
         raise ModelUnavailableError(spec, f"the tokenizer in {directory} has only {size} tokens: broken or "
                                           "placeholder tokenizer files", hint="save the model's real tokenizer there")
+
+
+def weight_files(directory: Path) -> list[str]:
+    """The files of the checkpoint in ``directory`` that transformers loads (every shard of a sharded one; the
+    first format of :data:`WEIGHT_FILES` present), or []."""
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            shards = sorted(set((_read_json(path) or {}).get("weight_map", {}).values()))
+            if shards and all((directory / s).is_file() for s in shards):
+                return [str(directory / s) for s in shards]
+            continue
+        return [str(path)]
+    return []
 
 
 def has_weights(directory: Path) -> bool:

@@ -62,6 +62,18 @@ class OpenClipTarget:
         """Build the model on ``device`` (see :func:`load`)."""
         return load(resolved, self, device)
 
+    def describe(self, resolved: ResolvedModel) -> dict[str, Any]:
+        """Where the weights come from, for :func:`~clipaudit.models.provenance.provenance`."""
+        out: dict[str, Any] = {"backend": "open_clip", "architecture": self.arch}
+        if self.packaged:
+            return {**out, "source": self.packaged, "files": [self.packaged]}
+        if self.checkpoint:
+            return {**out, "source": self.checkpoint, "files": [self.checkpoint]}
+        if self.random or not self.tag:
+            return {**out, "source": "random (seeded)"}
+        found = check_weights(resolved.spec, pretrained_config(self.arch, self.tag), resolved.cache_dir)
+        return {**out, "source": f"{self.arch}/{self.tag}", "files": [found] if found else []}
+
 
 def parse(spec: str, body: str) -> tuple[str, str]:
     """``ARCH/TAG`` -> (arch, tag); ModelSpecError when either is missing."""

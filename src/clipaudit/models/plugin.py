@@ -54,6 +54,10 @@ class PluginTarget:
         """Call the factory on ``device`` (see :func:`load`)."""
         return load(resolved, self, device)
 
+    def describe(self, resolved: ResolvedModel) -> dict[str, Any]:
+        """A plug-in's weights are its own business: only the factory is named."""
+        return {"backend": "python", "source": f"{self.module}:{self.attr}"}
+
 
 def parse(spec: str, body: str) -> PluginTarget:
     """``package.module:factory`` -> PluginTarget; ModelSpecError when malformed."""

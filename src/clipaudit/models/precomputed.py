@@ -62,6 +62,10 @@ class PrecomputedTarget:
     dim: int
     has_text: bool
 
+    def describe(self, resolved: ResolvedModel) -> dict[str, Any]:
+        """No weights: the vectors' index, for :func:`~clipaudit.models.provenance.provenance`."""
+        return {"backend": "precomputed", "source": f"precomputed, from {self.index_dir}", "shards": self.shards}
+
     def load(self, resolved: ResolvedModel, device: str) -> LoadedModel:
         """Refuse: a precomputed model has no weights (raises :class:`NoWeightsError`)."""
         raise NoWeightsError(
