@@ -65,7 +65,7 @@ def resize_for_model(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
     left, kept_w = _window(new_w, new_h, preprocess.image_size)
     top, kept_h = _window(new_h, new_w, preprocess.image_size)
     windowed = (kept_w, kept_h) != (new_w, new_h)
-    if preprocess.style == "transformers":
+    if preprocess.style != "torchvision":
         pixels = tensor_resize(np.asarray(image, dtype=np.uint8), new_w, new_h, preprocess.interpolation)
         return np.ascontiguousarray(pixels[top:top + kept_h, left:left + kept_w])
     resample = (PILImage.Resampling.BICUBIC if preprocess.interpolation == "bicubic"

@@ -318,10 +318,15 @@ def _pool_rows(own: OwnRows, neighbours: CaptionNeighbours, start: int, stop: in
     return np.bincount(candidates[keep], minlength=stop - start).astype(np.int64), rows[keep]
 
 
-def pool_probabilities(image_vectors: np.ndarray, pool_vectors: np.ndarray, logit_scale: float) -> np.ndarray:
-    """CLIP's probabilities over a pool: ``softmax(logit_scale * cosine)`` per image row, float64 ``(n, m)``."""
+def pool_probabilities(image_vectors: np.ndarray, pool_vectors: np.ndarray, logit_scale: float,
+                       logit_bias: float = float("nan")) -> np.ndarray:
+    """The model's probabilities over a pool, float64 ``(n, m)``: ``softmax(logit_scale * cosine)`` per image row
+    (CLIP), or, for a model with a learnt ``logit_bias`` (SigLIP), each caption's
+    ``sigmoid(logit_scale * cosine + logit_bias)`` (they need not sum to 1, as in SigLIP's own scoring)."""
     images = np.atleast_2d(np.asarray(image_vectors, dtype=np.float64))
     logits = float(logit_scale) * (images @ np.asarray(pool_vectors, dtype=np.float64).T)
+    if np.isfinite(logit_bias):
+        return 1.0 / (1.0 + np.exp(-(logits + float(logit_bias))))
     logits -= logits.max(axis=1, keepdims=True)
     weights = np.exp(logits)
     return weights / weights.sum(axis=1, keepdims=True)

@@ -160,6 +160,7 @@ class TransformedEncoder(ImageEncoder):
             f"vector_{ROLE}": vectors,
             f"t_infer_{ROLE}": np.full(n, t_infer, dtype=np.float64),
             "logit_scale": np.full(n, float(self.model.logit_scale), dtype=np.float64),
+            "logit_bias": np.full(n, float(getattr(self.model, "logit_bias", float("nan"))), dtype=np.float64),
         }
         for phase in ("t_read", "t_decode", "t_resize"):
             values = np.asarray(batch[phase], dtype=np.float64)

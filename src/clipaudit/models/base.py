@@ -26,6 +26,8 @@ class LoadedModel(Protocol):
         device: where it runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
         logit_scale: CLIP role only: the exponent of the learned logit scale (about 100 for real CLIP);
             ``nan`` for image-only models.
+        logit_bias: optional: the learnt bias of a sigmoid-scored model (SigLIP: scores are
+            ``sigmoid(logit_scale * cos + logit_bias)`` per caption); absent or ``nan`` for softmax models.
     """
 
     spec: str

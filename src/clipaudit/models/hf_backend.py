@@ -1,27 +1,28 @@
-"""``hf:ID_OR_PATH`` and ``hf-random:NAME`` models (transformers): CLIP and DINOv2.
+"""``hf:ID_OR_PATH`` and ``hf-random:NAME`` models (transformers): the families of :mod:`.hf_families`.
 
-- ``hf:openai/clip-vit-base-patch32``, ``hf:facebook/dinov2-base``, ``hf:/path/to/dir``: the family is read
-  from ``config.json`` (``model_type`` ``clip`` or ``dinov2``). An existing directory is a local model (a
+- ``hf:openai/clip-vit-base-patch32``, ``hf:google/siglip-base-patch16-224``, ``hf:facebook/dinov2-base``,
+  ``hf:facebook/dinov3-vits16-pretrain-lvd1689m``, ``hf:/path/to/dir``: the family is read from ``config.json``
+  (``model_type``); any other vision model loads through ``AutoModel`` with a stated pooling
+  (``hf:ORG/NAME#mean``, ``#cls``, ``#pooler``). An existing directory is a local model (a
   directory written by ``save_pretrained``); anything else of the form ``org/name`` is a Hub id, looked up in the
   Hugging Face cache first (``local_files_only=True``) and downloaded only when the Hub can be reached.
 - ``hf-random:dinov2-small`` (also ``dinov2-base``, ``dinov2-large``, ``dinov2-giant``, ``clip-vit-base-patch32``,
   ``clip-vit-base-patch16``, ``clip-vit-large-patch14``): the real architecture built offline from its config
   with seeded random weights: the same compute as the real model, for benchmarks; findings meaningless.
 
-Embeddings:
-- CLIP: ``get_image_features`` / ``get_text_features`` (``.pooler_output``: the pooled token through the
-  projection), L2-normalised.
-- DINOv2: the CLS token of ``last_hidden_state`` after the final layernorm, L2-normalised. (``Dinov2Model``'s
-  ``pooler_output`` is exactly that token: ``layernorm(last_hidden_state)[:, 0]``; no extra pooling layer.)
+Embeddings (:mod:`.hf_encoders`): dual encoders through ``get_image_features`` / ``get_text_features``;
+image encoders through the family's pooling (DINOv2's ``pooler_output`` is the CLS token after the final layer
+norm, ``layernorm(last_hidden_state)[:, 0]``); all L2-normalised.
 
 Preprocessing comes from the model's ``preprocessor_config.json`` when present, else the family's defaults:
-CLIP: resize the shorter side to the model's image size (224), center crop, bicubic, OpenAI mean/std;
-DINOv2: resize the shorter side to 256, center crop 224, bicubic, ImageNet mean/std. Either way the pixels are
-those of transformers' own image processor (``CLIPImageProcessor`` / ``BitImageProcessor``, torchvision backend:
-what ``AutoImageProcessor`` gives): a ``Preprocess`` of style ``"transformers"``.
+CLIP-like: resize the shorter side to the model's image size (224), center crop, bicubic, OpenAI mean/std;
+ImageNet-like (DINOv2 and the other image encoders): resize the shorter side to 256, center crop 224, bicubic,
+ImageNet mean/std. Either way the pixels are those of transformers' own image processor (``CLIPImageProcessor``,
+``BitImageProcessor``, ``SiglipImageProcessor``, ... torchvision backend: what ``AutoImageProcessor`` gives): a
+``Preprocess`` of style ``"transformers"``.
 
-Tokenizers (CLIP) load from the model's own files; a tokenizer of fewer than 1000 tokens (what transformers
-returns when the files are missing) is an error, never used.
+Tokenizers (dual encoders) load from the model's own files; a tokenizer of fewer than 1000 tokens (what
+transformers returns when the files are missing) is an error, never used.
 """
 
 from __future__ import annotations
@@ -35,18 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from . import hub, packaged, tiny
-from .base import (
-    batch_to_device,
-    check_pixels,
-    empty_rows,
-    module_dtype,
-    prepare_module,
-    tensor_to_unit_rows,
-)
 from .errors import ModelSpecError, ModelUnavailableError
+from .hf_encoders import HfDualEncoder, HfImageEncoder
+from .hf_families import FAMILIES, GENERIC, Family, embedding_dim, family_of, model_image_size, split_pooling
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, Preprocess
 
 if TYPE_CHECKING:
@@ -55,11 +48,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("clip", "dinov2")
 MIN_VOCAB = 1000
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+"""Tokenizer files whose vocabulary cannot be counted without the sentencepiece library (checked at load)."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 RANDOM_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -92,11 +86,14 @@ class HfTarget:
     """
 
     family: str
+    """The ``model_type`` (see :mod:`.hf_families`)."""
     source: str
     local: bool
     config_json: str = ""
     packaged: str = ""
     """``probe-dino``: built from ``config_json``, then this weights file (:mod:`.packaged`)."""
+    pooling: str | None = None
+    """Image encoders: how the output becomes one vector (``pooler``, ``cls``, ``mean``)."""
 
     @property
     def random(self) -> bool:
@@ -122,8 +119,9 @@ class HfTarget:
 
 
 def family_defaults(family: str, image_size: int = 224) -> Preprocess:
-    """Preprocessing of a family when the model has no ``preprocessor_config.json``."""
-    if family == "dinov2":
+    """Preprocessing of a family (a ``model_type``) when the model has no ``preprocessor_config.json``."""
+    known = FAMILIES.get(family)
+    if known is None or known.processor_defaults == "imagenet":
         return Preprocess(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bicubic", style="transformers")
     return Preprocess(image_size, image_size, OPENAI_MEAN, OPENAI_STD, "bicubic", style="transformers")
 
@@ -144,7 +142,8 @@ def _square(value: Any, what: str) -> int:
 
 
 def preprocess_from_processor_config(pc: dict[str, Any], family: str, image_size: int = 224) -> Preprocess:
-    """A Preprocess from a ``preprocessor_config.json`` (CLIPImageProcessor / BitImageProcessor fields).
+    """A Preprocess from a ``preprocessor_config.json`` (CLIPImageProcessor / BitImageProcessor fields; DINOv3's
+    processors, which rescale before they resize, get the ``transformers_float`` style).
 
     The result gives the same pixels as transformers' processor built from the same fields; fields it cannot
     reproduce (a rescale other than 1/255, a non-square size) are a ModelSpecError.
@@ -161,14 +160,15 @@ def preprocess_from_processor_config(pc: dict[str, Any], family: str, image_size
     else:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     size = pc.get("size", base.resize_size)
+    style = "transformers_float" if pc.get("image_processor_type", "").startswith("DINOv3") else "transformers"
     squash = isinstance(size, dict) and "shortest_edge" not in size
     resize = _square(size, "size") if pc.get("do_resize", True) else base.resize_size
     crop = _square(pc.get("crop_size", resize), "crop_size") if pc.get("do_center_crop", True) else resize
     if squash:
         if crop != resize:
             raise ModelSpecError(f"unsupported preprocessing: resize to {size} then crop {crop}")
-        return Preprocess(resize, resize, mean, std, interpolation, resize_mode="squash", style="transformers")
-    return Preprocess(crop, resize, mean, std, interpolation, style="transformers")
+        return Preprocess(resize, resize, mean, std, interpolation, resize_mode="squash", style=style)
+    return Preprocess(crop, resize, mean, std, interpolation, style=style)
 
 
 def is_local_spec(body: str) -> bool:
@@ -198,6 +198,8 @@ def tokenizer_vocab_size(directory: Path) -> int | None:
 def check_tokenizer_dir(spec: str, directory: Path) -> None:
     """ModelUnavailableError unless the directory holds a CLIP tokenizer with a real vocabulary."""
     size = tokenizer_vocab_size(directory)
+    if size is None and any((directory / name).is_file() for name in SENTENCEPIECE_FILES):
+        return
     if size is None:
         raise ModelUnavailableError(spec, f"no tokenizer files ({' or '.join(TOKENIZER_FILES)}) in {directory}",
                                     hint="save the tokenizer next to the weights (tokenizer.save_pretrained(dir))")
@@ -238,64 +240,51 @@ def has_weights(directory: Path) -> bool:
     return False
 
 
-def _family(spec: str, config: dict[str, Any], role: str) -> str:
-    family = config.get("model_type", "")
-    if family not in FAMILIES:
-        raise ModelSpecError(f"bad model spec {spec!r}: model_type {family!r} in config.json is not supported "
-                             f"(hf: supports {', '.join(FAMILIES)})")
-    if role == "clip" and family != "clip":
-        raise ModelSpecError(f"bad model spec {spec!r} for the clip role: a {family} model has no text tower")
-    return family
-
-
-def _dim(family: str, config: dict[str, Any]) -> int:
-    if family == "dinov2":
-        return int(config.get("hidden_size", 768))
-    return int(config.get("projection_dim", 512))
-
-
-def _clip_image_size(config: dict[str, Any]) -> int:
-    return int(config.get("vision_config", {}).get("image_size", 224))
-
-
-def _preprocess(family: str, config: dict[str, Any], processor: dict[str, Any] | None) -> Preprocess:
-    size = _clip_image_size(config) if family == "clip" else 224
+def _preprocess(family: Family, config: dict[str, Any], processor: dict[str, Any] | None) -> Preprocess:
+    name = family.model_type if family.model_type in FAMILIES else GENERIC
     if processor is None:
-        return family_defaults(family, size)
-    return preprocess_from_processor_config(processor, family, size)
+        return family_defaults(name, model_image_size(family, config))
+    return preprocess_from_processor_config(processor, name, model_image_size(family, config))
 
 
-def resolve(spec: str, body: str, role: str, cache_dir: str | None) -> tuple[HfTarget, Preprocess, int]:
+def resolve(spec: str, body: str, role: str, cache_dir: str | None) -> tuple[HfTarget, Preprocess, int | None]:
     """Check an ``hf:`` spec and that its weights can be had; (target, preprocess, dim)."""
     if not body:
         raise ModelSpecError(f"bad model spec {spec!r}: expected 'hf:ORG/NAME' or 'hf:/path/to/dir'")
+    body, pooling = split_pooling(spec, body)
     if is_local_spec(body):
-        return _resolve_local(spec, Path(body).expanduser().resolve(), role)
+        return _resolve_local(spec, Path(body).expanduser().resolve(), role, pooling)
     if not _HUB_ID.match(body):
         raise ModelSpecError(f"bad model spec {spec!r}: {body!r} is neither a directory nor a Hub id (ORG/NAME)")
-    return _resolve_hub(spec, body, role, cache_dir)
+    return _resolve_hub(spec, body, role, cache_dir, pooling)
 
 
-def _resolve_local(spec: str, directory: Path, role: str) -> tuple[HfTarget, Preprocess, int]:
+def _resolve_local(spec: str, directory: Path, role: str, pooling: str | None
+                   ) -> tuple[HfTarget, Preprocess, int | None]:
     if not directory.is_dir():
         raise ModelUnavailableError(spec, f"the directory {directory} does not exist")
     config = _read_json(directory / "config.json")
     if config is None:
         raise ModelUnavailableError(spec, f"no config.json in {directory}")
-    family = _family(spec, config, role)
+    family, pooling = family_of(spec, config, role, pooling)
     if not has_weights(directory):
         raise ModelUnavailableError(spec, f"no weights ({' / '.join(WEIGHT_FILES)}) in {directory}")
     if role == "clip":
         check_tokenizer_dir(spec, directory)
     preprocess = _preprocess(family, config, _read_json(directory / "preprocessor_config.json"))
-    return HfTarget(family, str(directory), local=True), preprocess, _dim(family, config)
+    target = HfTarget(family.model_type, str(directory), local=True, pooling=pooling)
+    return target, preprocess, embedding_dim(family, config)
 
 
-def _resolve_hub(spec: str, repo_id: str, role: str, cache_dir: str | None) -> tuple[HfTarget, Preprocess, int]:
+def _resolve_hub(spec: str, repo_id: str, role: str, cache_dir: str | None, pooling: str | None
+                 ) -> tuple[HfTarget, Preprocess, int | None]:
     config_path = hub.cached_hub_file(repo_id, "config.json", cache_dir)
     snapshot = Path(config_path).parent if config_path else None
+    if config_path:
+        family_of(spec, _read_json(config_path) or {}, role, pooling)
     complete = snapshot is not None and has_weights(snapshot)
-    if complete and role == "clip" and tokenizer_vocab_size(snapshot) is None:
+    if complete and role == "clip" and tokenizer_vocab_size(snapshot) is None \
+            and not any((snapshot / name).is_file() for name in SENTENCEPIECE_FILES):
         complete = False
     if not complete:
         probe = hub.probe_hub_file(repo_id, "config.json")
@@ -309,14 +298,15 @@ def _resolve_hub(spec: str, repo_id: str, role: str, cache_dir: str | None) -> t
         if config_path is None:
             raise ModelUnavailableError(spec, f"could not download config.json of {repo_id}")
     config = _read_json(config_path) or {}
-    family = _family(spec, config, role)
+    family, pooling = family_of(spec, config, role, pooling)
     processor_path = hub.cached_hub_file(repo_id, "preprocessor_config.json", cache_dir)
     if processor_path is None and not complete:
         processor_path = _download_small(repo_id, "preprocessor_config.json", cache_dir)
     if role == "clip" and complete:
         check_tokenizer_dir(spec, snapshot)
     preprocess = _preprocess(family, config, _read_json(processor_path))
-    return HfTarget(family, repo_id, local=False), preprocess, _dim(family, config)
+    target = HfTarget(family.model_type, repo_id, local=False, pooling=pooling)
+    return target, preprocess, embedding_dim(family, config)
 
 
 def _download_small(repo_id: str, filename: str, cache_dir: str | None) -> str | None:
@@ -337,17 +327,19 @@ def resolve_random(spec: str, body: str, role: str) -> tuple[HfTarget, Preproces
     if name not in RANDOM_ARCHITECTURES:
         raise ModelSpecError(f"bad model spec {spec!r}: hf-random knows {', '.join(RANDOM_ARCHITECTURES)}")
     family, config = RANDOM_ARCHITECTURES[name]
-    _family(spec, {"model_type": family}, role)
+    family_of(spec, {"model_type": family}, role, None)
     dim = int(config["projection_dim"]) if family == "clip" else int(config["hidden_size"])
     preprocess = family_defaults(family, int(config.get("vision_config", {}).get("image_size", 224)))
-    return HfTarget(family, "", local=False, config_json=json.dumps(config, sort_keys=True)), preprocess, dim
+    target = HfTarget(family, "", local=False, config_json=json.dumps(config, sort_keys=True),
+                      pooling=None if family == "clip" else "pooler")
+    return target, preprocess, dim
 
 
 def tiny_dino_target(weights: str = "") -> HfTarget:
     """The target of ``tiny-dino`` (a Dinov2Model from the packaged config), or of ``probe-dino`` with
     ``weights`` the path of its weights file (the same architecture, trained: :mod:`.packaged`)."""
     config = json.dumps(tiny.load_config(tiny.TINY_DINO), sort_keys=True)
-    return HfTarget("dinov2", "", local=False, config_json=config, packaged=weights)
+    return HfTarget("dinov2", "", local=False, config_json=config, packaged=weights, pooling="pooler")
 
 
 def build_clip_tokenizer_from_open_clip(context_length: int = 77) -> Any:
@@ -399,100 +391,39 @@ def _from_pretrained(resolved: ResolvedModel, target: HfTarget, loader: Any, **k
     return loader(target.source, **cache, **kwargs)
 
 
-def load(resolved: ResolvedModel, target: HfTarget, device: str) -> HfClipModel | HfDinoModel:
+def model_class(target: HfTarget) -> Any:
+    """The transformers class that loads ``target``: its family's, or ``AutoModel`` for any other vision model."""
+    import transformers
+
+    family = FAMILIES.get(target.family)
+    return getattr(transformers, family.model_class if family else "AutoModel")
+
+
+def load(resolved: ResolvedModel, target: HfTarget, device: str) -> HfDualEncoder | HfImageEncoder:
     """Load (or build, for random targets) the model of an ``hf:`` / ``hf-random:`` / ``tiny-dino`` target."""
     import torch
-    from transformers import AutoTokenizer, CLIPModel, Dinov2Model
+    from transformers import AutoTokenizer
 
-    model_cls = CLIPModel if target.family == "clip" else Dinov2Model
     if target.packaged:
         model = build_random(target)
         packaged.load_state(model, packaged.checked_file(target.packaged))
     elif target.random:
         model = build_random(target)
     else:
-        model = _from_pretrained(resolved, target, model_cls.from_pretrained, dtype=torch.float32)
-    if target.family == "dinov2":
-        return HfDinoModel(resolved.spec, model, device, resolved.preprocess)
+        model = _from_pretrained(resolved, target, model_class(target).from_pretrained, dtype=torch.float32)
+    family = FAMILIES.get(target.family)
+    if family is None or not family.dual:
+        return HfImageEncoder(resolved.spec, model, device, resolved.preprocess, target.pooling or "pooler",
+                              resolved.dim)
     if target.random:
         tokenizer = build_clip_tokenizer_from_open_clip(model.config.text_config.max_position_embeddings)
     else:
-        tokenizer = _from_pretrained(resolved, target, AutoTokenizer.from_pretrained)
+        try:
+            tokenizer = _from_pretrained(resolved, target, AutoTokenizer.from_pretrained)
+        except (ImportError, ValueError) as exc:
+            raise ModelUnavailableError(resolved.spec, f"its tokenizer cannot be built here ({exc})",
+                                        hint="a sentencepiece tokenizer needs `pip install sentencepiece`") from exc
     if len(tokenizer) < MIN_VOCAB:
         raise ModelUnavailableError(resolved.spec, f"the tokenizer of {target.source} has only {len(tokenizer)} "
                                                    "tokens: its files are missing or broken")
-    return HfClipModel(resolved.spec, model, tokenizer, device, resolved.preprocess)
-
-
-class HfDinoModel:
-    """A loaded DINOv2 (image only): the CLS token after the final layernorm, L2-normalised.
-
-    On CUDA the weights are fp16 and batches travel through pinned memory; on the CPU everything is fp32.
-    """
-
-    logit_scale: float = float("nan")
-
-    def __init__(self, spec: str, model: Any, device: str, preprocess: Preprocess) -> None:
-        self.spec = spec
-        self.device = str(device)
-        self.dim = int(model.config.hidden_size)
-        self._model = prepare_module(model, self.device)
-        self._dtype = module_dtype(self._model)
-        self._shape = preprocess.output_shape
-
-    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        """(n, 3, S, S) float32 -> (n, dim) float32, unit rows (``pooler_output`` = layernormed CLS token)."""
-        import torch
-
-        check_pixels(pixels, self._shape, self.spec)
-        if len(pixels) == 0:
-            return empty_rows(self.dim)
-        with torch.inference_mode():
-            batch = batch_to_device(pixels, self.device, self._dtype)
-            return tensor_to_unit_rows(self._model(pixel_values=batch).pooler_output)
-
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """DINOv2 has no text tower: always TypeError."""
-        raise TypeError(f"{self.spec} is an image-only model: it cannot encode texts")
-
-
-class HfClipModel:
-    """A loaded transformers CLIPModel: projected image and text features, L2-normalised float32."""
-
-    def __init__(self, spec: str, model: Any, tokenizer: Any, device: str, preprocess: Preprocess) -> None:
-        import torch
-
-        self.spec = spec
-        self.device = str(device)
-        self.dim = int(model.config.projection_dim)
-        with torch.inference_mode():
-            self.logit_scale = float(model.logit_scale.detach().float().exp().item())
-        self._context = int(model.config.text_config.max_position_embeddings)
-        self._model = prepare_module(model, self.device)
-        self._dtype = module_dtype(self._model)
-        self._tokenizer = tokenizer
-        self._shape = preprocess.output_shape
-
-    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        """(n, 3, S, S) float32 -> (n, dim) float32, unit rows."""
-        import torch
-
-        check_pixels(pixels, self._shape, self.spec)
-        if len(pixels) == 0:
-            return empty_rows(self.dim)
-        with torch.inference_mode():
-            batch = batch_to_device(pixels, self.device, self._dtype)
-            return tensor_to_unit_rows(self._model.get_image_features(pixel_values=batch).pooler_output)
-
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """Texts -> (n, dim) float32, unit rows (truncated to the model's context length)."""
-        import torch
-
-        if len(texts) == 0:
-            return empty_rows(self.dim)
-        tokens = self._tokenizer(list(texts), padding=True, truncation=True, max_length=self._context,
-                                 return_tensors="pt")
-        with torch.inference_mode():
-            inputs = {k: batch_to_device(v.numpy(), self.device) for k, v in tokens.items()
-                      if k in ("input_ids", "attention_mask")}
-            return tensor_to_unit_rows(self._model.get_text_features(**inputs).pooler_output)
+    return HfDualEncoder(resolved.spec, model, tokenizer, device, resolved.preprocess, family)

@@ -6,6 +6,9 @@
   ``.pt``/``.pth``/``.bin``/``.safetensors``): loaded with open_clip's checkpoint loader (strict).
 - ``TAG`` = ``random``: the architecture with seeded random weights: the same compute as the real model,
   for benchmarks (``open_clip:ViT-B-32/random``). Its findings are meaningless.
+- ``open_clip:hf-hub:ORG/NAME``: a model published for open_clip on the Hugging Face hub (EVA, MetaCLIP, DFN,
+  SigLIP, PE checkpoints: ``open_clip_config.json`` + ``open_clip_model.safetensors``), from the hub cache (or
+  downloaded when the Hub can be reached), its architecture and preprocessing read from that config.
 
 Preprocessing comes from the architecture config (image size) and the tag's pretrained config (mean, std,
 interpolation, resize mode) without building the model; a checkpoint file or ``random`` uses open_clip's
@@ -44,6 +47,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RANDOM_TAG = "random"
+HF_HUB = "hf-hub:"
+HUB_CONFIG = "open_clip_config.json"
+HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz", ".ckpt")
 
 
@@ -57,6 +63,8 @@ class OpenClipTarget:
     random: bool = False
     packaged: str | None = None
     """``probe-clip``: the architecture's seeded initialisation, then this weights file (:mod:`.packaged`)."""
+    hub_weights: str = ""
+    """``hf-hub:`` models (``arch`` is ``hf-hub:ORG/NAME``): the cached weights file ("" until downloaded)."""
 
     def load(self, resolved: ResolvedModel, device: str) -> LoadedModel:
         """Build the model on ``device`` (see :func:`load`)."""
@@ -69,6 +77,8 @@ class OpenClipTarget:
             return {**out, "source": self.packaged, "files": [self.packaged]}
         if self.checkpoint:
             return {**out, "source": self.checkpoint, "files": [self.checkpoint]}
+        if self.arch.startswith(HF_HUB):
+            return {**out, "source": self.arch[len(HF_HUB):], "files": [self.hub_weights] if self.hub_weights else []}
         if self.random or not self.tag:
             return {**out, "source": "random (seeded)"}
         found = check_weights(resolved.spec, pretrained_config(self.arch, self.tag), resolved.cache_dir)
@@ -124,8 +134,38 @@ def preprocess_from_configs(model_cfg: dict[str, Any], pretrained_cfg: dict[str,
                       resize_mode=merged["resize_mode"])
 
 
+def resolve_hub(spec: str, repo_id: str, role: str, cache_dir: str | None
+                ) -> tuple[OpenClipTarget, Preprocess, int]:
+    """``open_clip:hf-hub:ORG/NAME``: the repo's ``open_clip_config.json`` and weights from the hub cache (a
+    bounded probe of the Hub where they are not cached); (target, preprocess, dim)."""
+    import json
+
+    if not repo_id or repo_id.count("/") != 1:
+        raise ModelSpecError(f"bad model spec {spec!r}: expected 'open_clip:hf-hub:ORG/NAME'")
+    config_path = hub.cached_hub_file(repo_id, HUB_CONFIG, cache_dir)
+    weights = next((f for f in (hub.cached_hub_file(repo_id, n, cache_dir) for n in HUB_WEIGHTS) if f), None)
+    if config_path is None or weights is None:
+        probe = hub.probe_hub_file(repo_id, HUB_CONFIG)
+        if not probe.exists or config_path is None:
+            raise ModelUnavailableError(
+                spec, f"the open_clip repo {repo_id} ({HUB_CONFIG} and {' or '.join(HUB_WEIGHTS)}) is not in the "
+                      f"cache {hub.hub_cache_dir(cache_dir)} and cannot be downloaded ({probe.reason})",
+                hint=f"on a machine with internet: `hf download {repo_id}` and copy its cache here")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    model_cfg = config.get("model_cfg") or {}
+    if "embed_dim" not in model_cfg:
+        raise ModelSpecError(f"bad model spec {spec!r}: {config_path} has no model_cfg.embed_dim")
+    if role == "clip":
+        check_tokenizer(spec, model_cfg, cache_dir)
+    preprocess = preprocess_from_configs(model_cfg, config.get("preprocess_cfg") or {})
+    return OpenClipTarget(HF_HUB + repo_id, hub_weights=weights or ""), preprocess, int(model_cfg["embed_dim"])
+
+
 def resolve(spec: str, body: str, role: str, cache_dir: str | None) -> tuple[OpenClipTarget, Preprocess, int]:
     """Check an ``open_clip:`` spec and that its weights can be had; (target, preprocess, dim)."""
+    if body.startswith(HF_HUB):
+        return resolve_hub(spec, body[len(HF_HUB):], role, cache_dir)
     arch, tag = parse(spec, body)
     cfg = model_config(spec, arch)
     dim = int(cfg["embed_dim"])
@@ -266,7 +306,7 @@ def load(resolved: ResolvedModel, target: OpenClipTarget, device: str) -> OpenCl
     import open_clip
 
     tokenizer = open_clip.get_tokenizer(target.arch, cache_dir=resolved.cache_dir)
-    dim = int(model_config(resolved.spec, target.arch)["embed_dim"])
+    dim = int(resolved.dim) if resolved.dim else int(model_config(resolved.spec, target.arch)["embed_dim"])
     return OpenClipModel(resolved.spec, model, tokenizer, device, resolved.preprocess, dim)
 
 
@@ -284,6 +324,8 @@ class OpenClipModel:
         self.device = str(device)
         with torch.inference_mode():
             self.logit_scale = float(model.logit_scale.detach().float().exp().item())
+            bias = getattr(model, "logit_bias", None)
+            self.logit_bias = float(bias.detach().float().reshape(-1)[0].item()) if bias is not None else float("nan")
         self.dim = int(dim)
         self._model = prepare_module(model, self.device)
         self._dtype = module_dtype(self._model)

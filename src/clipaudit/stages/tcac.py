@@ -304,6 +304,7 @@ class CaseSink:
             self.stats.add_time(f"transform_{transform}", float(seconds))
         vectors = np.asarray(batch["vector_clip"], dtype=np.float32)
         logit_scale = float(batch["logit_scale"][0]) if len(vectors) else float("nan")
+        logit_bias = float(batch["logit_bias"][0]) if len(vectors) and "logit_bias" in batch else float("nan")
         completed = 0
         for i in range(len(vectors)):
             image_id, transform = str(batch["image_id"][i]), str(batch["transform"][i])
@@ -317,7 +318,7 @@ class CaseSink:
             parts[transform] = (vectors[i], str(batch["params"][i]))
             if len(parts) == len(self.expected[image_id]):
                 start = time.perf_counter()
-                self.rows.extend(self._score(image_id, self.pending.pop(image_id), logit_scale))
+                self.rows.extend(self._score(image_id, self.pending.pop(image_id), logit_scale, logit_bias))
                 self.stats.add_time("score", time.perf_counter() - start)
                 completed += 1
         if len(self.rows) >= self.write_every:
@@ -334,13 +335,13 @@ class CaseSink:
                              "reason": reason, "detail": detail})
 
     def _score(self, image_id: str, parts: dict[str, tuple[np.ndarray, str]],
-               logit_scale: float) -> list[dict[str, Any]]:
+               logit_scale: float, logit_bias: float = float("nan")) -> list[dict[str, Any]]:
         at = self.pools.position(image_id)
         pool = self.pools.pool(at)
         original = self.originals[image_id] if image_id in self.originals else parts[ORIGINAL][0]
         transforms = [t for t in self.expected[image_id] if t != ORIGINAL]
         probs = pool_probabilities(np.stack([original] + [parts[t][0] for t in transforms]),
-                                   self.corpus.vectors[pool], logit_scale)
+                                   self.corpus.vectors[pool], logit_scale, logit_bias)
         gt_row = int(self.gt[at])
         where = np.flatnonzero(pool == gt_row) if gt_row >= 0 else np.zeros(0, np.int64)
         gt = int(where[0]) if len(where) else None

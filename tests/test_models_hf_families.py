@@ -1,0 +1,270 @@
+"""Every transformers family of ``hf:`` against the library's own pipeline, on a fake hub cache.
+
+Each model is the real architecture with seeded random weights, saved with its processor (and tokenizer) and laid
+out as the hub lays out a download. For each: the pixels are ``AutoImageProcessor``'s exactly, the image vectors
+those of ``AutoModel`` on them (pooled as the family pools), the token ids those of the tokenizer called as the
+family's processor is documented to be called, the text vectors those of ``get_text_features``, and provenance
+names the snapshot revision and the weights' SHA-256."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hub_cache import add_repo
+from PIL import Image
+
+from clipaudit.models import ModelSpecError, resolve_model
+from clipaudit.models.hf_backend import build_clip_tokenizer_from_open_clip
+from clipaudit.models.provenance import provenance
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+TEXTS = ["A Photo of a Dog", "two red squares on the left of a blue circle", "x"]
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+          "image_size": 32, "patch_size": 8}
+TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+
+
+def _images() -> list[Image.Image]:
+    rng = np.random.default_rng(5)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in
+            [(40, 52), (61, 33), (32, 32), (90, 70)]]
+
+
+def _gemma_tokenizer() -> Any:
+    """A Gemma tokenizer (SigLIP 2's class) over the CLIP BPE vocabulary, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GemmaTokenizerFast
+
+    clip = build_clip_tokenizer_from_open_clip()
+    vocab = dict(clip.get_vocab())
+    for token in ("<pad>", "<eos>", "<bos>", "<unk>"):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(line.split()) for line in clip.bpe_ranks] if hasattr(clip, "bpe_ranks") else []
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", end_of_word_suffix="</w>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return GemmaTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                              unk_token="<unk>")
+
+
+def _save(directory: Path, model: Any, processor: Any, tokenizer: Any = None) -> None:
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def build_clip(directory: Path) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    config = CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=16)
+    _save(directory, CLIPModel(config), CLIPImageProcessor(size={"shortest_edge": 32},
+                                                           crop_size={"height": 32, "width": 32}),
+          build_clip_tokenizer_from_open_clip())
+
+
+def build_siglip(directory: Path) -> None:
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    tokenizer = _gemma_tokenizer()
+    text = {**TEXT, "vocab_size": len(tokenizer), "max_position_embeddings": 64,
+            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    _save(directory, SiglipModel(SiglipConfig(text_config=text, vision_config=VISION)),
+          SiglipImageProcessor(size={"height": 32, "width": 32}), tokenizer)
+
+
+def build_metaclip_2(directory: Path) -> None:
+    from transformers import CLIPImageProcessor, MetaClip2Config, MetaClip2Model
+
+    tokenizer = build_clip_tokenizer_from_open_clip()
+    text = {**TEXT, "vocab_size": len(tokenizer), "max_position_embeddings": 77,
+            "eos_token_id": tokenizer.eos_token_id}
+    _save(directory, MetaClip2Model(MetaClip2Config(text_config=text, vision_config=VISION, projection_dim=16)),
+          CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer)
+
+
+def build_dinov2_with_registers(directory: Path) -> None:
+    from transformers import BitImageProcessor, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    _save(directory, Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**VISION, num_register_tokens=4)),
+          BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, **IMAGENET))
+
+
+def build_dinov3_vit(directory: Path) -> None:
+    from transformers import DINOv3ViTConfig, DINOv3ViTImageProcessorFast, DINOv3ViTModel
+
+    _save(directory, DINOv3ViTModel(DINOv3ViTConfig(**VISION, num_register_tokens=4)),
+          DINOv3ViTImageProcessorFast(size={"height": 32, "width": 32}))
+
+
+def build_dinov3_convnext(directory: Path) -> None:
+    from transformers import DINOv3ConvNextConfig, DINOv3ConvNextModel, DINOv3ViTImageProcessorFast
+
+    _save(directory, DINOv3ConvNextModel(DINOv3ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1])),
+          DINOv3ViTImageProcessorFast(size={"height": 32, "width": 32}))
+
+
+def build_ijepa(directory: Path) -> None:
+    from transformers import IJepaConfig, IJepaModel, ViTImageProcessor
+
+    _save(directory, IJepaModel(IJepaConfig(**VISION)), ViTImageProcessor(size={"height": 32, "width": 32}))
+
+
+def build_aimv2(directory: Path) -> None:
+    from transformers import Aimv2VisionConfig, Aimv2VisionModel, CLIPImageProcessor
+
+    _save(directory, Aimv2VisionModel(Aimv2VisionConfig(**VISION)),
+          CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
+
+
+def build_vit(directory: Path) -> None:
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    _save(directory, ViTModel(ViTConfig(**VISION)), ViTImageProcessor(size={"height": 32, "width": 32}))
+
+
+def _cls(output: Any) -> torch.Tensor:
+    return output.last_hidden_state[:, 0]
+
+
+def _mean(output: Any) -> torch.Tensor:
+    return output.last_hidden_state.mean(1)
+
+
+def _pooler(output: Any) -> torch.Tensor:
+    return output.pooler_output
+
+
+IMAGE_ENCODERS: dict[str, tuple[Callable[[Path], None], str, Callable[[Any], torch.Tensor]]] = {
+    "dinov2_with_registers": (build_dinov2_with_registers, "", _pooler),
+    "dinov3_vit": (build_dinov3_vit, "", _pooler),
+    "dinov3_convnext": (build_dinov3_convnext, "", _pooler),
+    "ijepa": (build_ijepa, "", _mean),
+    "aimv2_vision_model": (build_aimv2, "", _pooler),
+    "vit-cls": (build_vit, "#cls", _cls),
+    "vit-mean": (build_vit, "#mean", _mean),
+}
+"""name -> (builder, the spec's pooling suffix, how the library's output is pooled)."""
+DUAL_ENCODERS: dict[str, Callable[[Path], None]] = {
+    "clip": build_clip, "siglip": build_siglip, "metaclip_2": build_metaclip_2}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """Every model above in one fake hub cache, as ``test-org/<name>``."""
+    root = tmp_path_factory.mktemp("hub")
+    builders = {**{name.split("-")[0]: spec[0] for name, spec in IMAGE_ENCODERS.items()}, **DUAL_ENCODERS}
+    for name, build in builders.items():
+        files = tmp_path_factory.mktemp(name)
+        torch.manual_seed(0)
+        build(files)
+        add_repo(root / "cache", f"test-org/{name}", files)
+    return root / "cache"
+
+
+def _library_pixels(snapshot: Path, images: list[Image.Image]) -> torch.Tensor:
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(snapshot)(images, return_tensors="pt").pixel_values
+
+
+def _snapshot(cache: Path, repo: str) -> Path:
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    return folder / "snapshots" / (folder / "refs" / "main").read_text()
+
+
+@pytest.mark.parametrize("name", list(IMAGE_ENCODERS))
+def test_image_encoders_equal_auto_model_on_auto_image_processor(cache, name):
+    from transformers import AutoModel
+
+    _, suffix, pool = IMAGE_ENCODERS[name]
+    repo = f"test-org/{name.split('-')[0]}"
+    resolved = resolve_model(f"hf:{repo}{suffix}", "reference", cache_dir=str(cache))
+    snapshot = _snapshot(cache, repo)
+    images = _images()
+    ours = np.stack([resolved.preprocess(image) for image in images])
+    theirs = _library_pixels(snapshot, images)
+    assert torch.equal(torch.from_numpy(ours), theirs), name
+    vectors = resolved.load("cpu").encode_images(ours)
+    with torch.inference_mode():
+        reference = torch.nn.functional.normalize(pool(AutoModel.from_pretrained(snapshot)(pixel_values=theirs)),
+                                                  dim=-1).numpy()
+    np.testing.assert_allclose(vectors, reference, atol=1e-6)
+    facts = provenance(resolved)
+    weights = snapshot / "model.safetensors"
+    assert facts["revision"] == snapshot.name and facts["source"] == repo
+    assert facts["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", list(DUAL_ENCODERS))
+def test_dual_encoders_equal_the_library_on_pixels_tokens_and_vectors(cache, name):
+    from transformers import AutoModel, AutoTokenizer
+
+    repo = f"test-org/{name}"
+    resolved = resolve_model(f"hf:{repo}", "clip", cache_dir=str(cache))
+    snapshot = _snapshot(cache, repo)
+    images = _images()
+    ours = np.stack([resolved.preprocess(image) for image in images])
+    theirs = _library_pixels(snapshot, images)
+    assert torch.equal(torch.from_numpy(ours), theirs), name
+    loaded = resolved.load("cpu")
+    library = AutoModel.from_pretrained(snapshot)
+    tokenizer = AutoTokenizer.from_pretrained(snapshot)
+    if name == "siglip":
+        tokens = tokenizer([t.lower() for t in TEXTS], padding="max_length", max_length=64, truncation=True,
+                           return_tensors="pt")
+        assert tokens["input_ids"].shape[1] == 64
+    else:
+        tokens = tokenizer(TEXTS, padding=True, truncation=True, return_tensors="pt")
+    mine = loaded.tokenize(TEXTS)
+    assert torch.equal(mine["input_ids"], tokens["input_ids"])
+    with torch.inference_mode():
+        image_ref = library.get_image_features(pixel_values=theirs)
+        text_ref = library.get_text_features(**{k: v for k, v in tokens.items()
+                                                if k in ("input_ids", "attention_mask")})
+    unit = lambda x: torch.nn.functional.normalize(getattr(x, "pooler_output", x), dim=-1).numpy()  # noqa: E731
+    np.testing.assert_allclose(loaded.encode_images(ours), unit(image_ref), atol=1e-6)
+    np.testing.assert_allclose(loaded.encode_texts(TEXTS), unit(text_ref), atol=1e-6)
+    assert loaded.logit_scale == pytest.approx(float(library.logit_scale.exp()))
+    if name == "siglip":
+        assert loaded.logit_bias == pytest.approx(float(library.logit_bias))
+    else:
+        assert np.isnan(loaded.logit_bias)
+
+
+def test_unknown_vision_models_need_a_stated_pooling_and_dual_encoders_refuse_one(cache):
+    with pytest.raises(ModelSpecError, match="state how its output becomes one vector"):
+        resolve_model("hf:test-org/vit", "reference", cache_dir=str(cache))
+    with pytest.raises(ModelSpecError, match="must be one of pooler, cls, mean"):
+        resolve_model("hf:test-org/vit#max", "reference", cache_dir=str(cache))
+    with pytest.raises(ModelSpecError, match="no '#pooling' applies"):
+        resolve_model("hf:test-org/clip#cls", "reference", cache_dir=str(cache))
+    with pytest.raises(ModelSpecError, match="has no text tower"):
+        resolve_model("hf:test-org/dinov3_vit", "clip", cache_dir=str(cache))
+
+
+def test_siglip2_naflex_is_refused_with_the_way_out(tmp_path):
+    (tmp_path / "naflex").mkdir()
+    (tmp_path / "naflex" / "config.json").write_text('{"model_type": "siglip2"}')
+    with pytest.raises(ModelSpecError, match="fixed-resolution SigLIP 2"):
+        resolve_model(f"hf:{tmp_path / 'naflex'}", "clip")
+
+
+def test_sigmoid_models_score_each_caption_with_their_bias():
+    from clipaudit.tcac_scoring import pool_probabilities
+
+    images = np.array([[1.0, 0.0], [0.6, 0.8]])
+    pool = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    softmax = pool_probabilities(images, pool, 10.0)
+    assert np.allclose(softmax.sum(axis=1), 1.0)
+    sigmoid = pool_probabilities(images, pool, 10.0, -5.0)
+    assert np.allclose(sigmoid, 1 / (1 + np.exp(-(10.0 * images @ pool.T - 5.0))))
+    assert (np.argsort(-sigmoid, axis=1) == np.argsort(-softmax, axis=1)).all()
