@@ -268,3 +268,15 @@ def test_sigmoid_models_score_each_caption_with_their_bias():
     sigmoid = pool_probabilities(images, pool, 10.0, -5.0)
     assert np.allclose(sigmoid, 1 / (1 + np.exp(-(10.0 * images @ pool.T - 5.0))))
     assert (np.argsort(-sigmoid, axis=1) == np.argsort(-softmax, axis=1)).all()
+
+
+def test_models_check_passes_every_family(cache):
+    from clipaudit.model_check import check_spec
+
+    specs = {f"hf:test-org/{name}": "clip" for name in DUAL_ENCODERS}
+    specs.update({f"hf:test-org/{name.split('-')[0]}{suffix}": "reference"
+                  for name, (_, suffix, _) in IMAGE_ENCODERS.items()})
+    for spec, role in specs.items():
+        result = check_spec(spec, "auto", cache_dir=str(cache))
+        assert result["ok"] and result["role"] == role, (spec, result["problems"])
+        assert result["provenance"]["revision"] and result["provenance"]["weights_sha256"]

@@ -90,6 +90,7 @@ class HfDualEncoder:
         self._model = prepare_module(model, self.device)
         self._dtype = module_dtype(self._model)
         self._tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
         self._shape = preprocess.output_shape
 
     def tokenize(self, texts: list[str]) -> dict[str, Any]:

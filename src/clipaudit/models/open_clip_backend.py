@@ -330,6 +330,9 @@ class OpenClipModel:
         self._model = prepare_module(model, self.device)
         self._dtype = module_dtype(self._model)
         self._tokenizer = tokenizer
+        inner = getattr(tokenizer, "tokenizer", None)
+        size = getattr(tokenizer, "vocab_size", None) or (len(inner) if inner is not None else None)
+        self.vocab_size: int | None = int(size) if size else None
         self._shape = preprocess.output_shape
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
