@@ -32,3 +32,20 @@ def test_broken_models_fail_loudly(capsys):
 def test_a_reference_only_model_is_refused_in_the_clip_role():
     result = check_spec("probe-dino", "clip")
     assert not result["ok"] and "no text tower" in result["problems"][0]
+
+
+def test_a_model_too_big_for_the_memory_left_is_refused_before_loading(monkeypatch):
+    import pytest
+
+    from clipaudit.models import memory, resolve_model
+
+    resolved = resolve_model("probe-clip", "clip")
+    size = memory.weights_bytes(resolved)
+    assert size and size > 1_000_000
+    monkeypatch.setattr(memory, "host_available", lambda: int(size))
+    message = r"weights are 1\.\d MiB, loading them needs about 1\.\d MiB of host memory"
+    with pytest.raises(memory.ModelTooLargeError, match=message):
+        resolved.load("cpu")
+    monkeypatch.setattr(memory, "host_available", lambda: int(2 * size))
+    assert resolved.load("cpu").dim == 64
+    assert memory.weights_bytes(resolve_model("tiny-clip", "clip")) is None

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .base import LoadedModel, is_cuda
+from .memory import check_fits
 from .preprocess import Preprocess
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ class ResolvedModel:
         """Build or load the weights on ``device`` (``cpu``, ``cuda``, ``cuda:N``); call once per actor.
 
         On CUDA the model runs in fp16; outputs are always float32 numpy arrays with unit rows.
-        Raises ModelUnavailableError when the weights cannot be had on this machine.
+        Raises ModelUnavailableError when the weights cannot be had on this machine, and
+        :class:`~clipaudit.models.memory.ModelTooLargeError` (before reading them) when they cannot fit.
         """
         if is_cuda(device):
             import torch
@@ -56,6 +58,7 @@ class ResolvedModel:
         start = time.perf_counter()
         if not callable(getattr(self.target, "load", None)):
             raise TypeError(f"{self.spec}: nothing to load (make ResolvedModel with resolve_model)")
+        check_fits(self, device)
         model: LoadedModel = self.target.load(self, device)
         if self.dim is not None and model.dim != self.dim:
             raise RuntimeError(f"{self.spec}: loaded a model of dimension {model.dim}, expected {self.dim}")
