@@ -11,6 +11,7 @@ from collections.abc import Callable
 from clipaudit.benchmark.commands import add_export_parser, add_score_parser, run_export, run_score
 from clipaudit.config import load_config
 from clipaudit.errors import ClipauditError
+from clipaudit.model_check import add_models_parser, run_models
 from clipaudit.pipeline import STAGES, parse_stages, run_pipeline
 from clipaudit.probe.package import add_train_probe_parser, run_train_probe
 
@@ -20,6 +21,10 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, dotted for nested keys (models.clip=tiny-clip); repeatable")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--new-run", action="store_true",
+                        help="start a new run in run_dir: the earlier run's tables, stats and records move to "
+                             "run_dir/previous/<timestamp>/ (local run_dir only); needed when a model's weights "
+                             "changed since the earlier run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +75,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable
     "export": (add_export_parser, run_export),
     "score": (add_score_parser, run_score),
     "train-probe": (add_train_probe_parser, run_train_probe),
+    "models": (add_models_parser, run_models),
 }
 """The commands that take no config: name -> (adds its parser, runs it and returns the exit status)."""
 
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += _llm_overrides(args)
         config = load_config(args.config, args.overrides)
         stages = parse_stages(args.stages) if args.command == "run" else [args.command]
-        run_pipeline(config, stages)
+        run_pipeline(config, stages, new_run=args.new_run)
     except ClipauditError as exc:
         print(f"clipaudit: error: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,10 @@
 """Runs stages in order over one run directory: the resolved config and per-stage stats are written beside
 the tables, models are resolved (and their weights checked) before any work starts, and Ray is started only
-for the stages that need it."""
+for the stages that need it.
+
+Resolved models are checked against those the run directory recorded (``models.json``, see
+:mod:`clipaudit.run_models`): a resumed run whose models now run other weights is refused before any stage runs,
+unless it is a new run (``new_run``: the earlier run is moved under ``run_dir/previous/<timestamp>/`` first)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from clipaudit.config import Config
 from clipaudit.errors import ClipauditError
 from clipaudit.io import fs
 from clipaudit.records import StageStats
+from clipaudit.run_models import check_and_record, current_provenance, move_run_aside
 from clipaudit.runs import finish_run, start_run
 from clipaudit.stages.table import STAGES, StageContext, run_stage, stage_named
 
@@ -65,13 +70,28 @@ def resolve_models(config: Config) -> dict:
     return models
 
 
-def run_pipeline(config: Config, stages: list[str]) -> dict[str, StageStats]:
-    """Run ``stages`` in order and return their stats."""
+def record_models(config: Config, models: dict) -> dict:
+    """Check the resolved ``models`` (slot name -> model) against the models ``run_dir/models.json`` recorded and
+    record them there; returns the file's content. Raises
+    :class:`~clipaudit.run_models.ModelsChangedError` when a recorded spec now runs another model or other
+    weights."""
+    current = current_provenance(config.models.clip_slots, config.models.reference_slots, models)
+    return check_and_record(config.run_dir, current)
+
+
+def run_pipeline(config: Config, stages: list[str], new_run: bool = False) -> dict[str, StageStats]:
+    """Run ``stages`` in order and return their stats. ``new_run``: first move the earlier run of the run
+    directory aside (:func:`~clipaudit.run_models.move_run_aside`), so that models whose weights changed start
+    from empty tables."""
     from clipaudit.runtime import LazyRunner
 
     fs.makedirs(config.run_dir)
-    write_resolved_config(config)
+    if new_run:
+        move_run_aside(config.run_dir)
     models = resolve_models(config) if any(stage_named(name).needs_models for name in stages) else {}
+    if models:
+        record_models(config, models)
+    write_resolved_config(config)
     results: dict[str, StageStats] = {}
     runner = LazyRunner(config)
     run_id = start_run(config.run_dir, stages)

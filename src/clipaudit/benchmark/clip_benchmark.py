@@ -12,6 +12,9 @@ table as a user's zero-shot results. The tasks and their metrics:
 - ``clipaudit_severity`` (when scored with ``--severities``): ``pair_accuracy_<corruption>_<level>``, with interval
   and ``n``.
 
+Each record also carries ``clipaudit_provenance`` beside ``metrics`` (when the figures hold it, as ``score``'s do):
+what ran, a fallback, the weights' source, revision and SHA-256; ``clip_benchmark build`` keeps it as a column.
+
 ``dataset`` is ``clipaudit/<benchmark folder name>``; a spec becomes ``model`` and ``pretrained`` as CLIP_benchmark
 names them: ``open_clip:ViT-B-32/openai`` -> ``ViT-B-32`` / ``openai``, ``hf:org/name`` -> ``org/name`` / ``hf``,
 any other spec -> the spec / ``clipaudit``.
@@ -26,6 +29,8 @@ from typing import Any
 from clipaudit.io import fs
 
 LANGUAGE = "en"
+PROVENANCE_KEY = "clipaudit_provenance"
+"""The record's key, beside ``metrics``, for what the model ran with (``ModelScore.figures["provenance"]``)."""
 
 
 def model_and_pretrained(spec: str) -> tuple[str, str]:
@@ -79,6 +84,8 @@ def result_records(bench_name: str, figures_by_spec: Mapping[str, Mapping[str, A
         for task, metrics in task_metrics(figures).items():
             record = {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task,
                       "metrics": metrics, "language": LANGUAGE}
+            if figures.get("provenance") is not None:
+                record[PROVENANCE_KEY] = figures["provenance"]
             name = "_".join(_safe(part) for part in (dataset, pretrained, model, LANGUAGE, task)) + ".json"
             out.append((name, record))
     return out

@@ -51,6 +51,7 @@ from clipaudit.records import (
     TCAC_CASES,
     StageStats,
 )
+from clipaudit.run_models import run_provenance
 from clipaudit.run_view import RunView, is_random_spec
 
 log = logging.getLogger("clipaudit.benchmark")
@@ -146,13 +147,16 @@ def _thresholds(view: RunView, text_pairs: Sequence[dict[str, Any]]) -> dict[str
 
 
 def _source(view: RunView) -> dict[str, Any]:
+    """Where the findings come from: the run, its models (``provenance``: what each ran with, from the run's
+    ``models.json``; None where no run recorded it), the corpus."""
     config = view.config() or {}
     dataset = {key: value for key, value in (config.get("dataset") or {}).items()
                if key in ("format", "captions", "images", "num_images", "seed", "caption_choice")
                and value is not None}
     models = _models(view)
     source = {"run_dir": view.run_dir, "run_id": view.run_id(), "models": models, "dataset": dataset,
-              "random_models": any(is_random_spec(spec) for spec in models.values() if spec)}
+              "random_models": any(is_random_spec(spec) for spec in models.values() if spec),
+              "provenance": run_provenance(view.run_dir, view.config(), view.clip_model)}
     if view.clip_model is not None:
         source["clip_model"] = view.clip_model
     return source

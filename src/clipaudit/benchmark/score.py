@@ -252,10 +252,12 @@ def score_benchmark(bench_dir: str, specs: Sequence[str], runner: str = "ray",
                     embed: EmbedConfig | None = None, severities: Sequence[int] = ()) -> dict[str, ModelScore]:
     """Score each model of ``specs`` on the benchmark at ``bench_dir``; spec -> :class:`ModelScore`.
 
-    Every spec is resolved (and refused when it has no text tower) before any work starts. ``runner``: ``ray``
+    Every spec is resolved (and refused when it has no text tower) before any work starts; each score's figures
+    carry the model's ``provenance`` (what ran, with which weights). ``runner``: ``ray``
     (actor pools, as the embed stage) or ``local`` (in-process). ``severities``: levels (1 to 5) at which pair
     accuracy is measured again under every graded corruption (empty: not measured).
     """
+    from clipaudit.models.provenance import provenance
     from clipaudit.runtime import LazyRunner
 
     if not specs:
@@ -263,6 +265,7 @@ def score_benchmark(bench_dir: str, specs: Sequence[str], runner: str = "ray",
     bench = load_benchmark(bench_dir)
     graded = graded_names(severities) if severities else []
     models = {spec: resolve_scored(spec) for spec in dict.fromkeys(specs)}
+    provenances = {spec: provenance(model) for spec, model in models.items()}
     embed = embed or EmbedConfig()
     texts = texts_of(bench)
     lazy = LazyRunner(Config(ray=RayConfig(runner=runner), embed=embed))
@@ -275,6 +278,7 @@ def score_benchmark(bench_dir: str, specs: Sequence[str], runner: str = "ray",
             for spec, model in models.items():
                 image_vectors, text_vectors = embed_model(lazy, model, images, texts, embed)
                 scores[spec] = measure(spec, bench, image_vectors, text_vectors, graded)
+                scores[spec].figures["provenance"] = provenances[spec]
                 log.info("score: %s: pair accuracy %s on %d pairs", spec,
                          scores[spec].figures["pair_accuracy"]["value"], len(bench.pairs))
     finally:
@@ -283,7 +287,9 @@ def score_benchmark(bench_dir: str, specs: Sequence[str], runner: str = "ray",
 
 
 def scores_json(bench: str, scores: dict[str, ModelScore]) -> dict[str, Any]:
-    """``{"benchmark": BENCH_DIR, "models": {SPEC: figures}}`` (what ``--json`` writes)."""
+    """``{"benchmark": BENCH_DIR, "models": {SPEC: figures}}`` (what ``--json`` writes); each model's figures carry
+    its ``provenance`` (what ran: the spec, a fallback, the weights' source, revision and SHA-256; see
+    :func:`clipaudit.models.provenance.provenance`)."""
     return {"benchmark": bench, "models": {spec: score.figures for spec, score in scores.items()}}
 
 

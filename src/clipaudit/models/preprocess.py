@@ -9,6 +9,15 @@ Two styles, each identical (the same uint8 pixels, the same float32 arithmetic) 
   with their default torchvision backend: the uint8 tensor resized by torchvision (antialiased), center crop
   offsets truncated (``int((h - s) / 2)``), rescale fused into normalisation (``(x - 255 mean) / (255 std)``).
 
+- ``"transformers_float"``: the image processors that rescale before they resize (DINOv3's): the uint8 image
+  scaled to [0, 1] in float32, resized there by torchvision (antialiased), center cropped, then normalised. Its
+  :meth:`Preprocess.geometry` (the uint8 pixels TCAC and the report work on) is the ``"transformers"`` one.
+
+- ``"timm"``: timm's eval transform where the ``"torchvision"`` style cannot give its pixels (the same PIL resize,
+  rounded crop offsets and arithmetic): ``"squash"`` resizes both sides to ``resize_size`` (timm's
+  ``img_size / crop_pct``) then center crops, ``"longest"`` resizes the longer side to ``resize_size`` and pads
+  with the mean colour (``round(255 * mean)``, timm's ``crop_mode="border"``); ``"shortest"`` is ``"torchvision"``'s.
+
 The two differ by a pixel where the resized side minus the crop is odd (the crop offset) and by one or two
 levels at some pixels (PIL's resampling against torch's): enough to move an embedding (cosine 0.99), so each
 model is fed the style it was evaluated with. The ``"torchvision"`` style uses PIL and numpy only; the
@@ -33,7 +42,7 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 KINDS = ("normalize", "rgb")
 INTERPOLATIONS = ("bicubic", "bilinear")
 RESIZE_MODES = ("shortest", "longest", "squash")
-STYLES = ("torchvision", "transformers")
+STYLES = ("torchvision", "transformers", "transformers_float", "timm")
 _RESCALE_FACTOR = 1 / 255
 
 
@@ -51,7 +60,8 @@ class Preprocess:
             ``image_size x image_size`` (for ``python:`` plug-ins, which receive PIL images).
         resize_mode: ``"shortest"`` (resize the shorter side, center crop), ``"squash"`` (resize both sides to
             ``image_size``, aspect ratio not kept) or ``"longest"`` (resize the longer side to ``image_size``,
-            pad with black to a square; ``"torchvision"`` style only), as in open_clip's ``resize_mode``.
+            pad with black to a square; ``"torchvision"`` and ``"timm"`` styles only), as in open_clip's
+            ``resize_mode`` (``"timm"`` style: resized to ``resize_size``, see the module).
         style: whose implementation the pixels are identical to: ``"torchvision"`` (open_clip, torchvision
             transforms on PIL images) or ``"transformers"`` (transformers' image processors); see the module.
     """
@@ -76,8 +86,8 @@ class Preprocess:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
-        if self.style == "transformers" and self.resize_mode == "longest":
-            raise ValueError("resize_mode 'longest' exists in the 'torchvision' style only")
+        if self.style not in ("torchvision", "timm") and self.resize_mode == "longest":
+            raise ValueError("resize_mode 'longest' exists in the 'torchvision' and 'timm' styles only")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
             raise ValueError(f"mean and std need 3 values (std > 0), got {self.mean}, {self.std}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
@@ -96,7 +106,7 @@ class Preprocess:
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) of an image of this size after the resize, before the crop (or pad)."""
-        s = self.image_size
+        s = self.resize_size if self.style == "timm" else self.image_size
         if self.resize_mode == "squash":
             return s, s
         if self.resize_mode == "longest":
@@ -110,12 +120,17 @@ class Preprocess:
         """Resize and crop (or pad) an image: the uint8 (S, S, 3) RGB pixels the model sees."""
         if image.mode != "RGB":
             image = image.convert("RGB")
-        if self.style == "transformers":
+        if self.style == "timm":
+            fill = tuple(round(255 * m) for m in self.mean) if self.resize_mode == "longest" else (0, 0, 0)
+            return _timm_geometry(image, self.resized_size(*image.size), self.image_size, self.interpolation, fill)
+        if self.style != "torchvision":
             return _transformers_geometry(image, self.resized_size(*image.size), self.image_size, self.interpolation)
         return _torchvision_geometry(image, self.resized_size(*image.size), self.image_size, self.interpolation)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """Preprocess one PIL image: a float32 (3, S, S) normalised array, or a uint8 (S, S, 3) RGB array."""
+        if self.style == "transformers_float" and self.kind == "normalize":
+            return self._float_first(image)
         pixels = self.geometry(image)
         if self.kind == "rgb":
             return pixels
@@ -130,6 +145,26 @@ class Preprocess:
         return np.ascontiguousarray(out)
 
 
+    def _float_first(self, image: Image.Image) -> np.ndarray:
+        """``"transformers_float"``: rescale to [0, 1] in float32, resize, crop, normalise (in that order)."""
+        import torch
+        from torchvision.transforms.v2 import functional as tvF
+
+        rgb = image.convert("RGB") if image.mode != "RGB" else image
+        tensor = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        pixels = tensor.to(torch.float32) * _RESCALE_FACTOR
+        width, height = self.resized_size(*rgb.size)
+        if (height, width) != tuple(pixels.shape[-2:]):
+            mode = tvF.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else tvF.InterpolationMode.BILINEAR
+            pixels = tvF.resize(pixels[None], [height, width], interpolation=mode, antialias=True)[0]
+        left, top = crop_box(width, height, self.image_size, "transformers")
+        if left < 0 or top < 0:
+            raise ValueError("transformers_float: padding is not supported (the resize is smaller than the crop)")
+        pixels = pixels[:, top:top + self.image_size, left:left + self.image_size]
+        out = tvF.normalize(pixels, list(self.mean), list(self.std))
+        return np.ascontiguousarray(out.numpy().astype(np.float32, copy=False))
+
+
 def crop_box(width: int, height: int, crop: int, style: str = "torchvision") -> tuple[int, int]:
     """(left, top) of the centre ``crop x crop`` window of a ``width x height`` image in ``style``: offsets
     rounded (torchvision's ``CenterCrop``) or truncated (transformers); negative where the image is padded
@@ -138,7 +173,7 @@ def crop_box(width: int, height: int, crop: int, style: str = "torchvision") -> 
     def offset(extent: int) -> int:
         if crop > extent:
             return -((crop - extent) // 2)
-        return int((extent - crop) / 2.0) if style == "transformers" else round((extent - crop) / 2.0)
+        return int((extent - crop) / 2.0) if style not in ("torchvision", "timm") else round((extent - crop) / 2.0)
 
     return offset(width), offset(height)
 
@@ -174,6 +209,26 @@ def _torchvision_geometry(image: Image.Image, size: tuple[int, int], crop: int, 
         resample = Image.Resampling.BICUBIC if interpolation == "bicubic" else Image.Resampling.BILINEAR
         image = image.resize(size, resample)
     return _crop_or_pad(np.asarray(image, dtype=np.uint8), crop, "torchvision")
+
+
+def _timm_geometry(image: Image.Image, size: tuple[int, int], crop: int, interpolation: str,
+                   fill: tuple[int, ...]) -> np.ndarray:
+    """timm's eval geometry: the PIL resize, then timm's ``CenterCropOrPad``: padded with ``fill`` (the smaller
+    half before) where smaller than the crop, then center cropped with rounded offsets."""
+    from PIL import Image
+
+    if size != image.size:
+        resample = Image.Resampling.BICUBIC if interpolation == "bicubic" else Image.Resampling.BILINEAR
+        image = image.resize(size, resample)
+    pixels = np.asarray(image, dtype=np.uint8)
+    h, w = pixels.shape[:2]
+    if crop > h or crop > w:
+        padded = np.empty((max(h, crop), max(w, crop), 3), dtype=np.uint8)
+        padded[:] = np.asarray(fill, dtype=np.uint8)
+        top, left = max(crop - h, 0) // 2, max(crop - w, 0) // 2
+        padded[top:top + h, left:left + w] = pixels
+        pixels = padded
+    return _crop_or_pad(pixels, crop, "torchvision")
 
 
 def _transformers_geometry(image: Image.Image, size: tuple[int, int], crop: int, interpolation: str) -> np.ndarray:

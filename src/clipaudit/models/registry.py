@@ -11,6 +11,9 @@ Specs:
 ``python:package.module:factory``           a user model (see :mod:`clipaudit.models.plugin`)
 ``precomputed:INDEX_DIR``                   CLIP role only: vectors read from a clip-retrieval index, not computed
                                             (:mod:`clipaudit.models.precomputed`)
+``timm:NAME.TAG``                           reference role only: a timm image model's pooled features; also
+                                            ``timm:hf-hub:ORG/NAME``, ``timm:NAME//path/to/weights.safetensors``,
+                                            ``timm:NAME/random`` (:mod:`clipaudit.models.timm_backend`)
 ``tiny-clip`` / ``tiny-dino``               small random models for tests and demos (:mod:`clipaudit.models.tiny`)
 ``probe-clip`` / ``probe-dino``             the tiny architectures trained on probe scenes, weights in the package
                                             (:mod:`clipaudit.models.packaged`): the demo's pair, CLIP blind to
@@ -37,7 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import hf_backend, open_clip_backend, packaged, plugin, precomputed, tiny
+from . import hf_backend, open_clip_backend, packaged, plugin, precomputed, timm_backend, tiny
 from .base import ROLES
 from .errors import ModelSpecError, ModelUnavailableError
 from .resolved import ResolvedModel
@@ -45,17 +48,18 @@ from .resolved import ResolvedModel
 logger = logging.getLogger(__name__)
 
 FALLBACKS = ("none", "tiny")
-PREFIXES = ("open_clip:", "hf:", "hf-random:", "python:", precomputed.PREFIX)
+PREFIXES = ("open_clip:", "hf:", "hf-random:", "python:", precomputed.PREFIX, timm_backend.PREFIX)
 SPEC_HELP = ("'open_clip:ARCH/TAG' (e.g. open_clip:ViT-B-32/openai), 'open_clip:ARCH//path/to/checkpoint.pt', "
              "'hf:ORG/NAME' or 'hf:/path/to/dir', 'hf-random:dinov2-small', 'python:package.module:factory', "
              "'precomputed:INDEX_DIR' (CLIP role: a clip-retrieval index), "
+             "'timm:NAME.TAG' or 'timm:hf-hub:ORG/NAME' (reference role: a timm model), "
              "'tiny-clip', 'tiny-dino', 'probe-clip', 'probe-dino'")
 
 
 @dataclass(frozen=True)
 class ParsedSpec:
-    """A spec split into its kind (``open_clip``, ``hf``, ``hf-random``, ``python``, ``precomputed``, ``tiny``,
-    ``packaged``) and the rest."""
+    """A spec split into its kind (``open_clip``, ``hf``, ``hf-random``, ``python``, ``precomputed``, ``timm``,
+    ``tiny``, ``packaged``) and the rest."""
 
     kind: str
     body: str
@@ -101,6 +105,9 @@ def _resolve_exact(spec: str, role: str, cache_dir: str | None) -> ResolvedModel
     if parsed.kind == "hf-random":
         target, preprocess, dim = hf_backend.resolve_random(spec, parsed.body, role)
         return ResolvedModel(spec, spec, role, preprocess, True, dim, cache_dir, target)
+    if parsed.kind == "timm":
+        target, preprocess, dim = timm_backend.resolve(spec, parsed.body, role, cache_dir)
+        return ResolvedModel(spec, spec, role, preprocess, target.random, dim, cache_dir, target)
     if parsed.kind == precomputed.KIND:
         found = precomputed.resolve(spec, parsed.body, role)
         return ResolvedModel(spec, spec, role, None, False, found.dim, cache_dir, found)

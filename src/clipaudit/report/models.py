@@ -22,7 +22,8 @@ from clipaudit.report import charts
 from clipaudit.report.html import Markup, join, num, page, pct, seconds, table, tag
 from clipaudit.report.images import Thumbnails
 from clipaudit.report.render import missing
-from clipaudit.run_view import RunView, in_filter
+from clipaudit.run_models import ran_note, short_sha
+from clipaudit.run_view import RunView, in_filter, is_random_spec
 from clipaudit.transforms import TransformParams
 from clipaudit.transforms.severities import level_curve
 
@@ -138,13 +139,14 @@ class ModelsIndexBuilder:
                                   "lists and the same transformed pixels. Rank 1 is the most blind: blindness = "
                                   "((1 - mean overlap) + min(1, blind pairs per image)) / 2. Each model's name "
                                   "opens its own report.", class_="muted"))
-            header = ["rank", "CLIP model", "blindness", "images", "k", "mean overlap", "chance", "null p",
-                      "DAF cases", "blind pairs", "blind pairs / image"]
+            header = ["rank", "CLIP model", "weights (sha256)", "blindness", "images", "k", "mean overlap", "chance",
+                      "null p", "DAF cases", "blind pairs", "blind pairs / image"]
             header += [f"{t}: top-1 flips, own caption R@1" for t in transforms]
             header += ["failure types (LLM)", "failure types (caption contrast)", "validation success"]
             body = []
             for row in rows:
-                cells: list[Any] = [num(row.get("rank")), self._link(row["clip_model"]), num(row.get("blindness")),
+                cells: list[Any] = [num(row.get("rank")), self._model_cell(row), self._weights_cell(row),
+                                    num(row.get("blindness")),
                                     num(row.get("images")), num(row.get("k")), num(row.get("mean_overlap")),
                                     num(row.get("chance_overlap")), num(row.get("overlap_p_value"), 4),
                                     num(row.get("daf_cases")), num(row.get("blind_pairs")),
@@ -167,6 +169,36 @@ class ModelsIndexBuilder:
             return join(parts)
 
         return render
+
+    def _entry(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The provenance of a leaderboard row's model: the run's recorded entry, else what the row says ran."""
+        spec = str(row["clip_model"])
+        entry = ((self.summary.get("provenance") or {}).get("clip") or {}).get(spec)
+        if entry:
+            return dict(entry)
+        ran = row.get("model_ran")
+        if not ran:
+            return {}
+        return {"requested": spec, "ran": ran, "fallback": ran != spec, "random": is_random_spec(ran),
+                "weights_sha256": row.get("weights_sha256"), "revision": row.get("revision")}
+
+    def _model_cell(self, row: dict[str, Any]) -> Markup:
+        """The model's name (a link to its page) and, when another model ran (a fallback) or its weights are
+        random, what ran, marked."""
+        note = ran_note(self._entry(row))
+        if not note:
+            return self._link(row["clip_model"])
+        return join([self._link(row["clip_model"]), " ", tag("strong", note, class_="fallback")])
+
+    def _weights_cell(self, row: dict[str, Any]) -> Markup:
+        """The weights' short SHA-256 (the whole hash and the revision in its title), ``-`` without files."""
+        entry = self._entry(row)
+        sha = row.get("weights_sha256") or entry.get("weights_sha256")
+        revision = row.get("revision") or entry.get("revision")
+        if not sha:
+            return tag("span", "random" if entry.get("random") else "-", class_="muted")
+        title = f"sha256 {sha}" + (f", revision {revision}" if revision else "")
+        return tag("code", short_sha(sha), title=title)
 
     def _severities(self) -> list[Any]:
         """Each model's caption-shift curve per graded corruption (nothing when no model was graded)."""

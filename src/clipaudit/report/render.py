@@ -27,6 +27,7 @@ from clipaudit.report.images import Thumbnails
 from clipaudit.report.probe_section import probe_section
 from clipaudit.report.probe_truth import probe_scenes, truth_of_pairs
 from clipaudit.report.taxonomy_section import evidence_pairs, taxonomy_section
+from clipaudit.run_models import entries, short_sha
 from clipaudit.run_view import RunView
 from clipaudit.transforms import TransformParams, is_graded
 from clipaudit.transforms.severities import level_curve, most_severe
@@ -86,6 +87,29 @@ def differ_in(truth: dict[str, Any] | None) -> str:
     if truth is None:
         return "-"
     return f"only {truth['only']}" if truth.get("only") else ", ".join(truth.get("differs") or []) or "nothing"
+
+
+def weights_table(provenance: dict[str, Any] | None) -> list[Markup]:
+    """The overview's table of the models (``summary["provenance"]``), one row per model: the spec asked for, the
+    spec that ran (a fallback marked), the weights' source, Hugging Face revision and short SHA-256; [] without
+    it (a run directory written before clipaudit recorded ``models.json``: the overview then shows the models
+    used against those asked for, from the embed stage's stats)."""
+    rows = []
+    for role, spec, entry in entries(provenance):
+        ran: Any = tag("code", entry.get("ran") or "-")
+        if entry.get("fallback"):
+            ran = join([ran, " ", tag("strong", "FALLBACK" + (", RANDOM" if entry.get("random") else ""),
+                                      class_="fallback")])
+        elif entry.get("random"):
+            ran = join([ran, " ", tag("strong", "RANDOM")])
+        sha = entry.get("weights_sha256")
+        rows.append((role, tag("code", spec), ran, entry.get("source") or "-", entry.get("revision") or "-",
+                     tag("code", short_sha(sha), title=f"sha256 {sha}") if sha else "-"))
+    if not rows:
+        return []
+    return [tag("p", "The models asked for and what ran, with which weights (run_dir/models.json; a later run of "
+                     "this run directory whose models run other weights is refused):", class_="muted"),
+            table(["role", "asked for", "ran", "source", "revision", "weights sha256"], rows, class_="provenance")]
 
 
 class ReportBuilder:
@@ -185,9 +209,10 @@ class ReportBuilder:
                                                      "limit") if dataset.get(key) is not None]
             parts.append(table(["dataset", ""], rows))
             requested = s.get("models_requested") or {}
-            parts.append(table(["role", "model used", "asked for"],
-                               [(role, tag("code", spec or "-"), tag("code", requested.get(role) or "-"))
-                                for role, spec in (s.get("models") or {}).items()]))
+            parts.extend(weights_table(s.get("provenance")) or [
+                table(["role", "model used", "asked for"],
+                      [(role, tag("code", spec or "-"), tag("code", requested.get(role) or "-"))
+                       for role, spec in (s.get("models") or {}).items()])])
             if c.get("rejects_by_reason"):
                 parts.append(tag("h3", "Rejected inputs"))
                 retryable = set(c.get("retryable_reasons") or ())

@@ -35,6 +35,7 @@ from clipaudit.records import (
     TCAC_SUMMARY,
 )
 from clipaudit.report.probe_truth import probe_section
+from clipaudit.run_models import run_provenance
 from clipaudit.run_view import RunView, is_random_spec
 from clipaudit.transforms.severities import CORRUPTION_NAMES, is_graded, parse_graded
 
@@ -247,9 +248,10 @@ def stage_status(view: RunView, stages: Sequence[str]) -> dict[str, dict[str, An
     return out
 
 
-def leaderboard_rows(view: RunView) -> list[dict[str, Any]] | None:
+def leaderboard_rows(view: RunView, specs: Sequence[str] | None = None) -> list[dict[str, Any]] | None:
     """The ``leaderboard`` rows ordered by rank (the stats' copy for a run whose table is gone); None when the
-    leaderboard stage has not run."""
+    leaderboard stage has not run. ``specs``: the run's CLIP-role models; rows of other models (taken off
+    ``models.clip`` since the leaderboard stage last ran) are left out and the others ranked again in order."""
     table = view.read(LEADERBOARD)
     if table is not None:
         rows = table.to_pylist()
@@ -257,7 +259,10 @@ def leaderboard_rows(view: RunView) -> list[dict[str, Any]] | None:
         rows = ((view.stats("leaderboard") or {}).get("notes") or {}).get("leaderboard")
         if rows is None:
             return None
-    return sorted(rows, key=lambda r: (r.get("rank") is None, r.get("rank") or 0, str(r.get(CLIP_MODEL))))
+    rows = sorted(rows, key=lambda r: (r.get("rank") is None, r.get("rank") or 0, str(r.get(CLIP_MODEL))))
+    if specs is not None and any(row.get(CLIP_MODEL) not in specs for row in rows):
+        rows = [{**row, "rank": i + 1} for i, row in enumerate(r for r in rows if r.get(CLIP_MODEL) in specs)]
+    return rows
 
 
 def build_summary(view: RunView, run_id: str | None = None, stages: Sequence[str] = tuple(STAGE_TABLES)
@@ -267,13 +272,18 @@ def build_summary(view: RunView, run_id: str | None = None, stages: Sequence[str
 
     A run of several CLIP-role models: the figures are those of the first model (as a one-model run has them),
     with ``clip_models`` (the specs), ``leaderboard`` (its rows by rank) and ``per_model`` (spec -> the summary
-    of that model's view) added; ``stages`` is the whole run's. ``stages``: the stages to list (the report stage
-    passes the pipeline's stage table)."""
+    of that model's view) added; ``stages`` and ``provenance`` are the whole run's. ``stages``: the stages to
+    list (the report stage passes the pipeline's stage table).
+
+    ``provenance``: the weights each model ran with (``run_dir/models.json`` for the run's models, see
+    :func:`clipaudit.run_models.run_provenance`; a model's own summary has its CLIP entry and the references); None
+    where no run recorded them."""
     specs = view.clip_models() if view.clip_model is None else []
     if len(specs) > 1:
         per_model = {spec: build_summary(view.for_clip_model(spec), run_id, stages) for spec in specs}
         return {**per_model[specs[0]], "stages": stage_status(view, stages), "clip_models": specs,
-                "leaderboard": leaderboard_rows(view), "per_model": per_model}
+                "leaderboard": leaderboard_rows(view, specs), "per_model": per_model,
+                "provenance": run_provenance(view.run_dir, view.config())}
     return _build_summary(view, run_id, stages)
 
 
@@ -301,6 +311,7 @@ def _build_summary(view: RunView, run_id: str | None, stages: Sequence[str]) -> 
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "models": models,
         "models_requested": requested if config else None,
+        "provenance": run_provenance(view.run_dir, config, view.clip_model),
         "random_models": random_models,
         "dataset": dataset or None,
         "stages": stage_status(view, stages),

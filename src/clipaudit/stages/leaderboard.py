@@ -21,7 +21,13 @@ reference lists and the same transformed pixels:
   reference model is the yardstick. The TCAC and validation columns measure other things (robustness to
   transforms, the text tower) and stay beside it for a user to re-rank by.
 
-A measure whose stage has not run for a model is null. The table is recomputed and replaced on every run.
+Beside the measures, what each model ran with, from ``run_dir/models.json`` (:mod:`clipaudit.run_models`):
+``model_ran`` (the spec that ran: another one after a fallback), ``weights_sha256`` and ``revision`` (the Hugging
+Face snapshot), null where the run recorded nothing.
+
+A measure whose stage has not run for a model is null. The table is recomputed and replaced on every run, with one
+row per model of the run's ``models.clip``: a model taken off the list loses its row (its other rows stay in the
+tables).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from clipaudit.records import (
     TCAC_SUMMARY,
     StageStats,
 )
+from clipaudit.run_models import read_models
 from clipaudit.transforms.severities import parse_graded
 
 if TYPE_CHECKING:
@@ -64,6 +71,9 @@ def leaderboard_schema(transforms: list[str]) -> pa.Schema:
     fields = [
         pa.field("rank", pa.int32()),
         pa.field(CLIP_MODEL, pa.string(), nullable=False),
+        pa.field("model_ran", pa.string()),
+        pa.field("weights_sha256", pa.string()),
+        pa.field("revision", pa.string()),
         pa.field("blindness", pa.float64()),
         pa.field("images", pa.int64()),
         pa.field("k", pa.int32()),
@@ -161,9 +171,19 @@ def rank_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**row, "rank": i + 1} for i, row in enumerate(ordered)]
 
 
+def provenance_columns(recorded: dict[str, Any] | None, spec: str) -> dict[str, str | None]:
+    """``model_ran``, ``weights_sha256`` and ``revision`` of CLIP-role model ``spec`` from the run's recorded
+    ``models.json`` content (nulls where it is not recorded)."""
+    entry = ((recorded or {}).get("clip") or {}).get(spec) or {}
+    return {"model_ran": entry.get("ran"), "weights_sha256": entry.get("weights_sha256"),
+            "revision": entry.get("revision")}
+
+
 def build_leaderboard(config: Config, tables: RunTables) -> pa.Table:
-    """The ranked ``leaderboard`` of every CLIP-role model of ``config``."""
-    rows = [model_row(tables.for_clip_model(spec), config) for spec in config.models.clip_models]
+    """The ranked ``leaderboard`` of every CLIP-role model of ``config`` (only those: one row each)."""
+    recorded = read_models(config.run_dir)
+    rows = [{**model_row(tables.for_clip_model(spec), config), **provenance_columns(recorded, spec)}
+            for spec in config.models.clip_models]
     schema = leaderboard_schema(measured_transforms(config.tcac.transforms))
     ranked = rank_rows(rows)
     return pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in ranked], schema=schema)
@@ -182,10 +202,16 @@ def run_leaderboard(config: Config, tables: RunTables) -> StageStats:
     stats.notes["leaderboard"] = table.to_pylist()
     stats.notes["score"] = "blindness = ((1 - mean_overlap) + min(1, blind_pair_rate)) / 2; rank 1 = most blind"
     stats.notes["summary"] = "leaderboard: " + ", ".join(
-        f"{row['rank']}. {row[CLIP_MODEL]} ({_fmt(row['blindness'])})" for row in table.to_pylist())
+        f"{row['rank']}. {row[CLIP_MODEL]}{_ran(row)} ({_fmt(row['blindness'])})" for row in table.to_pylist())
     log.info("%s", stats.notes["summary"])
     stats.add_time("wall", time.perf_counter() - started)
     return stats
+
+
+def _ran(row: dict[str, Any]) -> str:
+    """`` -> ran SPEC`` where another spec ran than the one listed (a fallback); "" otherwise."""
+    ran = row.get("model_ran")
+    return f" -> ran {ran}" if ran and ran != row[CLIP_MODEL] else ""
 
 
 def _fmt(value: float | None) -> str:
