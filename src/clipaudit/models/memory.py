@@ -9,14 +9,11 @@ memory in fp32 first, so the host needs about 1.2 times the files; a CUDA device
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import Any
 
 from clipaudit.errors import ClipauditError
 
 from .base import is_cuda
-
-if TYPE_CHECKING:
-    from .resolved import ResolvedModel
 
 HOST_FACTOR = 1.2
 DEVICE_FACTOR = 0.6
@@ -27,8 +24,9 @@ class ModelTooLargeError(ClipauditError, MemoryError):
     """A model whose weights cannot fit in the memory left where it is to be loaded."""
 
 
-def weights_bytes(resolved: ResolvedModel) -> int | None:
-    """The total size of a model's weight files, or None where it has none to measure."""
+def weights_bytes(resolved: Any) -> int | None:
+    """The total size of a :class:`~clipaudit.models.resolved.ResolvedModel`'s weight files, or None where it has
+    none to measure."""
     describe = getattr(resolved.target, "describe", None)
     files = (describe(resolved) or {}).get("files") if callable(describe) else None
     sizes = [os.path.getsize(f) for f in files or [] if os.path.isfile(f)]
@@ -55,7 +53,7 @@ def human(size: float) -> str:
     return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 2**20:.1f} MiB"
 
 
-def check_fits(resolved: ResolvedModel, device: str) -> None:
+def check_fits(resolved: Any, device: str) -> None:
     """ModelTooLargeError, with the figures, when the weights cannot fit in host memory (or on the CUDA device)."""
     size = weights_bytes(resolved)
     if size is None:
