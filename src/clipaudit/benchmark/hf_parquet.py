@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from clipaudit.benchmark.format import parquet_bytes
+from clipaudit.benchmark.format import INVARIANCE_SCHEMA, PAIRS_SCHEMA, parquet_bytes
 from clipaudit.records import SAMPLES
 
 if TYPE_CHECKING:
@@ -62,18 +62,8 @@ _LICENSE_FIELDS = [pa.field("license", pa.string()), pa.field("attribution", pa.
 HF_PAIRS_SCHEMA = pa.schema([
     pa.field("image_a", IMAGE_TYPE),
     pa.field("image_b", IMAGE_TYPE),
-    pa.field("pair_id", pa.string()),
-    pa.field("image_id_a", pa.string()),
-    pa.field("image_id_b", pa.string()),
-    pa.field("caption_a", pa.string()),
-    pa.field("caption_b", pa.string()),
-    pa.field("kind", pa.string()),
-    pa.field("blind_pair", pa.bool_()),
-    pa.field("daf_case", pa.bool_()),
-    pa.field("clip_sim", pa.float32()),
-    pa.field("reference_sim", pa.float32()),
-    pa.field("llm_caption_a", pa.string()),
-    pa.field("llm_caption_b", pa.string()),
+    *(f.with_name({"image_a": "image_id_a", "image_b": "image_id_b"}.get(f.name, f.name)).with_nullable(True)
+      for f in PAIRS_SCHEMA if f.name not in ("file_a", "file_b")),
     *_LICENSE_FIELDS,
 ])
 """``hf/pairs.parquet`` (without its ``huggingface`` metadata: see :func:`with_features`): the rows of
@@ -81,15 +71,7 @@ HF_PAIRS_SCHEMA = pa.schema([
 
 HF_INVARIANCE_SCHEMA = pa.schema([
     pa.field("image", IMAGE_TYPE),
-    pa.field("probe_id", pa.string()),
-    pa.field("image_id", pa.string()),
-    pa.field("transform", pa.string()),
-    pa.field("params", pa.string()),
-    pa.field("settings", pa.string()),
-    pa.field("caption", pa.string()),
-    pa.field("pool", pa.list_(pa.string())),
-    pa.field("audited_rank_before", pa.int32()),
-    pa.field("audited_rank_after", pa.int32()),
+    *(f.with_nullable(True) for f in INVARIANCE_SCHEMA if f.name != "file"),
     *_LICENSE_FIELDS,
 ])
 """``hf/invariance.parquet`` (without its ``huggingface`` metadata): the rows of ``invariance.parquet``, the

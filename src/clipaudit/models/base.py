@@ -6,6 +6,7 @@ Nothing here imports torch at module import; the helpers import it when called.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -86,6 +87,20 @@ def tensor_to_unit_rows(tensor: torch.Tensor) -> np.ndarray:
 
     out = torch.nn.functional.normalize(tensor.float(), dim=-1)
     return out.cpu().numpy().astype(np.float32, copy=False)
+
+
+def encode_pixels(pixels: np.ndarray, shape: tuple[int, ...], spec: str, dim: int, device: str, dtype: Any,
+                  forward: Callable[[Any], Any]) -> np.ndarray:
+    """What every backend's ``encode_images`` does around its forward: check the batch's shape (``check_pixels``),
+    move it to ``device`` in ``dtype`` (pinned memory on CUDA), run ``forward`` without gradients, and return
+    float32 unit rows; ``(0, dim)`` for an empty batch."""
+    import torch
+
+    check_pixels(pixels, shape, spec)
+    if len(pixels) == 0:
+        return empty_rows(dim)
+    with torch.inference_mode():
+        return tensor_to_unit_rows(forward(batch_to_device(pixels, device, dtype)))
 
 
 def module_dtype(module: Any) -> torch.dtype:

@@ -11,7 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from .base import batch_to_device, check_pixels, empty_rows, module_dtype, prepare_module, tensor_to_unit_rows
+from .base import (
+    batch_to_device,
+    empty_rows,
+    encode_pixels,
+    module_dtype,
+    prepare_module,
+    tensor_to_unit_rows,
+)
 from .hf_families import Family
 from .preprocess import Preprocess
 
@@ -49,18 +56,14 @@ class HfImageEncoder:
         self._model = prepare_module(model, self.device)
         self._dtype = module_dtype(self._model)
         self._shape = preprocess.output_shape
-        self.dim = int(dim) if dim else int(self.encode_images(np.zeros((1, *self._shape), np.float32)).shape[1])
+        self.dim = int(dim or 0)
+        if not self.dim:
+            self.dim = int(self.encode_images(np.zeros((1, *self._shape), np.float32)).shape[1])
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """(n, 3, S, S) float32 -> (n, dim) float32, unit rows."""
-        import torch
-
-        check_pixels(pixels, self._shape, self.spec)
-        if len(pixels) == 0:
-            return empty_rows(self.dim)
-        with torch.inference_mode():
-            batch = batch_to_device(pixels, self.device, self._dtype)
-            return tensor_to_unit_rows(pooled(self._model(pixel_values=batch), self.pooling))
+        return encode_pixels(pixels, self._shape, self.spec, self.dim, self.device, self._dtype,
+                             lambda batch: pooled(self._model(pixel_values=batch), self.pooling))
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """An image encoder has no text tower: always TypeError."""
@@ -107,14 +110,8 @@ class HfDualEncoder:
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """(n, 3, S, S) float32 -> (n, dim) float32, unit rows."""
-        import torch
-
-        check_pixels(pixels, self._shape, self.spec)
-        if len(pixels) == 0:
-            return empty_rows(self.dim)
-        with torch.inference_mode():
-            batch = batch_to_device(pixels, self.device, self._dtype)
-            return tensor_to_unit_rows(features(self._model.get_image_features(pixel_values=batch)))
+        return encode_pixels(pixels, self._shape, self.spec, self.dim, self.device, self._dtype,
+                             lambda batch: features(self._model.get_image_features(pixel_values=batch)))
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Texts -> (n, dim) float32, unit rows."""

@@ -30,9 +30,8 @@ import numpy as np
 
 from . import hub, packaged, tiny
 from .base import (
-    batch_to_device,
-    check_pixels,
     empty_rows,
+    encode_pixels,
     module_dtype,
     prepare_module,
     tensor_to_unit_rows,
@@ -337,14 +336,8 @@ class OpenClipModel:
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """(n, 3, S, S) float32 -> (n, dim) float32, unit rows."""
-        import torch
-
-        check_pixels(pixels, self._shape, self.spec)
-        if len(pixels) == 0:
-            return empty_rows(self.dim)
-        with torch.inference_mode():
-            batch = batch_to_device(pixels, self.device, self._dtype)
-            return tensor_to_unit_rows(self._model.encode_image(batch))
+        return encode_pixels(pixels, self._shape, self.spec, self.dim, self.device, self._dtype,
+                             self._model.encode_image)
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Texts -> (n, dim) float32, unit rows (open_clip's tokenizer, truncated to its context length)."""

@@ -47,12 +47,9 @@ import numpy as np
 
 from . import hub, tiny
 from .base import (
-    batch_to_device,
-    check_pixels,
-    empty_rows,
+    encode_pixels,
     module_dtype,
     prepare_module,
-    tensor_to_unit_rows,
 )
 from .errors import ModelSpecError, ModelUnavailableError
 from .preprocess import INTERPOLATIONS, Preprocess
@@ -449,14 +446,7 @@ class TimmModel:
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """(n, 3, S, S) float32 -> (n, dim) float32, unit rows (``model(x)`` with ``num_classes=0``: pooled
         pre-logits features)."""
-        import torch
-
-        check_pixels(pixels, self._shape, self.spec)
-        if len(pixels) == 0:
-            return empty_rows(self.dim)
-        with torch.inference_mode():
-            batch = batch_to_device(pixels, self.device, self._dtype)
-            return tensor_to_unit_rows(self._model(batch))
+        return encode_pixels(pixels, self._shape, self.spec, self.dim, self.device, self._dtype, self._model)
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """timm models have no text tower: always TypeError."""
