@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from .errors import ModelUnavailableError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROBE_TIMEOUT_S = 5.0
@@ -49,12 +51,13 @@ def hub_cache_dir(cache_dir: str | None) -> str:
     return constants.HF_HUB_CACHE
 
 
-def cached_hub_file(repo_id: str, filename: str, cache_dir: str | None) -> str | None:
-    """The local path of ``filename`` of ``repo_id`` (main revision) in the hub cache, or None; no network."""
+def cached_hub_file(repo_id: str, filename: str, cache_dir: str | None, revision: str | None = None) -> str | None:
+    """The local path of ``filename`` of ``repo_id`` at ``revision`` (None: main) in the hub cache, or None; no
+    network."""
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        found = try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache_dir(cache_dir))
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache_dir(cache_dir), revision=revision)
     except ValueError:
         return None
     return found if isinstance(found, str) and os.path.isfile(found) else None
@@ -149,3 +152,37 @@ def probe_url(url: str) -> Probe:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def find_hub_file(spec: str, repo_id: str, names: list[str], cache_dir: str | None, revision: str | None = None,
+                  hint: str = "") -> str | None:
+    """The first of ``names`` of ``repo_id`` found in the hub cache; None when none is cached but one can be
+    downloaded (at most one bounded probe per name, stopping at the first answer); else ModelUnavailableError
+    naming the files, the cache and why the Hub cannot help."""
+    for name in names:
+        found = cached_hub_file(repo_id, name, cache_dir, revision)
+        if found:
+            return found
+    probe = Probe(False, False)
+    for name in names:
+        probe = probe_hub_file(repo_id, name)
+        if probe.exists or not probe.reachable:
+            break
+    if probe.exists:
+        return None
+    raise ModelUnavailableError(
+        spec, f"its weights ({' or '.join(names)} of the Hugging Face repo {repo_id}) are not in the cache "
+              f"{hub_cache_dir(cache_dir)} and cannot be downloaded ({probe.reason})",
+        hint=hint or f"on a machine with internet: `hf download {repo_id}` and copy its cache here")
+
+
+def find_url_file(spec: str, url: str, target: str) -> str | None:
+    """``target`` (where a loader downloads ``url``) when it is there; None when absent but ``url`` answers; else
+    ModelUnavailableError."""
+    if os.path.isfile(target):
+        return target
+    probe = probe_url(url)
+    if probe.exists:
+        return None
+    raise ModelUnavailableError(spec, f"its weights are not at {target} and {url} cannot be fetched "
+                                      f"({probe.reason})", hint=f"download {url} to {target}")

@@ -209,32 +209,12 @@ def check_weights(spec: str, pcfg: dict[str, Any], cache_dir: str | None) -> str
         raise ModelUnavailableError(spec, f"the weights file {pcfg['file']!r} does not exist")
     if pcfg.get("hf_hub"):
         repo_id, names = weight_candidates(pcfg)
-        for name in names:
-            found = hub.cached_hub_file(repo_id, name, cache_dir)
-            if found:
-                return found
-        probe = hub.Probe(False, False)
-        for name in names:
-            probe = hub.probe_hub_file(repo_id, name)
-            if probe.exists or not probe.reachable:
-                break
-        if probe.exists:
-            return None
-        raise ModelUnavailableError(
-            spec, f"its weights ({' or '.join(names)} of the Hugging Face repo {repo_id}) are not in the cache "
-                  f"{hub.hub_cache_dir(cache_dir)} and cannot be downloaded ({probe.reason})",
-            hint=f"on a machine with internet: `hf download {repo_id}` and copy its cache here")
+        return hub.find_hub_file(spec, repo_id, names, cache_dir)
     url = pcfg.get("url", "")
     if not url:
         raise ModelUnavailableError(spec, "open_clip names no source for its weights")
-    target = os.path.join(os.path.expanduser(cache_dir or "~/.cache/clip"), os.path.basename(url))
-    if os.path.isfile(target):
-        return target
-    probe = hub.probe_url(url)
-    if probe.exists:
-        return None
-    raise ModelUnavailableError(spec, f"its weights are not at {target} and {url} cannot be fetched "
-                                      f"({probe.reason})", hint=f"download {url} to {target}")
+    return hub.find_url_file(spec, url, os.path.join(os.path.expanduser(cache_dir or "~/.cache/clip"),
+                                                     os.path.basename(url)))
 
 
 def check_tokenizer(spec: str, model_cfg: dict[str, Any], cache_dir: str | None) -> None:

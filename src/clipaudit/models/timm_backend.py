@@ -173,15 +173,7 @@ def _split_revision(hub_id: str) -> tuple[str, str | None]:
 def cached_file(hub_id: str, filename: str, cache_dir: str | None) -> str | None:
     """The local path of ``filename`` of ``ORG/NAME[@REVISION]`` in the hub cache, or None; no network."""
     repo_id, revision = _split_revision(hub_id)
-    if revision is None:
-        return hub.cached_hub_file(repo_id, filename, cache_dir)
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(repo_id, filename, cache_dir=hub.hub_cache_dir(cache_dir), revision=revision)
-    except ValueError:
-        return None
-    return found if isinstance(found, str) and os.path.isfile(found) else None
+    return hub.cached_hub_file(repo_id, filename, cache_dir, revision)
 
 
 def hub_weight_names(filename: str | None) -> list[str]:
@@ -198,22 +190,9 @@ def hub_weight_names(filename: str | None) -> list[str]:
 def hub_weights(spec: str, hub_id: str, filename: str | None, cache_dir: str | None) -> str | None:
     """The cached weights file of a hub repo, or None when it is not cached but can be downloaded; else
     ModelUnavailableError (a cache look-up, then at most one bounded probe per candidate file)."""
-    names = hub_weight_names(filename)
-    for name in names:
-        found = cached_file(hub_id, name, cache_dir)
-        if found:
-            return found
-    repo_id, _ = _split_revision(hub_id)
-    probe = hub.Probe(False, False)
-    for name in names:
-        probe = hub.probe_hub_file(repo_id, name)
-        if probe.exists or not probe.reachable:
-            break
-    if probe.exists:
-        return None
-    raise ModelUnavailableError(
-        spec, f"its weights ({' or '.join(names)} of the Hugging Face repo {hub_id}) are not in the cache "
-              f"{hub.hub_cache_dir(cache_dir)} and cannot be downloaded ({probe.reason})",
+    repo_id, revision = _split_revision(hub_id)
+    return hub.find_hub_file(
+        spec, repo_id, hub_weight_names(filename), cache_dir, revision,
         hint=f"on a machine with internet: `hf download {repo_id}` (or run timm.create_model('{spec[len(PREFIX):]}', "
              "pretrained=True) once) and copy its cache here")
 
@@ -224,14 +203,7 @@ def url_weights(spec: str, url: str, cache_dir: str | None) -> str | None:
     import torch
 
     folder = os.path.expanduser(cache_dir) if cache_dir else os.path.join(torch.hub.get_dir(), "checkpoints")
-    target = os.path.join(folder, os.path.basename(urlparse(url).path))
-    if os.path.isfile(target):
-        return target
-    probe = hub.probe_url(url)
-    if probe.exists:
-        return None
-    raise ModelUnavailableError(spec, f"its weights are not at {target} and {url} cannot be fetched "
-                                      f"({probe.reason})", hint=f"download {url} to {target}")
+    return hub.find_url_file(spec, url, os.path.join(folder, os.path.basename(urlparse(url).path)))
 
 
 def registry_weights(spec: str, name: str, cache_dir: str | None) -> Weights:
