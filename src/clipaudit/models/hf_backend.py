@@ -226,18 +226,7 @@ def weight_files(directory: Path) -> list[str]:
 
 def has_weights(directory: Path) -> bool:
     """True when a directory holds a complete transformers checkpoint (all shards of a sharded one)."""
-    for name in WEIGHT_FILES:
-        path = directory / name
-        if not path.is_file():
-            continue
-        if name.endswith(".index.json"):
-            index = _read_json(path) or {}
-            shards = set(index.get("weight_map", {}).values())
-            if shards and all((directory / s).is_file() for s in shards):
-                return True
-            continue
-        return True
-    return False
+    return bool(weight_files(directory))
 
 
 def _preprocess(family: Family, config: dict[str, Any], processor: dict[str, Any] | None) -> Preprocess:
