@@ -5,16 +5,21 @@ back through the LanceDB tags it left (:mod:`clipaudit.runs`). The figures come 
 (``summary.json``, ``history/<run_id>/summary.json``, or computed from the tables when the report stage did not
 run); the corpus overlap from the two ``samples`` tables. Failure types are matched by method and name (case,
 spacing and punctuation ignored; a name merged into a type as an alias matches it too).
+
+The comparison opens with the weights each model ran with (:func:`models_comparison`, from each run's recorded
+provenance, ``RUN_DIR/models.json`` as the summary carries it): the findings of two runs compare only as far as
+their models do.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from clipaudit.records import SAMPLES
 from clipaudit.report.summary import load_summary
+from clipaudit.run_models import entries, run_provenance, short_sha
 from clipaudit.run_view import RunView
 
 _COUNTS = ("in", "embedded", "rejected", "rejects", "captions_embedded")
@@ -23,6 +28,13 @@ _DAF = ("mean_overlap", "median_overlap", "chance_overlap", "alignment_over_chan
 _TCAC = ("mean_changed", "top1_changed_share", "recall_at_1_before", "recall_at_1_after", "mean_tv_distance",
          "images", "cases")
 _EXAMPLES = 5
+_IDENTITY = ("ran", "weights_sha256", "revision")
+"""What makes two runs' entries of one model the same weights: the model that ran, its weights' hash and revision."""
+_ENTRY_KEYS = ("ran", "fallback", "random", "backend", "source", "revision", "weights_sha256")
+MODEL_STATUSES = ("same", "changed", "fallback", "only_a", "only_b", "unknown")
+"""A model's status in :func:`models_comparison`: the same weights in both runs; other weights or another revision
+(``changed``); a fallback or random weights in one run and real weights in the other (``fallback``); in one run
+only; in a run whose provenance is unknown (``unknown``: no ``models.json``, a run from before it was recorded)."""
 
 
 def normalise_name(name: str) -> str:
@@ -97,6 +109,57 @@ def _brief(item: dict[str, Any]) -> dict[str, Any]:
     return {key: item.get(key) for key in ("method", "name", "description", "support", "success_rate")}
 
 
+def run_models_provenance(view: RunView, summary: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The recorded provenance of a run's models (``{"clip": {SPEC: entry}, "reference": {...}}``), None where it
+    is unknown: the summary's ``provenance``; for the latest run of a directory whose summary predates it,
+    ``RUN_DIR/models.json`` read as the summary would have (a tagged run's summary is its only record)."""
+    if "provenance" in summary:
+        return summary.get("provenance")
+    if view.version is not None:
+        return None
+    return run_provenance(view.run_dir, view.config(), view.clip_model)
+
+
+def _entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: entry.get(key) for key in _ENTRY_KEYS}
+
+
+def _random(entry: Mapping[str, Any]) -> bool:
+    return bool(entry.get("fallback") or entry.get("random"))
+
+
+def _model_row(role: str, spec: str, a: Mapping[str, Any] | None, b: Mapping[str, Any] | None,
+               known_a: bool, known_b: bool) -> dict[str, Any]:
+    """One model's comparison (see :data:`MODEL_STATUSES`)."""
+    row: dict[str, Any] = {"role": role, "spec": spec, "a": None if a is None else _entry(a),
+                           "b": None if b is None else _entry(b), "differs": []}
+    if a is None or b is None:
+        status = "unknown" if not (known_a and known_b) else "only_b" if a is None else "only_a"
+        return {**row, "status": status}
+    differs = [key for key in _IDENTITY if a.get(key) != b.get(key)]
+    if _random(a) != _random(b):
+        return {**row, "status": "fallback", "differs": differs, "random_in": "A" if _random(a) else "B"}
+    return {**row, "status": "changed" if differs else "same", "differs": differs}
+
+
+def models_comparison(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The weights of every model (by role and spec) in either run's provenance (see
+    :func:`run_models_provenance`; None: unknown), as plain data: ``known_a`` / ``known_b``, ``models`` (a row per
+    model: ``role``, ``spec``, ``status`` (one of :data:`MODEL_STATUSES`), each run's entry or None, the fields
+    that ``differs``, and for a ``fallback`` the run with random weights, ``random_in``), ``counts`` per status,
+    and ``warnings`` (a sentence per model that ran random weights in one run and real ones in the other)."""
+    specs = list(dict.fromkeys((role, spec) for role, spec, _ in [*entries(a), *entries(b)]))
+    rows = [_model_row(role, spec, ((a or {}).get(role) or {}).get(spec), ((b or {}).get(role) or {}).get(spec),
+                       a is not None, b is not None) for role, spec in specs]
+    warnings = [f"{row['role']} {row['spec']}: random weights in {row['random_in']} "
+                f"({_weights_text(row[row['random_in'].lower()])}) but real weights in "
+                f"{'B' if row['random_in'] == 'A' else 'A'}: this diff compares a random model with a real one"
+                for row in rows if row["status"] == "fallback"]
+    return {"known_a": a is not None, "known_b": b is not None, "models": rows,
+            "counts": {status: sum(row["status"] == status for row in rows) for status in MODEL_STATUSES},
+            "warnings": warnings}
+
+
 def _side(view: RunView, summary: dict[str, Any]) -> dict[str, Any]:
     return {"label": view.label, "run_id": summary.get("run_id"), "models": summary.get("models") or {},
             "random_models": summary.get("random_models")}
@@ -108,10 +171,11 @@ def diff_runs(a: RunView, b: RunView) -> dict[str, Any]:
     When both runs audited several CLIP-role models (their summaries have ``per_model``), the top level compares
     the first model of each, and ``per_model`` holds the same comparison for every model in both runs, with
     ``clip_models`` (in both, only in A, only in B) and ``leaderboard`` (each common model's rank and blindness
-    change)."""
+    change). ``provenance`` compares the weights of all the models of both runs (:func:`models_comparison`)."""
     sa, sb = load_summary(a), load_summary(b)
     corpus = corpus_overlap(a, b)
     out = _diff_summaries(a, b, sa, sb, corpus)
+    out["provenance"] = models_comparison(run_models_provenance(a, sa), run_models_provenance(b, sb))
     per_a, per_b = sa.get("per_model"), sb.get("per_model")
     if isinstance(per_a, dict) and isinstance(per_b, dict):
         specs_a = list(sa.get("clip_models") or per_a)
@@ -185,6 +249,8 @@ def format_diff(d: dict[str, Any]) -> str:
     """The diff as text for a terminal or a nightly log (a block per CLIP model when both runs audited several)."""
     a, b = d["a"], d["b"]
     lines = [f"A: {a['label']} (run {a.get('run_id') or '-'})", f"B: {b['label']} (run {b.get('run_id') or '-'})"]
+    if d.get("provenance") is not None:
+        lines += models_lines(d["provenance"])
     if "per_model" not in d:
         return "\n".join(lines + _body_lines(d)) + "\n"
     models = d.get("clip_models") or {}
@@ -207,6 +273,61 @@ def format_diff(d: dict[str, Any]) -> str:
         lines.append(f"== CLIP model {spec} ==")
         lines += ["  " + line for line in _body_lines(diff, with_corpus=False)]
     return "\n".join(lines) + "\n"
+
+
+_STATUS_WORDS = {"same": "same", "changed": "changed", "fallback": "random in one run, real in the other",
+                 "only_a": "only in A", "only_b": "only in B"}
+_DIFFERS_WORDS = {"ran": "model that ran", "weights_sha256": "weights", "revision": "revision"}
+
+
+def _weights_text(entry: Mapping[str, Any], with_revision: bool = False) -> str:
+    """One run's weights of a model: ``ran tiny-clip (fallback, RANDOM), no weight files (random (seeded))``,
+    ``sha256 1a2b3c4d5e6f, revision 0123456789ab`` (``with_revision``: the revision even when there is none)."""
+    parts = []
+    if entry.get("fallback"):
+        parts.append(f"ran {entry.get('ran')} (fallback{', RANDOM' if entry.get('random') else ''})")
+    elif entry.get("random"):
+        parts.append("RANDOM weights")
+    sha = entry.get("weights_sha256")
+    parts.append(f"sha256 {short_sha(sha)}" if sha else f"no weight files ({entry.get('source') or 'unknown source'})")
+    if entry.get("revision") or with_revision:
+        parts.append(f"revision {short_sha(entry.get('revision')) or '-'}")
+    return ", ".join(parts)
+
+
+def _model_line(row: Mapping[str, Any]) -> str:
+    name, a, b = f"{row['role']} {row['spec']}", row["a"], row["b"]
+    status = row["status"]
+    if status == "same":
+        return f"  = {name}: same weights ({_weights_text(a)})"
+    if status == "changed":
+        what = ", ".join(_DIFFERS_WORDS[key] for key in row["differs"])
+        return (f"  ~ {name}: CHANGED ({what}): A {_weights_text(a, with_revision=True)}; "
+                f"B {_weights_text(b, with_revision=True)}")
+    if status == "fallback":
+        return (f"  ! {name}: RANDOM in {row['random_in']}, real weights in the other: A {_weights_text(a)}; "
+                f"B {_weights_text(b)}")
+    if status == "only_a":
+        return f"  - {name}: only in A ({_weights_text(a)})"
+    if status == "only_b":
+        return f"  + {name}: only in B ({_weights_text(b)})"
+    side, known = ("A", b) if a is None else ("B", a)
+    return f"  ? {name}: provenance unknown in {side}; {'B' if side == 'A' else 'A'} {_weights_text(known)}"
+
+
+def models_lines(p: Mapping[str, Any]) -> list[str]:
+    """The text of :func:`models_comparison`: a count line, a line per model, and a WARNING per model that ran
+    random weights in one run and real ones in the other."""
+    unknown = [side for side in ("A", "B") if not p[f"known_{side.lower()}"]]
+    why = "no models.json: written before provenance was recorded"
+    if len(unknown) == 2:
+        return [f"models (weights): provenance unknown in A and B ({why})"]
+    counts = "; ".join(f"{n} {_STATUS_WORDS[status]}" for status, n in p["counts"].items()
+                       if n and status != "unknown")
+    head = f"models (weights): {counts or 'none recorded'}"
+    if unknown:
+        head = f"models (weights): provenance unknown in {unknown[0]} ({why})"
+    return [head, *map(_model_line, p["models"]), *(f"WARNING: {warning}" for warning in p["warnings"])]
 
 
 def _corpus_line(corpus: dict[str, Any] | None) -> str:
