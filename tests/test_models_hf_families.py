@@ -4,11 +4,14 @@ Each model is the real architecture with seeded random weights, saved with its p
 out as the hub lays out a download. For each: the pixels are ``AutoImageProcessor``'s exactly, the image vectors
 those of ``AutoModel`` on them (pooled as the family pools), the token ids those of the tokenizer called as the
 family's processor is documented to be called, the text vectors those of ``get_text_features``, and provenance
-names the snapshot revision and the weights' SHA-256."""
+names the snapshot revision and the weights' SHA-256. ALIGN is checked against ``AlignProcessor`` and
+``AlignModel`` themselves (pixels, token ids, vectors, logits), and every ``EfficientNetImageProcessor``
+configuration against its own pixels."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hub_cache import add_repo
+from hub_cache import ALIGN_TEMPERATURE, TINY_ALIGN_PROCESSOR, add_repo, build_align
 from PIL import Image
 
 from clipaudit.models import ModelSpecError, resolve_model
@@ -155,13 +158,17 @@ IMAGE_ENCODERS: dict[str, tuple[Callable[[Path], None], str, Callable[[Any], tor
 """name -> (builder, the spec's pooling suffix, how the library's output is pooled)."""
 DUAL_ENCODERS: dict[str, Callable[[Path], None]] = {
     "clip": build_clip, "siglip": build_siglip, "metaclip_2": build_metaclip_2}
+"""Dual encoders scored by ``exp(logit_scale)``, checked against ``AutoImageProcessor``, the tokenizer and
+``AutoModel``."""
+ALIGN_REPO = "test-org/align"
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     """Every model above in one fake hub cache, as ``test-org/<name>``."""
     root = tmp_path_factory.mktemp("hub")
-    builders = {**{name.split("-")[0]: spec[0] for name, spec in IMAGE_ENCODERS.items()}, **DUAL_ENCODERS}
+    builders = {**{name.split("-")[0]: spec[0] for name, spec in IMAGE_ENCODERS.items()}, **DUAL_ENCODERS,
+                "align": build_align}
     for name, build in builders.items():
         files = tmp_path_factory.mktemp(name)
         torch.manual_seed(0)
@@ -273,10 +280,178 @@ def test_sigmoid_models_score_each_caption_with_their_bias():
 def test_models_check_passes_every_family(cache):
     from clipaudit.model_check import check_spec
 
-    specs = {f"hf:test-org/{name}": "clip" for name in DUAL_ENCODERS}
+    specs = {f"hf:test-org/{name}": "clip" for name in [*DUAL_ENCODERS, "align"]}
     specs.update({f"hf:test-org/{name.split('-')[0]}{suffix}": "reference"
                   for name, (_, suffix, _) in IMAGE_ENCODERS.items()})
     for spec, role in specs.items():
         result = check_spec(spec, "auto", cache_dir=str(cache))
         assert result["ok"] and result["role"] == role, (spec, result["problems"])
         assert result["provenance"]["revision"] and result["provenance"]["weights_sha256"]
+
+
+def _unit(features: Any) -> np.ndarray:
+    return torch.nn.functional.normalize(getattr(features, "pooler_output", features), dim=-1).numpy()
+
+
+def test_align_equals_align_processor_and_align_model(cache):
+    from transformers import AlignModel, AlignProcessor
+
+    resolved = resolve_model(f"hf:{ALIGN_REPO}", "clip", cache_dir=str(cache))
+    snapshot = _snapshot(cache, ALIGN_REPO)
+    pre = resolved.preprocess
+    assert (pre.style, pre.resize_mode, pre.resize_size, pre.image_size) == ("efficientnet", "squash", 40, 32)
+    assert (pre.rescale_offset, pre.normalize, pre.include_top, pre.interpolation) == (True, False, False, "bilinear")
+    images = _images()
+    inputs = AlignProcessor.from_pretrained(snapshot)(images=images, text=TEXTS, return_tensors="pt")
+    ours = np.stack([pre(image) for image in images])
+    assert torch.equal(torch.from_numpy(ours), inputs["pixel_values"])
+    assert ours.min() >= -1.0 and ours.max() <= 1.0 and ours.min() < -0.9 and ours.max() > 0.9
+    loaded = resolved.load("cpu")
+    tokens = loaded.tokenize(TEXTS)
+    assert tokens["input_ids"].shape == (len(TEXTS), 64)
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert torch.equal(tokens[key], inputs[key]), key
+    library = AlignModel.from_pretrained(snapshot)
+    text_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    with torch.inference_mode():
+        image_ref = library.get_image_features(pixel_values=inputs["pixel_values"])
+        text_ref = library.get_text_features(**text_inputs)
+        forward = library(**inputs)
+    image_vectors, text_vectors = loaded.encode_images(ours), loaded.encode_texts(TEXTS)
+    assert image_vectors.shape == (len(images), 16) and text_vectors.shape == (len(TEXTS), 16)
+    np.testing.assert_allclose(image_vectors, _unit(image_ref), atol=1e-6)
+    np.testing.assert_allclose(text_vectors, _unit(text_ref), atol=1e-6)
+    np.testing.assert_allclose(image_vectors, forward.image_embeds.numpy(), atol=1e-6)
+    np.testing.assert_allclose(text_vectors, forward.text_embeds.numpy(), atol=1e-6)
+    assert loaded.logit_scale == pytest.approx(1 / ALIGN_TEMPERATURE, rel=1e-6)
+    assert np.isnan(loaded.logit_bias)
+    # 1e-5, not bit for bit: AlignModel divides its cosines by the float32 temperature, the audit multiplies them
+    # by the reciprocal (see clipaudit.models.hf_families)
+    np.testing.assert_allclose(loaded.logit_scale * image_vectors @ text_vectors.T,
+                               forward.logits_per_image.numpy(), rtol=0, atol=1e-5)
+
+
+def test_align_cuts_texts_past_64_tokens_where_its_processor_cannot_batch_them(cache):
+    from transformers import AlignProcessor, AutoTokenizer
+
+    resolved = resolve_model(f"hf:{ALIGN_REPO}", "clip", cache_dir=str(cache))
+    snapshot = _snapshot(cache, ALIGN_REPO)
+    texts = [" ".join(["dog"] * 100), "x"]
+    with pytest.raises(ValueError):
+        AlignProcessor.from_pretrained(snapshot)(text=texts, return_tensors="pt")
+    tokens = resolved.load("cpu").tokenize(texts)
+    expected = AutoTokenizer.from_pretrained(snapshot)(texts, padding="max_length", max_length=64, truncation=True,
+                                                       return_tensors="pt")
+    assert tokens["input_ids"].shape == (2, 64) and torch.equal(tokens["input_ids"], expected["input_ids"])
+    assert int(tokens["attention_mask"][0].sum()) == 64 and int(tokens["attention_mask"][1].sum()) == 3
+
+
+def test_align_without_a_processor_config_preprocesses_as_align_base(tmp_path):
+    from transformers import EfficientNetImageProcessor
+
+    from clipaudit.models.hf_backend import ALIGN_PROCESSOR as ALIGN_BASE
+    from clipaudit.models.hf_backend import family_defaults
+
+    pre = family_defaults("align")
+    assert (pre.resize_size, pre.image_size, pre.rescale_factor) == (346, 289, 1 / 127.5)
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (400, 500, 3), dtype=np.uint8))
+    theirs = EfficientNetImageProcessor(**ALIGN_BASE)([image], return_tensors="pt").pixel_values
+    assert torch.equal(torch.from_numpy(pre(image))[None], theirs)
+
+
+EFFICIENTNET_CONFIGS: dict[str, dict[str, Any]] = {
+    "align": TINY_ALIGN_PROCESSOR,
+    "classifier-defaults": {"size": {"height": 36, "width": 36}},
+    "classifier-crop": {"size": {"height": 40, "width": 40}, "crop_size": {"height": 32, "width": 32},
+                        "do_center_crop": True, "image_mean": [0.485, 0.456, 0.406],
+                        "image_std": [0.229, 0.224, 0.225]},
+    "offset-normalize-top": {"size": {"shortest_edge": 36}, "crop_size": {"height": 32, "width": 32},
+                             "do_center_crop": True, "rescale_factor": 1 / 127.5, "rescale_offset": True,
+                             "include_top": True, "resample": 3},
+    "rescale-only-padded": {"size": {"height": 28, "width": 28}, "crop_size": {"height": 32, "width": 32},
+                            "do_center_crop": True, "do_normalize": False, "include_top": False},
+    "offset-top-unnormalised": {"size": {"height": 33, "width": 33}, "rescale_factor": 1 / 255,
+                                "rescale_offset": True, "do_normalize": False, "include_top": True},
+}
+"""EfficientNetImageProcessor fields: ALIGN's, the class defaults (normalised and ``include_top``), and the other
+branches of its arithmetic (offset then normalise; rescale alone; a crop larger than the resize; ``include_top``
+without normalising)."""
+
+
+def _shapes() -> list[Image.Image]:
+    rng = np.random.default_rng(9)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in
+            [(40, 52), (61, 33), (32, 32), (90, 70), (7, 120), (300, 41)]]
+
+
+@pytest.mark.parametrize("name", list(EFFICIENTNET_CONFIGS))
+def test_efficientnet_style_equals_efficientnet_image_processor(name):
+    from transformers import EfficientNetImageProcessor
+
+    from clipaudit.models.hf_backend import preprocess_from_processor_config
+
+    processor = EfficientNetImageProcessor(**EFFICIENTNET_CONFIGS[name])
+    pre = preprocess_from_processor_config(json.loads(processor.to_json_string()), "auto")
+    assert pre.style == "efficientnet"
+    for image in _shapes():
+        theirs = processor([image], return_tensors="pt").pixel_values
+        assert torch.equal(torch.from_numpy(pre(image))[None], theirs), (name, image.size)
+
+
+@pytest.mark.parametrize("name", list(EFFICIENTNET_CONFIGS))
+def test_efficientnet_style_splits_at_the_crop_as_tcac_needs(name):
+    from clipaudit.model_view import center_crop_or_pad, model_inputs, resize_for_model
+    from clipaudit.models.hf_backend import efficientnet_preprocess
+
+    pre = efficientnet_preprocess(EFFICIENTNET_CONFIGS[name])
+    for image in _shapes():
+        resized = resize_for_model(image, pre)
+        square = center_crop_or_pad(torch.from_numpy(resized.copy()).permute(2, 0, 1), pre.image_size, pre.style)
+        assert np.array_equal(model_inputs(square.permute(1, 2, 0).numpy()[None], pre)[0], pre(image))
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"do_rescale": False}, "must resize and rescale"), ({"resample": 0}, "resample"),
+    ({"size": {"shortest_edge": 32}, "do_center_crop": False}, "not square"),
+    ({"size": {"height": 32, "width": 40}}, "square sizes only")])
+def test_efficientnet_fields_it_cannot_reproduce_are_errors(fields, match):
+    from clipaudit.models.hf_backend import efficientnet_preprocess
+
+    with pytest.raises(ModelSpecError, match=match):
+        efficientnet_preprocess(fields)
+
+
+@pytest.mark.parametrize("fields", [{"rescale_offset": True}, {"normalize": False}, {"include_top": True},
+                                    {"rescale_factor": 1 / 127.5}])
+def test_efficientnet_fields_are_refused_on_other_styles(fields):
+    from clipaudit.models import Preprocess
+
+    with pytest.raises(ValueError, match="'efficientnet' style only"):
+        Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3, "bilinear", style="transformers", **fields)
+    assert Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3, "bilinear", style="efficientnet", **fields).style
+
+
+def test_models_check_command_passes_align(cache, capsys):
+    from clipaudit.cli import main
+
+    assert main(["models", "check", f"hf:{ALIGN_REPO}", "--cache-dir", str(cache)]) == 0
+    printed = capsys.readouterr().out
+    assert f"hf:{ALIGN_REPO}: OK (clip role)" in printed and "(transformers, align)" in printed
+    assert "40 -> 32 px, bilinear, squash, style efficientnet" in printed and "x * 0.00784314 - 1" in printed
+    assert f"logit scale {1 / ALIGN_TEMPERATURE:.4g} (softmax)" in printed
+
+
+def test_align_with_a_wordpiece_vocab_txt_only_resolves_and_tokenizes_alike(cache, tmp_path):
+    import shutil
+
+    snapshot = _snapshot(cache, ALIGN_REPO)
+    local = tmp_path / "align-vocab-txt"
+    shutil.copytree(snapshot, local)
+    vocab = json.loads((local / "tokenizer.json").read_text())["model"]["vocab"]
+    (local / "tokenizer.json").unlink()
+    (local / "vocab.txt").write_text("".join(f"{token}\n" for token in sorted(vocab, key=vocab.__getitem__)))
+    resolved = resolve_model(f"hf:{local}", "clip")
+    loaded = resolved.load("cpu")
+    assert loaded.vocab_size == len(vocab)
+    expected = resolve_model(f"hf:{ALIGN_REPO}", "clip", cache_dir=str(cache)).load("cpu").tokenize(TEXTS)
+    assert torch.equal(loaded.tokenize(TEXTS)["input_ids"], expected["input_ids"])

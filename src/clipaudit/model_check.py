@@ -30,19 +30,13 @@ MIN_VOCAB = 1000
 ROLES = ("auto", "clip", "reference")
 
 
-def _role_of(spec: str, role: str, cache_dir: str | None) -> tuple[Any, str]:
-    """(resolved model, role): ``auto`` tries the CLIP role first and falls back to the reference role for an
-    image-only model."""
-    from clipaudit.models import ModelSpecError, resolve_model
+def role_for(spec: str, role: str, cache_dir: str | None = None) -> str:
+    """The role to check ``spec`` in: ``clip`` or ``reference`` as given; for ``auto`` the CLIP role when the spec
+    can fill it, else the reference role, as :func:`~clipaudit.models.registry.spec_roles` reads them from the
+    spec (no weights loaded)."""
+    from clipaudit.models.registry import spec_roles
 
-    if role != "auto":
-        return resolve_model(spec, role, cache_dir=cache_dir), role
-    try:
-        return resolve_model(spec, "clip", cache_dir=cache_dir), "clip"
-    except ModelSpecError as exc:
-        if "text tower" not in str(exc) and "not a dual encoder" not in str(exc):
-            raise
-        return resolve_model(spec, "reference", cache_dir=cache_dir), "reference"
+    return spec_roles(spec, cache_dir)[0] if role == "auto" else role
 
 
 def _probe_inputs(n: int = 4) -> tuple[list[Any], list[str]]:
@@ -66,16 +60,18 @@ def _unit_finite(vectors: np.ndarray, dim: int | None) -> list[str]:
 def check_spec(spec: str, role: str = "auto", device: str = "cpu", cache_dir: str | None = None) -> dict[str, Any]:
     """The facts and checks of one spec: ``{"spec", "role", "ok", "problems", "notes", "resolved", "provenance",
     "preprocess", "dim", "vocab_size", "logit_scale", "logit_bias"}``; never raises for the model's sake."""
+    from clipaudit.models import resolve_model
     from clipaudit.models.provenance import provenance
     from clipaudit.run_view import is_random_spec
 
     out: dict[str, Any] = {"spec": spec, "role": role, "problems": [], "notes": []}
     try:
-        resolved, role = _role_of(spec, role, cache_dir)
+        role = out["role"] = role_for(spec, role, cache_dir)
+        resolved = resolve_model(spec, role, cache_dir=cache_dir)
     except ClipauditError as exc:
         out.update(ok=False, problems=[f"cannot be resolved: {exc}"])
         return out
-    out.update(role=role, dim=resolved.dim, provenance=provenance(resolved),
+    out.update(dim=resolved.dim, provenance=provenance(resolved),
                preprocess=asdict(resolved.preprocess) if resolved.preprocess is not None else None)
     if resolved.is_random and not is_random_spec(spec):
         out["problems"].append("random weights where real ones were asked for")
@@ -121,9 +117,7 @@ def format_check(result: dict[str, Any]) -> str:
     if result.get("dim") is not None:
         lines.append(f"  dimension   {result['dim']}")
     if pre:
-        lines.append(f"  preprocess  {pre['resize_size']} -> {pre['image_size']} px, {pre['interpolation']}, "
-                     f"{pre['resize_mode']}, style {pre['style']}, mean {tuple(round(m, 4) for m in pre['mean'])}, "
-                     f"std {tuple(round(s, 4) for s in pre['std'])}")
+        lines.append(_preprocess_line(pre))
     if result.get("vocab_size") is not None:
         lines.append(f"  tokenizer   {result['vocab_size']} tokens")
     if result.get("logit_scale") is not None:
@@ -133,6 +127,18 @@ def format_check(result: dict[str, Any]) -> str:
     lines += [f"  note        {note}" for note in result["notes"]]
     lines += ["  PROBLEM     " + problem.replace("\n", "\n              ") for problem in result["problems"]]
     return "\n".join(lines) + "\n"
+
+
+def _preprocess_line(pre: dict[str, Any]) -> str:
+    """The printed preprocessing of a check (an ``"efficientnet"`` style also names its rescale and steps)."""
+    line = (f"  preprocess  {pre['resize_size']} -> {pre['image_size']} px, {pre['interpolation']}, "
+            f"{pre['resize_mode']}, style {pre['style']}, mean {tuple(round(m, 4) for m in pre['mean'])}, "
+            f"std {tuple(round(s, 4) for s in pre['std'])}")
+    if pre["style"] == "efficientnet":
+        steps = [name for name in ("normalize", "include_top") if pre[name]]
+        line += (f", x * {pre['rescale_factor']:.6g}{' - 1' if pre['rescale_offset'] else ''}"
+                 + "".join(f", then {step}" for step in steps))
+    return line
 
 
 def add_models_parser(commands: argparse._SubParsersAction) -> None:

@@ -1,9 +1,9 @@
 """``hf:ID_OR_PATH`` and ``hf-random:NAME`` models (transformers): the families of :mod:`.hf_families`.
 
-- ``hf:openai/clip-vit-base-patch32``, ``hf:google/siglip-base-patch16-224``, ``hf:facebook/dinov2-base``,
-  ``hf:facebook/dinov3-vits16-pretrain-lvd1689m``, ``hf:/path/to/dir``: the family is read from ``config.json``
-  (``model_type``); any other vision model loads through ``AutoModel`` with a stated pooling
-  (``hf:ORG/NAME#mean``, ``#cls``, ``#pooler``). An existing directory is a local model (a
+- ``hf:openai/clip-vit-base-patch32``, ``hf:google/siglip-base-patch16-224``, ``hf:kakaobrain/align-base``,
+  ``hf:facebook/dinov2-base``, ``hf:facebook/dinov3-vits16-pretrain-lvd1689m``, ``hf:/path/to/dir``: the family
+  is read from ``config.json`` (``model_type``); any other vision model loads through ``AutoModel`` with a stated
+  pooling (``hf:ORG/NAME#mean``, ``#cls``, ``#pooler``). An existing directory is a local model (a
   directory written by ``save_pretrained``); anything else of the form ``org/name`` is a Hub id, looked up in the
   Hugging Face cache first (``local_files_only=True``) and downloaded only when the Hub can be reached.
 - ``hf-random:dinov2-small`` (also ``dinov2-base``, ``dinov2-large``, ``dinov2-giant``, ``clip-vit-base-patch32``,
@@ -17,9 +17,11 @@ norm, ``layernorm(last_hidden_state)[:, 0]``); all L2-normalised.
 Preprocessing comes from the model's ``preprocessor_config.json`` when present, else the family's defaults:
 CLIP-like: resize the shorter side to the model's image size (224), center crop, bicubic, OpenAI mean/std;
 ImageNet-like (DINOv2 and the other image encoders): resize the shorter side to 256, center crop 224, bicubic,
-ImageNet mean/std. Either way the pixels are those of transformers' own image processor (``CLIPImageProcessor``,
-``BitImageProcessor``, ``SiglipImageProcessor``, ... torchvision backend: what ``AutoImageProcessor`` gives): a
-``Preprocess`` of style ``"transformers"``.
+ImageNet mean/std; ALIGN: align-base's ``EfficientNetImageProcessor`` (both sides resized to 346, bilinear, center
+crop 289, ``x / 127.5 - 1``). Either way the pixels are those of transformers' own image processor
+(``CLIPImageProcessor``, ``BitImageProcessor``, ``SiglipImageProcessor``, ... torchvision backend: what
+``AutoImageProcessor`` gives): a ``Preprocess`` of style ``"transformers"`` (``"efficientnet"`` for an
+``EfficientNetImageProcessor``, whose rescale offset and ``include_top`` it reproduces).
 
 Tokenizers (dual encoders) load from the model's own files; a tokenizer of fewer than 1000 tokens (what
 transformers returns when the files are missing) is an error, never used.
@@ -39,7 +41,16 @@ from typing import TYPE_CHECKING, Any
 from . import hub, packaged, tiny
 from .errors import ModelSpecError, ModelUnavailableError
 from .hf_encoders import HfDualEncoder, HfImageEncoder
-from .hf_families import FAMILIES, GENERIC, Family, embedding_dim, family_of, model_image_size, split_pooling
+from .hf_families import (
+    FAMILIES,
+    GENERIC,
+    Family,
+    embedding_dim,
+    family_of,
+    model_image_size,
+    roles_of,
+    split_pooling,
+)
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, Preprocess
 
 if TYPE_CHECKING:
@@ -51,7 +62,7 @@ logger = logging.getLogger(__name__)
 MIN_VOCAB = 1000
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt")
 SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 """Tokenizer files whose vocabulary cannot be counted without the sentencepiece library (checked at load)."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -76,6 +87,17 @@ RANDOM_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 """``hf-random:`` names -> (family, config of the real checkpoint's architecture, as Dinov2Config / CLIPConfig
 keyword arguments)."""
+EFFICIENTNET_DEFAULTS: dict[str, Any] = {
+    "do_resize": True, "size": {"height": 346, "width": 346}, "resample": 3, "do_center_crop": False,
+    "crop_size": {"height": 289, "width": 289}, "do_rescale": True, "rescale_factor": 1 / 255,
+    "rescale_offset": False, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "include_top": True}
+"""``EfficientNetImageProcessor``'s class defaults (transformers 5), for fields a ``preprocessor_config.json``
+leaves out."""
+ALIGN_PROCESSOR: dict[str, Any] = {"do_center_crop": True, "rescale_factor": 1 / 127.5, "rescale_offset": True,
+                                   "do_normalize": False, "include_top": False, "resample": 2}
+"""ALIGN's ``EfficientNetImageProcessor`` fields (those transformers' conversion of kakaobrain/align-base set):
+the preprocessing of an ALIGN checkpoint without a ``preprocessor_config.json``."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +143,8 @@ class HfTarget:
 def family_defaults(family: str, image_size: int = 224) -> Preprocess:
     """Preprocessing of a family (a ``model_type``) when the model has no ``preprocessor_config.json``."""
     known = FAMILIES.get(family)
+    if known is not None and known.processor_defaults == "align":
+        return efficientnet_preprocess(ALIGN_PROCESSOR)
     if known is None or known.processor_defaults == "imagenet":
         return Preprocess(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bicubic", style="transformers")
     return Preprocess(image_size, image_size, OPENAI_MEAN, OPENAI_STD, "bicubic", style="transformers")
@@ -141,13 +165,57 @@ def _square(value: Any, what: str) -> int:
     return int(value)
 
 
+def _interpolation(resample: Any) -> str:
+    """``bilinear`` or ``bicubic`` from a processor's ``resample`` (PIL's number or name); ModelSpecError else."""
+    if resample in (2, "bilinear", "BILINEAR"):
+        return "bilinear"
+    if resample in (3, "bicubic", "BICUBIC"):
+        return "bicubic"
+    raise ModelSpecError(f"unsupported preprocessing: resample={resample!r} (only bilinear and bicubic)")
+
+
+def _triple(value: Any) -> tuple[float, float, float]:
+    """A per-channel mean or std from a processor field: three numbers, or one for all three channels."""
+    values = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * 3
+    if len(values) != 3:
+        raise ModelSpecError(f"unsupported preprocessing: {value!r} is not one value per RGB channel")
+    return values[0], values[1], values[2]
+
+
+def efficientnet_preprocess(pc: dict[str, Any]) -> Preprocess:
+    """A Preprocess of the ``"efficientnet"`` style from ``EfficientNetImageProcessor`` fields (the class
+    defaults for those left out): the same pixels as that processor (resize, center crop, rescale with its
+    optional offset, optional normalisation, ``include_top``). A processor that leaves images unresized, or
+    unrescaled, or not square, is a ModelSpecError."""
+    fields = {**EFFICIENTNET_DEFAULTS, **pc}
+    if not fields["do_rescale"] or not fields["do_resize"]:
+        raise ModelSpecError(f"unsupported preprocessing: do_rescale={fields['do_rescale']}, "
+                             f"do_resize={fields['do_resize']} (an EfficientNetImageProcessor must resize and "
+                             "rescale)")
+    size = fields["size"]
+    resize = _square(size, "size")
+    shortest = isinstance(size, dict) and "shortest_edge" in size
+    if shortest and not fields["do_center_crop"]:
+        raise ModelSpecError(f"unsupported preprocessing: resize to {size} without a center crop (not square)")
+    crop = _square(fields["crop_size"], "crop_size") if fields["do_center_crop"] else resize
+    return Preprocess(crop, resize, _triple(fields["image_mean"]), _triple(fields["image_std"]),
+                      _interpolation(fields["resample"]), resize_mode="shortest" if shortest else "squash",
+                      style="efficientnet", rescale_factor=float(fields["rescale_factor"]),
+                      rescale_offset=bool(fields["rescale_offset"]), normalize=bool(fields["do_normalize"]),
+                      include_top=bool(fields["include_top"]))
+
+
 def preprocess_from_processor_config(pc: dict[str, Any], family: str, image_size: int = 224) -> Preprocess:
     """A Preprocess from a ``preprocessor_config.json`` (CLIPImageProcessor / BitImageProcessor fields; DINOv3's
-    processors, which rescale before they resize, get the ``transformers_float`` style).
+    processors, which rescale before they resize, get the ``transformers_float`` style; EfficientNet's, ALIGN's
+    included, the ``efficientnet`` style: :func:`efficientnet_preprocess`).
 
     The result gives the same pixels as transformers' processor built from the same fields; fields it cannot
-    reproduce (a rescale other than 1/255, a non-square size) are a ModelSpecError.
+    reproduce (a rescale other than 1/255 outside EfficientNet's processor, a non-square size) are a
+    ModelSpecError.
     """
+    if family == "align" or str(pc.get("image_processor_type", "")).startswith("EfficientNet"):
+        return efficientnet_preprocess(pc)
     base = family_defaults(family, image_size)
     if not pc.get("do_rescale", True) or not math.isclose(float(pc.get("rescale_factor", 1 / 255)), 1 / 255):
         raise ModelSpecError(f"unsupported preprocessing: do_rescale={pc.get('do_rescale')}, "
@@ -186,13 +254,19 @@ def _read_json(path: Path | str | None) -> dict[str, Any] | None:
 
 
 def tokenizer_vocab_size(directory: Path) -> int | None:
-    """The vocabulary size of the tokenizer files in a directory, read from JSON (None: no tokenizer files)."""
+    """The vocabulary size of the tokenizer files in a directory, read from ``tokenizer.json``, a BPE
+    ``vocab.json`` or a WordPiece ``vocab.txt`` (BERT's, ALIGN's: one token a line); None: no tokenizer files."""
     data = _read_json(directory / "tokenizer.json")
     if data is not None:
         vocab = data.get("model", {}).get("vocab", {})
         return len(vocab) + len(data.get("added_tokens", []))
     vocab_json = _read_json(directory / "vocab.json")
-    return None if vocab_json is None else len(vocab_json)
+    if vocab_json is not None:
+        return len(vocab_json)
+    vocab_txt = directory / "vocab.txt"
+    if not vocab_txt.is_file():
+        return None
+    return sum(1 for line in vocab_txt.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
 def check_tokenizer_dir(spec: str, directory: Path) -> None:
@@ -308,6 +382,37 @@ def _download_small(repo_id: str, filename: str, cache_dir: str | None) -> str |
     except Exception as exc:  # noqa: BLE001 - a missing optional file is not an error
         logger.debug("could not download %s of %s: %s", filename, repo_id, exc)
         return None
+
+
+def roles(spec: str, body: str, cache_dir: str | None) -> tuple[str, ...] | None:
+    """The roles an ``hf:`` spec can fill, read from its ``config.json`` alone, no weights
+    (:func:`~clipaudit.models.hf_families.roles_of`); None where there is no config to read (resolving the spec
+    says why). The config comes from the local directory or the hub cache, or is downloaded (a small file, as
+    :func:`resolve` downloads it) when the cache lacks it and the Hub answers."""
+    source, pooling = split_pooling(spec, body)
+    config = _read_json(_config_path(source, cache_dir))
+    return None if config is None else roles_of(spec, config, pooling)
+
+
+def _config_path(source: str, cache_dir: str | None) -> Path | str | None:
+    """Where ``config.json`` of an ``hf:`` source is on this machine (downloaded if need be), or None."""
+    if is_local_spec(source):
+        return Path(source).expanduser().resolve() / "config.json"
+    if not _HUB_ID.match(source):
+        return None
+    found = hub.cached_hub_file(source, "config.json", cache_dir)
+    if found is None and hub.probe_hub_file(source, "config.json").exists:
+        found = _download_small(source, "config.json", cache_dir)
+    return found
+
+
+def random_roles(spec: str, body: str) -> tuple[str, ...]:
+    """The roles an ``hf-random:NAME`` spec can fill (its architecture's family's); ModelSpecError for an unknown
+    name."""
+    name = body.split("/")[-1].lower()
+    if name not in RANDOM_ARCHITECTURES:
+        raise ModelSpecError(f"bad model spec {spec!r}: hf-random knows {', '.join(RANDOM_ARCHITECTURES)}")
+    return FAMILIES[RANDOM_ARCHITECTURES[name][0]].roles
 
 
 def resolve_random(spec: str, body: str, role: str) -> tuple[HfTarget, Preprocess, int]:

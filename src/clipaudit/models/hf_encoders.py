@@ -70,10 +70,22 @@ class HfImageEncoder:
         raise TypeError(f"{self.spec} is an image-only model: it cannot encode texts")
 
 
+def logit_scale_of(model: Any, family: Family) -> float:
+    """The factor cosine similarities are multiplied by before the softmax (or sigmoid): ``exp(logit_scale)``,
+    or ``1 / temperature`` for a family whose model divides by a temperature (ALIGN)."""
+    import torch
+
+    with torch.inference_mode():
+        if family.scale == "temperature":
+            return 1.0 / float(model.temperature.detach().float().item())
+        return float(model.logit_scale.detach().float().exp().item())
+
+
 class HfDualEncoder:
-    """An image-text dual encoder (CLIP, SigLIP, MetaCLIP 2): projected image and text features, L2-normalised;
-    texts tokenised as the family's processor does (:meth:`tokenize`), the tensors it returns (``input_ids``, and
-    ``attention_mask`` where the tokenizer gives one) passed on as they are."""
+    """An image-text dual encoder (CLIP, SigLIP, MetaCLIP 2, ALIGN): image and text features, L2-normalised;
+    texts tokenised as the family's processor does (:meth:`tokenize`); of the tensors it returns, those the family's
+    model takes (``input_ids``, and ``attention_mask`` / ``token_type_ids`` where the tokenizer gives them) are
+    passed on as they are."""
 
     def __init__(self, spec: str, model: Any, tokenizer: Any, device: str, preprocess: Preprocess,
                  family: Family) -> None:
@@ -84,8 +96,8 @@ class HfDualEncoder:
         self.family = family
         self.dim = int(model.config.projection_dim if hasattr(model.config, "projection_dim")
                        else model.config.vision_config.hidden_size)
+        self.logit_scale = logit_scale_of(model, family)
         with torch.inference_mode():
-            self.logit_scale = float(model.logit_scale.detach().float().exp().item())
             bias = getattr(model, "logit_bias", None)
             self.logit_bias = float(bias.detach().float().reshape(-1)[0].item()) if bias is not None else math.nan
         self._context = int(model.config.text_config.max_position_embeddings)
@@ -98,7 +110,8 @@ class HfDualEncoder:
 
     def tokenize(self, texts: list[str]) -> dict[str, Any]:
         """The token tensors of ``texts`` as the family's processor makes them: padded to the longest text, or to
-        ``max_length`` (SigLIP: 64), truncated to the context; lower-cased for a Gemma tokenizer (SigLIP 2)."""
+        ``max_length`` (SigLIP, ALIGN: 64), truncated to the context (or to ``max_length``); lower-cased for a Gemma
+        tokenizer (SigLIP 2)."""
         if self._lower:
             texts = [text.lower() for text in texts]
         if self.family.text_padding == "max_length":
@@ -122,5 +135,5 @@ class HfDualEncoder:
         tokens = self.tokenize(list(texts))
         with torch.inference_mode():
             inputs = {k: batch_to_device(v.numpy(), self.device) for k, v in tokens.items()
-                      if k in ("input_ids", "attention_mask")}
+                      if k in self.family.text_inputs}
             return tensor_to_unit_rows(features(self._model.get_text_features(**inputs)))

@@ -13,6 +13,15 @@ Two styles, each identical (the same uint8 pixels, the same float32 arithmetic) 
   scaled to [0, 1] in float32, resized there by torchvision (antialiased), center cropped, then normalised. Its
   :meth:`Preprocess.geometry` (the uint8 pixels TCAC and the report work on) is the ``"transformers"`` one.
 
+- ``"efficientnet"``: transformers' ``EfficientNetImageProcessor`` (ALIGN's): the ``"transformers"`` geometry,
+  except that ``"squash"`` resizes both sides to ``resize_size`` and then center crops ``image_size`` (ALIGN: 346
+  then 289), and its own arithmetic on the uint8 crop ``x``: without an offset and with normalisation, the fused
+  ``(x - 255 mean) / (255 std)`` of the ``"transformers"`` style (for any rescale factor: ``1 / rescale_factor``
+  in place of 255); otherwise ``x * rescale_factor``, minus 1 when ``rescale_offset`` (ALIGN: ``x / 127.5 - 1``,
+  values in [-1, 1]), then ``(x - mean) / std`` when ``normalize``; and ``include_top`` divides by ``std`` once
+  more. The fields ``rescale_factor``, ``rescale_offset``, ``normalize`` and ``include_top`` belong to this style
+  alone.
+
 - ``"timm"``: timm's eval transform where the ``"torchvision"`` style cannot give its pixels (the same PIL resize,
   rounded crop offsets and arithmetic): ``"squash"`` resizes both sides to ``resize_size`` (timm's
   ``img_size / crop_pct``) then center crops, ``"longest"`` resizes the longer side to ``resize_size`` and pads
@@ -42,7 +51,7 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 KINDS = ("normalize", "rgb")
 INTERPOLATIONS = ("bicubic", "bilinear")
 RESIZE_MODES = ("shortest", "longest", "squash")
-STYLES = ("torchvision", "transformers", "transformers_float", "timm")
+STYLES = ("torchvision", "transformers", "transformers_float", "timm", "efficientnet")
 _RESCALE_FACTOR = 1 / 255
 
 
@@ -61,9 +70,13 @@ class Preprocess:
         resize_mode: ``"shortest"`` (resize the shorter side, center crop), ``"squash"`` (resize both sides to
             ``image_size``, aspect ratio not kept) or ``"longest"`` (resize the longer side to ``image_size``,
             pad with black to a square; ``"torchvision"`` and ``"timm"`` styles only), as in open_clip's
-            ``resize_mode`` (``"timm"`` style: resized to ``resize_size``, see the module).
+            ``resize_mode`` (``"timm"`` and ``"efficientnet"`` styles: resized to ``resize_size``, see the module).
         style: whose implementation the pixels are identical to: ``"torchvision"`` (open_clip, torchvision
             transforms on PIL images) or ``"transformers"`` (transformers' image processors); see the module.
+        rescale_factor: ``"efficientnet"`` style: the factor the uint8 values are multiplied by (ALIGN: 1/127.5).
+        rescale_offset: ``"efficientnet"`` style: subtract 1 after the rescale (ALIGN: values in [-1, 1]).
+        normalize: ``"efficientnet"`` style: apply ``(x - mean) / std`` (ALIGN: no).
+        include_top: ``"efficientnet"`` style: divide by ``std`` once more at the end (ALIGN: no).
     """
 
     image_size: int
@@ -74,6 +87,10 @@ class Preprocess:
     kind: str = "normalize"
     resize_mode: str = "shortest"
     style: str = "torchvision"
+    rescale_factor: float = _RESCALE_FACTOR
+    rescale_offset: bool = False
+    normalize: bool = True
+    include_top: bool = False
 
     def __post_init__(self) -> None:
         if int(self.image_size) <= 0 or int(self.resize_size) <= 0:
@@ -90,8 +107,20 @@ class Preprocess:
             raise ValueError("resize_mode 'longest' exists in the 'torchvision' and 'timm' styles only")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
             raise ValueError(f"mean and std need 3 values (std > 0), got {self.mean}, {self.std}")
+        self._check_efficientnet_fields()
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    def _check_efficientnet_fields(self) -> None:
+        """ValueError for a rescale factor that is not positive, or ``"efficientnet"`` fields set on another
+        style (whose arithmetic would silently ignore them)."""
+        if not float(self.rescale_factor) > 0:
+            raise ValueError(f"rescale_factor must be positive, got {self.rescale_factor}")
+        own = (float(self.rescale_factor) != _RESCALE_FACTOR or self.rescale_offset or not self.normalize
+               or self.include_top)
+        if own and self.style != "efficientnet":
+            raise ValueError("rescale_factor, rescale_offset, normalize and include_top exist in the "
+                             "'efficientnet' style only")
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
@@ -106,7 +135,7 @@ class Preprocess:
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) of an image of this size after the resize, before the crop (or pad)."""
-        s = self.resize_size if self.style == "timm" else self.image_size
+        s = self.resize_size if self.style in ("timm", "efficientnet") else self.image_size
         if self.resize_mode == "squash":
             return s, s
         if self.resize_mode == "longest":
@@ -137,6 +166,8 @@ class Preprocess:
         chw = pixels.transpose(2, 0, 1).astype(np.float32)
         mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
         std = np.asarray(self.std, dtype=np.float32)[:, None, None]
+        if self.style == "efficientnet":
+            return np.ascontiguousarray(self._efficientnet_values(chw, mean, std))
         if self.style == "transformers":
             scale = np.float32(1.0 / _RESCALE_FACTOR)
             out = (chw - mean * scale) / (std * scale)
@@ -144,6 +175,19 @@ class Preprocess:
             out = (chw / np.float32(255.0) - mean) / std
         return np.ascontiguousarray(out)
 
+    def _efficientnet_values(self, chw: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+        """``"efficientnet"``: ``EfficientNetImageProcessor``'s rescale, normalisation and ``include_top``, in its
+        float32 operations and order, on the float32 copy of the uint8 crop."""
+        if self.normalize and not self.rescale_offset:
+            scale = np.float32(1.0 / float(self.rescale_factor))
+            out = (chw - mean * scale) / (std * scale)
+        else:
+            out = chw * np.float32(self.rescale_factor)
+            if self.rescale_offset:
+                out -= np.float32(1.0)
+            if self.normalize:
+                out = (out - mean) / std
+        return out / std if self.include_top else out
 
     def _float_first(self, image: Image.Image) -> np.ndarray:
         """``"transformers_float"``: rescale to [0, 1] in float32, resize, crop, normalise (in that order)."""

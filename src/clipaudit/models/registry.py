@@ -26,6 +26,9 @@ seconds, never hangs, never downloads weights). It returns a small picklable :cl
 :meth:`ResolvedModel.load` builds the model where it runs (once per actor). ``load("cuda")`` puts the model on
 the GPU in fp16 (inputs cast to fp16, outputs float32); on the CPU everything is fp32.
 
+:func:`spec_roles` says which roles a spec can fill without resolving or loading it (``clipaudit models check
+--role auto`` picks the role by it).
+
 Random models (``tiny-*``, ``.../random``, ``hf-random:``, fallbacks) have ``is_random=True``: their findings
 are meaningless. Their initialisation is seeded, so every process builds bit-identical weights.
 
@@ -34,6 +37,7 @@ Nothing here imports torch, open_clip or transformers at module import.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -128,6 +132,48 @@ def _resolve_packaged(spec: str, name: str, role: str, cache_dir: str | None) ->
     target: Any = (open_clip_backend.OpenClipTarget(arch, packaged=path) if name == packaged.PROBE_CLIP
                    else hf_backend.tiny_dino_target(weights=path))
     return ResolvedModel(spec, spec, role, tiny.preprocess_for(arch), False, tiny.dim_for(arch), cache_dir, target)
+
+
+def spec_roles(spec: str, cache_dir: str | None = None) -> tuple[str, ...]:
+    """The roles a spec can fill, ``clip`` first: read from what the spec names, no weights loaded.
+
+    A dual encoder fills both (the reference role uses its image tower): ``open_clip:``, ``tiny-clip``,
+    ``probe-clip``, an ``hf:`` model whose ``config.json`` names a dual-encoder family. An image model fills the
+    reference role only: ``timm:``, ``tiny-dino``, ``probe-dino``, any other ``hf:`` model. ``precomputed:``
+    vectors fill the CLIP role only. Where only loading can tell, both, and resolving or loading in the CLIP role
+    then says what is missing: a ``python:`` factory that is a function (a class without ``encode_texts`` fills
+    the reference role only), an ``hf:`` model whose ``config.json`` cannot be had here.
+
+    Raises:
+        ModelSpecError: a malformed spec, or one that fills no role (a refused ``hf:`` family, an unknown
+            ``hf-random:`` name, a ``python:`` factory that cannot be imported).
+    """
+    parsed = parse_spec(spec)
+    if cache_dir:
+        cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
+    image_only = {tiny.TINY_DINO, packaged.PROBE_DINO}
+    if parsed.kind in ("tiny", "packaged"):
+        return ("reference",) if parsed.body in image_only else ROLES
+    if parsed.kind == "hf":
+        return hf_backend.roles(spec.strip(), parsed.body, cache_dir) or ROLES
+    if parsed.kind == "hf-random":
+        return hf_backend.random_roles(spec.strip(), parsed.body)
+    if parsed.kind == "timm":
+        return ("reference",)
+    if parsed.kind == precomputed.KIND:
+        return ("clip",)
+    if parsed.kind == "python":
+        return _plugin_roles(spec.strip(), parsed.body)
+    return ROLES
+
+
+def _plugin_roles(spec: str, body: str) -> tuple[str, ...]:
+    """A ``python:`` factory's roles as far as it tells uncalled: a class without ``encode_texts`` the reference
+    role only, anything else both (what a function returns is known once it is called)."""
+    factory = plugin.find_factory(spec, plugin.parse(spec, body))
+    if inspect.isclass(factory) and not callable(getattr(factory, "encode_texts", None)):
+        return ("reference",)
+    return ROLES
 
 
 def resolve_model(spec: str, role: str, *, fallback: str = "none", cache_dir: str | None = None) -> ResolvedModel:
