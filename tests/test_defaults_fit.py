@@ -1,9 +1,10 @@
 """Defaults that fit the machine, and placement failures that are not row failures, on one local Ray of 2 CPUs.
 
-The leaderboard config (three CLIP models and a reference: four model actors in the embed stage) with a CPU share
-the user set to 0.5 leaves no CPU for decoding: the run is refused before any work, with the reason, and no image
-becomes a reject (it used to write every image as ``worker_lost``). The same run_dir, run again with the defaults,
-completes: the planner lowers the default share until the four actors and a decode task fit."""
+The leaderboard config (three CLIP models and a reference) in pools of their own (``embed.actor_pools:
+per_model``: four model actors in the embed stage) with a CPU share the user set to 0.5 leaves no CPU for decoding:
+the run is refused before any work, with the reason, and no image becomes a reject (it used to write every image as
+``worker_lost``). The same run_dir, run again with the default share, completes: the planner lowers the share until
+the four actors and a decode task fit. (With the default shared pool the four models are one actor, which fits.)"""
 
 from __future__ import annotations
 
@@ -35,12 +36,12 @@ def run(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 def test_leaderboard_config_refused_with_a_set_share_then_runs_with_defaults(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    refused = run(run_dir, "--set", "embed.cpus_per_actor=0.5")
+    refused = run(run_dir, "--set", "embed.actor_pools=per_model", "--set", "embed.cpus_per_actor=0.5")
     assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-4000:]
     assert "after its 4 model actor(s) of 0.5 CPU each, no node has CPU left for the decode tasks" in refused.stderr
     assert RunTables(str(run_dir)).count("rejects") == 0, "a placement error is not a row reject"
 
-    done = run(run_dir)
+    done = run(run_dir, "--set", "embed.actor_pools=per_model")
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     assert "CPU share lowered to 0.25" in output

@@ -160,13 +160,16 @@ def test_no_samples_is_an_error(tmp_path, models):
 
 
 @pytest.mark.ray
-def test_ray_runner_gives_the_same_rows_as_in_process(tmp_path, zoo, models, ray_local):
+@pytest.mark.parametrize("pools", ["shared", "per_model"])
+def test_ray_runner_gives_the_same_rows_as_in_process(tmp_path, zoo, models, ray_local, pools):
+    """Both actor layouts of the image pass (one pool whose actors host both models; a pool per model) give the
+    in-process rows."""
     from clipaudit.runtime import RayRunner
 
     local = make_run(tmp_path, zoo, "local")
     run_embed(local, LocalRunner(), models, EMBED)
     on_ray = make_run(tmp_path, zoo, "ray")
-    stats = run_embed(on_ray, RayRunner(RayConfig()), models, EMBED)
+    stats = run_embed(on_ray, RayRunner(RayConfig()), models, dataclasses.replace(EMBED, actor_pools=pools))
     assert stats.notes["device"] == "cpu"
     for name, key in ((IMAGE_EMBEDDINGS["clip"], "image_id"), (IMAGE_EMBEDDINGS["reference"], "image_id"),
                       (CAPTION_EMBEDDINGS, "caption_id")):
@@ -191,3 +194,19 @@ def test_each_distinct_caption_text_is_encoded_once(tmp_path, zoo, models):
     shared = [captions[f"{file}#0"] for file, _ in good]
     for vector in shared[1:]:
         np.testing.assert_array_equal(vector, shared[0])
+
+
+def test_a_shared_actor_gets_the_threads_its_models_would_have_had_apart():
+    """On CPU, an actor hosting two models at a 0.5 share runs 2 threads (two actors of their own: 1 each); a set
+    ``torch_threads`` is per actor; a GPU actor keeps 1; with pools per model the placement has one pool per model."""
+    from clipaudit.placement import Placement
+    from clipaudit.runtime.runners import image_pools, shared_threads
+
+    cpu = Placement("cpu", 0.5, 0.0, threads=1)
+    assert shared_threads(cpu, EMBED, 2) == 2
+    assert shared_threads(Placement("cpu", 1.5, 0.0, threads=2), EMBED, 3) == 6
+    set_threads = dataclasses.replace(EMBED, torch_threads=3)  # the placement then has threads=3
+    assert shared_threads(Placement("cpu", 0.5, 0.0, threads=3), set_threads, 2) == 3
+    assert shared_threads(Placement("cuda", 1.0, 1.0, threads=1), EMBED, 4) == 1
+    assert image_pools(EMBED, 4) == 1
+    assert image_pools(dataclasses.replace(EMBED, actor_pools="per_model"), 4) == 4

@@ -368,7 +368,7 @@ def audit_config(run_dir: Path) -> dict:
         "run_dir": str(run_dir),
         "dataset": {"format": "synthetic", "num_images": AUDIT_IMAGES, "seed": 3},
         "models": {"clip": "tiny-clip", "reference": "tiny-dino"},
-        "embed": {"batch_size": 4, "actors_per_model": 1, "cpus_per_actor": 0.5},
+        "embed": {"batch_size": 4, "actors_per_model": 2, "cpus_per_actor": 0.5},
         "neighbours": {"k": 2},
         "daf": {"max_overlap": None, "top_n": 3, "permutations": 10},
         "tcac": {"transforms": ["grayscale", "hflip"], "cases_per_transform": 2},
@@ -379,8 +379,8 @@ def audit_config(run_dir: Path) -> dict:
 
 def test_audit_survives_a_node_lost_in_embed_and_another_in_tcac(cluster: RayCluster, tmp_path: Path) -> None:
     """``clipaudit run`` (every stage, tiny models, LLM dry run) as a driver joined to two nodes. The second node is
-    killed once the embed stage's first images are back (its model actor is there: Ray Data spreads the two
-    pools); a fresh node joins, and is killed in turn once the TCAC stage's first images are back. Every image is
+    killed once the embed stage's first images are back (a model actor is there: Ray Data spreads the pool's two
+    actors); a fresh node joins, and is killed in turn once the TCAC stage's first images are back. Every image is
     embedded once per model, neighbours and TCAC rows are complete, nothing is rejected, and the run says the node
     loss was handled (the rows not back ran again)."""
     from clipaudit.io.tables import RunTables

@@ -4,7 +4,8 @@ Batches are dicts of numpy arrays (Ray Data's ``numpy`` batch format):
 
 1. :func:`prepare_images` reads each image's bytes once, decodes once (EXIF orientation applied, converted to
    RGB, pixel count bounded) and preprocesses it for every model role that still needs it.
-2. :class:`ImageEncoder` runs one model over the ``ok`` rows of its role and adds ``vector_<role>``.
+2. :class:`ImageEncoder` runs one model over the ``ok`` rows of its role and adds ``vector_<role>``;
+   :class:`ImageEncoders` runs every model of the pass, one after another, in one actor.
 3. :class:`TextEncoder` runs the CLIP text tower over caption texts.
 
 Nothing here raises for one bad row: a row that fails gets ``status`` = a reject reason and ``detail`` = what
@@ -123,6 +124,20 @@ def checked_vectors(vectors: Any, rows: int, dim: int) -> np.ndarray:
     if not np.isfinite(array).all():
         raise FloatingPointError("the model returned NaN or infinite values")
     return array
+
+
+class ImageEncoders:
+    """Every model of an image pass in one actor (``embed.actor_pools: shared``): each loaded once, when the
+    encoders are built, and run one after another over each batch."""
+
+    def __init__(self, models: dict[str, ResolvedModel], device: str = "cpu", threads: int = 0) -> None:
+        self.encoders = [ImageEncoder(model, role, device, threads) for role, model in models.items()]
+
+    def __call__(self, batch: Batch) -> Batch:
+        """Add every model's ``vector_<role>`` and ``t_infer_<role>`` (see :class:`ImageEncoder`)."""
+        for encoder in self.encoders:
+            batch = encoder(batch)
+        return batch
 
 
 class TextEncoder:

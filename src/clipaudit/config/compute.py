@@ -17,17 +17,25 @@ class EmbedConfig:
     """Images per model forward."""
     text_batch_size: int = 256
     """Captions per text-tower forward."""
+    actor_pools: Literal["shared", "per_model"] = "shared"
+    """How the image pass hosts its models. ``shared``: one actor pool, each actor loads every model of the pass
+    and runs them one after another on each batch (one actor start-up per pass, one hop per batch, all the models
+    on one GPU). ``per_model``: one pool per model, each actor loads one model (models too big to share a GPU or
+    a node's memory)."""
     actors_per_model: int = 1
-    """Actor pool size per model role (per GPU on a GPU cluster)."""
+    """Actors per pool (per GPU on a GPU cluster): the shared pool's size, or each model's pool size with
+    ``actor_pools: per_model``."""
     cpus_per_actor: float | None = None
-    """CPU share reserved by each model actor when no GPU is used. None (the default): 0.5, halved until every
-    model actor of the stage and a decode task fit on the nodes (three CLIP models and a reference on one 2-CPU
-    machine: 0.25 each). A value set here is kept as it is, and a plan it does not fit is refused with the reason
-    (on 2 CPUs, two actors at 1 CPU each would leave the readers nothing)."""
+    """CPU share reserved by each model actor (a shared actor is one actor) when no GPU is used. None (the
+    default): 0.5, halved until every model actor of the stage and a decode task fit on the nodes (three CLIP
+    models and a reference in pools of their own on one 2-CPU machine: 0.25 each). A value set here is kept as it
+    is, and a plan it does not fit is refused with the reason (on 2 CPUs, two actors at 1 CPU each would leave the
+    readers nothing)."""
     gpus_per_actor: float = 1.0
     """GPU share of each model actor when a GPU is used."""
     torch_threads: int = 0
-    """Intra-op threads per CPU actor; 0: the CPU share rounded up."""
+    """Intra-op threads per CPU actor; 0: the CPU share rounded up, once per model the actor hosts (a shared actor
+    of two models at 0.5 CPU: 2 threads, as two actors of their own would have)."""
     max_pixels: int = 64_000_000
     """Images with more pixels than this are rejected as too large (decompression-bomb guard)."""
     write_every: int = 2048

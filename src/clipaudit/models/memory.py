@@ -66,4 +66,5 @@ def check_fits(resolved: Any, device: str) -> None:
             raise ModelTooLargeError(
                 f"model {resolved.spec!r} does not fit: its weights are {human(size)}, loading them needs about "
                 f"{human(need)} of {where} and {human(free)} is free; give its actors a "
-                "larger node (embed.gpus_per_actor / a node type with more memory) or a smaller model")
+                "larger node (embed.gpus_per_actor / a node type with more memory), an actor of its own "
+                "(embed.actor_pools: per_model, when other models share its actors) or a smaller model")

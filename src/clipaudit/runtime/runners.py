@@ -2,9 +2,9 @@
 in-process, :class:`LazyRunner` starting the configured one on first use.
 
 :class:`RayRunner` shards the rows into blocks, runs reading/decoding as CPU tasks and model forwards in actor
-pools (GPU actors with fp16 when the cluster has GPUs), and streams the results back to the driver, which is the
-single writer. :class:`LocalRunner` runs the same functions in-process, in order: for tests and for debugging
-without Ray.
+pools (GPU actors with fp16 when the cluster has GPUs; the image pass's models share one pool's actors by default:
+``embed.actor_pools``), and streams the results back to the driver, which is the single writer.
+:class:`LocalRunner` runs the same functions in-process, in order: for tests and for debugging without Ray.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from clipaudit.batches.embed import Batch, ImageEncoder, TextEncoder, prepare_images
+from clipaudit.batches.embed import Batch, ImageEncoder, ImageEncoders, TextEncoder, prepare_images
 from clipaudit.batches.isolation import LOST_BEFORE, bisect_stream
 from clipaudit.placement import Placement, PoolRequest
 from clipaudit.runtime.capacity import Capacity
@@ -56,6 +56,20 @@ def model_pools(ray_config: RayConfig, embed: EmbedConfig, pools: int) -> PoolRe
                        torch_threads=embed.torch_threads)
 
 
+def image_pools(embed: EmbedConfig, models: int) -> int:
+    """How many actor pools the image pass of ``models`` models runs at once (one when they share actors)."""
+    return 1 if embed.actor_pools == "shared" else models
+
+
+def shared_threads(placement: Placement, embed: EmbedConfig, models: int) -> int:
+    """Intra-op threads of an actor hosting ``models`` models: ``embed.torch_threads`` when set, one per GPU actor;
+    on CPU otherwise the threads its models would have had in actors of their own (the placement's threads, once
+    per model), so sharing actors never leaves cores idle that separate pools would have used."""
+    if embed.torch_threads or placement.device != "cpu":
+        return placement.threads
+    return placement.threads * models
+
+
 def _rows_only(todo: pa.Table) -> pa.Table:
     """``todo`` without the marks the isolation layer reads (run in-process, nothing is isolated)."""
     return todo.drop_columns([LOST_BEFORE]) if LOST_BEFORE in todo.column_names else todo
@@ -79,12 +93,9 @@ class LocalRunner:
     def map_images(self, todo: pa.Table, models: dict[str, ResolvedModel], embed: EmbedConfig) -> Iterator[Batch]:
         """Prepare and embed ``todo`` (image_id, uri, need_<role>) batch by batch."""
         preprocessors = {role: model.preprocess for role, model in models.items()}
-        encoders = [ImageEncoder(model, role, "cpu", embed.torch_threads) for role, model in models.items()]
+        encoders = ImageEncoders(models, "cpu", embed.torch_threads)
         for batch in _to_numpy_batches(_rows_only(todo), embed.batch_size):
-            batch = prepare_images(batch, preprocessors, embed.max_pixels)
-            for encoder in encoders:
-                batch = encoder(batch)
-            yield batch
+            yield encoders(prepare_images(batch, preprocessors, embed.max_pixels))
 
     def map_texts(self, texts: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
         """Embed the ``text`` column with the CLIP text tower."""
@@ -163,14 +174,15 @@ class RayRunner:
         return args
 
     def map_images(self, todo: pa.Table, models: dict[str, ResolvedModel], embed: EmbedConfig) -> Iterator[Batch]:
-        """Prepare ``todo`` as CPU tasks, embed it in one actor pool per model, stream the batches back; rows
-        behind a run that fails are isolated (:func:`~clipaudit.batches.isolation.bisect_stream`)."""
+        """Prepare ``todo`` as CPU tasks, embed it in one actor pool whose actors host every model
+        (``embed.actor_pools: shared``) or in one pool per model, stream the batches back; rows behind a run that
+        fails are isolated (:func:`~clipaudit.batches.isolation.bisect_stream`)."""
         return self._stream(lambda part: self._embed_images(part, models, embed), todo, "image_id")
 
     def _embed_images(self, todo: pa.Table, models: dict[str, ResolvedModel], embed: EmbedConfig) -> Iterator[Batch]:
         import ray
 
-        placement = self.plan(embed, pools=len(models))
+        placement = self.plan(embed, pools=image_pools(embed, len(models)))
         preprocessors = {role: model.preprocess for role, model in models.items()}
         dataset = ray.data.from_arrow(_chunks(todo, embed.batch_size)).map_batches(
             prepare_images,
@@ -180,6 +192,17 @@ class RayRunner:
             num_cpus=placement.task_cpus,
             max_retries=self.ray_config.task_retries,
         )
+        if embed.actor_pools == "shared":
+            dataset = dataset.map_batches(
+                ImageEncoders,
+                fn_constructor_kwargs={"models": models, "device": self.device,
+                                       "threads": shared_threads(placement, embed, len(models))},
+                batch_size=embed.batch_size,
+                batch_format="numpy",
+                **self._actor_args(placement, embed),
+            )
+            yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+            return
         for role, model in models.items():
             dataset = dataset.map_batches(
                 ImageEncoder,
