@@ -114,9 +114,9 @@ def test_all_rows_identical() -> None:
 def test_small_chunks_buckets_and_split_diagonal(monkeypatch: pytest.MonkeyPatch) -> None:
     """Force the rarely taken paths: chunked candidate gathering, merges of
     rows with very different candidate counts, halved diagonal blocks."""
-    monkeypatch.setattr(knn, "_CHUNK_ENTRIES", 4096)
-    monkeypatch.setattr(knn, "_NARROW", 2)
-    monkeypatch.setattr(knn, "_MIN_SPLIT", 64)
+    monkeypatch.setattr(knn.block_products, "_CHUNK_ENTRIES", 4096)
+    monkeypatch.setattr(knn.running_topk, "_NARROW", 2)
+    monkeypatch.setattr(knn.blocks, "_MIN_SPLIT", 64)
     rng = np.random.default_rng(11)
     x = np.concatenate([_tie_heavy(rng, 300), np.zeros((300, 8), np.float32)], axis=0)
     x[300:, 4:] = _normalised(rng, 300, 4)
@@ -214,7 +214,7 @@ def _coverage(n: int, pairs: list[knn.Pair]) -> np.ndarray:
 
 
 def test_self_pairs_offer_every_entry_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(knn, "_MIN_SPLIT", 64)
+    monkeypatch.setattr(knn.blocks, "_MIN_SPLIT", 64)
     for n, block in ((300, 64), (1000, 256), (777, 512)):
         pairs = knn.self_pairs(n, block)
         assert (_coverage(n, pairs) == 1).all()
@@ -225,7 +225,7 @@ def test_self_pairs_offer_every_entry_once(monkeypatch: pytest.MonkeyPatch) -> N
 def test_shares_of_the_pairs_merge_to_self_topk(monkeypatch: pytest.MonkeyPatch, data: str) -> None:
     """Pairs dealt to three searches in a scrambled order (so off-diagonal blocks come first and are seeded
     from their run maxima) merge to exactly the in-process result."""
-    monkeypatch.setattr(knn, "_MIN_SPLIT", 64)
+    monkeypatch.setattr(knn.blocks, "_MIN_SPLIT", 64)
     rng = np.random.default_rng(21)
     x = _normalised(rng, 900, 24) if data == "gaussian" else _tie_heavy(rng, 900)
     k, block = 8, 192
