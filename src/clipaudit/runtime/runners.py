@@ -193,21 +193,14 @@ class RayRunner:
             max_retries=self.ray_config.task_retries,
         )
         if embed.actor_pools == "shared":
+            pools = [(ImageEncoders, {"models": models, "threads": shared_threads(placement, embed, len(models))})]
+        else:
+            pools = [(ImageEncoder, {"model": model, "role": role, "threads": placement.threads})
+                     for role, model in models.items()]
+        for encoder, kwargs in pools:
             dataset = dataset.map_batches(
-                ImageEncoders,
-                fn_constructor_kwargs={"models": models, "device": self.device,
-                                       "threads": shared_threads(placement, embed, len(models))},
-                batch_size=embed.batch_size,
-                batch_format="numpy",
-                **self._actor_args(placement, embed),
-            )
-            yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
-            return
-        for role, model in models.items():
-            dataset = dataset.map_batches(
-                ImageEncoder,
-                fn_constructor_kwargs={"model": model, "role": role, "device": self.device,
-                                       "threads": placement.threads},
+                encoder,
+                fn_constructor_kwargs={**kwargs, "device": self.device},
                 batch_size=embed.batch_size,
                 batch_format="numpy",
                 **self._actor_args(placement, embed),
