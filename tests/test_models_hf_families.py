@@ -349,8 +349,8 @@ def test_align_cuts_texts_past_64_tokens_where_its_processor_cannot_batch_them(c
 def test_align_without_a_processor_config_preprocesses_as_align_base(tmp_path):
     from transformers import EfficientNetImageProcessor
 
-    from clipaudit.models.hf_backend import ALIGN_PROCESSOR as ALIGN_BASE
-    from clipaudit.models.hf_backend import family_defaults
+    from clipaudit.models.hf_processor import ALIGN_PROCESSOR as ALIGN_BASE
+    from clipaudit.models.hf_processor import family_defaults
 
     pre = family_defaults("align")
     assert (pre.resize_size, pre.image_size, pre.rescale_factor) == (346, 289, 1 / 127.5)
@@ -388,7 +388,7 @@ def _shapes() -> list[Image.Image]:
 def test_efficientnet_style_equals_efficientnet_image_processor(name):
     from transformers import EfficientNetImageProcessor
 
-    from clipaudit.models.hf_backend import preprocess_from_processor_config
+    from clipaudit.models.hf_processor import preprocess_from_processor_config
 
     processor = EfficientNetImageProcessor(**EFFICIENTNET_CONFIGS[name])
     pre = preprocess_from_processor_config(json.loads(processor.to_json_string()), "auto")
@@ -401,7 +401,7 @@ def test_efficientnet_style_equals_efficientnet_image_processor(name):
 @pytest.mark.parametrize("name", list(EFFICIENTNET_CONFIGS))
 def test_efficientnet_style_splits_at_the_crop_as_tcac_needs(name):
     from clipaudit.model_view import center_crop_or_pad, model_inputs, resize_for_model
-    from clipaudit.models.hf_backend import efficientnet_preprocess
+    from clipaudit.models.hf_processor import efficientnet_preprocess
 
     pre = efficientnet_preprocess(EFFICIENTNET_CONFIGS[name])
     for image in _shapes():
@@ -415,7 +415,7 @@ def test_efficientnet_style_splits_at_the_crop_as_tcac_needs(name):
     ({"size": {"shortest_edge": 32}, "do_center_crop": False}, "not square"),
     ({"size": {"height": 32, "width": 40}}, "square sizes only")])
 def test_efficientnet_fields_it_cannot_reproduce_are_errors(fields, match):
-    from clipaudit.models.hf_backend import efficientnet_preprocess
+    from clipaudit.models.hf_processor import efficientnet_preprocess
 
     with pytest.raises(ModelSpecError, match=match):
         efficientnet_preprocess(fields)

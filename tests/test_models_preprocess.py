@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from clipaudit.models import Preprocess
-from clipaudit.models.hf_backend import preprocess_from_processor_config
+from clipaudit.models.hf_processor import preprocess_from_processor_config
 from clipaudit.models.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,

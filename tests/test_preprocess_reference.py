@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from clipaudit.batches.embed import OK, ImageEncoder, prepare_images
 from clipaudit.models import open_clip_backend, resolve_model
-from clipaudit.models.hf_backend import family_defaults, preprocess_from_processor_config
+from clipaudit.models.hf_processor import family_defaults, preprocess_from_processor_config
 from clipaudit.models.preprocess import Preprocess
 
 os.environ["HF_HUB_OFFLINE"] = "1"
