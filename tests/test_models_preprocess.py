@@ -129,3 +129,12 @@ def test_hf_processor_config_with_another_rescale_is_an_error(fields):
 
     with pytest.raises(ModelSpecError, match="rescale"):
         preprocess_from_processor_config({"size": {"shortest_edge": 256}, **fields}, "dinov2")
+
+
+@pytest.mark.parametrize("resample", [0, 1, "nearest"])
+def test_hf_processor_config_with_another_resample_is_an_error(resample):
+    """A resample the pipeline cannot reproduce (nearest, lanczos) is refused, never replaced by bicubic."""
+    from clipaudit.models import ModelSpecError
+
+    with pytest.raises(ModelSpecError, match="resample"):
+        preprocess_from_processor_config({"size": {"shortest_edge": 256}, "resample": resample}, "dinov2")

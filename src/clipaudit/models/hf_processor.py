@@ -112,8 +112,7 @@ def preprocess_from_processor_config(pc: dict[str, Any], family: str, image_size
     if not pc.get("do_rescale", True) or not math.isclose(float(pc.get("rescale_factor", 1 / 255)), 1 / 255):
         raise ModelSpecError(f"unsupported preprocessing: do_rescale={pc.get('do_rescale')}, "
                              f"rescale_factor={pc.get('rescale_factor')} (only a rescale by 1/255 is supported)")
-    resample = pc.get("resample", 3)
-    interpolation = "bilinear" if resample in (2, "bilinear", "BILINEAR") else "bicubic"
+    interpolation = _interpolation(pc.get("resample", 3))
     if pc.get("do_normalize", True):
         mean = tuple(pc.get("image_mean", base.mean))
         std = tuple(pc.get("image_std", base.std))
