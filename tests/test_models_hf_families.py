@@ -183,6 +183,15 @@ def _library_pixels(snapshot: Path, images: list[Image.Image]) -> torch.Tensor:
     return AutoImageProcessor.from_pretrained(snapshot)(images, return_tensors="pt").pixel_values
 
 
+def _same_pixels(resolved, snapshot: Path, name: str) -> tuple[np.ndarray, torch.Tensor]:
+    """Our pixels of the test images and the library's (``AutoImageProcessor`` of ``snapshot``), asserted equal."""
+    images = _images()
+    ours = np.stack([resolved.preprocess(image) for image in images])
+    theirs = _library_pixels(snapshot, images)
+    assert torch.equal(torch.from_numpy(ours), theirs), name
+    return ours, theirs
+
+
 def _snapshot(cache: Path, repo: str) -> Path:
     folder = cache / ("models--" + repo.replace("/", "--"))
     return folder / "snapshots" / (folder / "refs" / "main").read_text()
@@ -196,10 +205,7 @@ def test_image_encoders_equal_auto_model_on_auto_image_processor(cache, name):
     repo = f"test-org/{name.split('-')[0]}"
     resolved = resolve_model(f"hf:{repo}{suffix}", "reference", cache_dir=str(cache))
     snapshot = _snapshot(cache, repo)
-    images = _images()
-    ours = np.stack([resolved.preprocess(image) for image in images])
-    theirs = _library_pixels(snapshot, images)
-    assert torch.equal(torch.from_numpy(ours), theirs), name
+    ours, theirs = _same_pixels(resolved, snapshot, name)
     vectors = resolved.load("cpu").encode_images(ours)
     with torch.inference_mode():
         reference = torch.nn.functional.normalize(pool(AutoModel.from_pretrained(snapshot)(pixel_values=theirs)),
@@ -218,10 +224,7 @@ def test_dual_encoders_equal_the_library_on_pixels_tokens_and_vectors(cache, nam
     repo = f"test-org/{name}"
     resolved = resolve_model(f"hf:{repo}", "clip", cache_dir=str(cache))
     snapshot = _snapshot(cache, repo)
-    images = _images()
-    ours = np.stack([resolved.preprocess(image) for image in images])
-    theirs = _library_pixels(snapshot, images)
-    assert torch.equal(torch.from_numpy(ours), theirs), name
+    ours, theirs = _same_pixels(resolved, snapshot, name)
     loaded = resolved.load("cpu")
     library = AutoModel.from_pretrained(snapshot)
     tokenizer = AutoTokenizer.from_pretrained(snapshot)
