@@ -288,21 +288,23 @@ def _config_path(source: str, cache_dir: str | None) -> Path | str | None:
     return found
 
 
-def random_roles(spec: str, body: str) -> tuple[str, ...]:
-    """The roles an ``hf-random:NAME`` spec can fill (its architecture's family's); ModelSpecError for an unknown
-    name."""
+def _random_architecture(spec: str, body: str) -> tuple[str, dict[str, Any]]:
+    """(family, config) of an ``hf-random:NAME`` spec; ModelSpecError for an unknown name."""
     name = body.split("/")[-1].lower()
     if name not in RANDOM_ARCHITECTURES:
         raise ModelSpecError(f"bad model spec {spec!r}: hf-random knows {', '.join(RANDOM_ARCHITECTURES)}")
-    return FAMILIES[RANDOM_ARCHITECTURES[name][0]].roles
+    return RANDOM_ARCHITECTURES[name]
+
+
+def random_roles(spec: str, body: str) -> tuple[str, ...]:
+    """The roles an ``hf-random:NAME`` spec can fill (its architecture's family's); ModelSpecError for an unknown
+    name."""
+    return FAMILIES[_random_architecture(spec, body)[0]].roles
 
 
 def resolve_random(spec: str, body: str, role: str) -> tuple[HfTarget, Preprocess, int]:
     """An ``hf-random:NAME`` spec: a known architecture, random weights; (target, preprocess, dim)."""
-    name = body.split("/")[-1].lower()
-    if name not in RANDOM_ARCHITECTURES:
-        raise ModelSpecError(f"bad model spec {spec!r}: hf-random knows {', '.join(RANDOM_ARCHITECTURES)}")
-    family, config = RANDOM_ARCHITECTURES[name]
+    family, config = _random_architecture(spec, body)
     family_of(spec, {"model_type": family}, role, None)
     dim = int(config["projection_dim"]) if family == "clip" else int(config["hidden_size"])
     preprocess = family_defaults(family, int(config.get("vision_config", {}).get("image_size", 224)))
