@@ -338,8 +338,11 @@ def test_llm_fanout_replaces_a_killed_worker_actor(head: RayCluster, tmp_path: P
     had sent, of its chunks not yet back, are sent again: about one chunk plus the requests in flight."""
     from clipaudit.runtime.llm_actors import LLM_CHUNK
 
+    # A worker of the previous test's driver may still be exiting on the shared head: it is not the victim.
+    earlier = set(llm_worker_pids(head))
+
     def kill() -> list[int]:
-        (victim,) = llm_worker_pids(head)
+        (victim,) = set(llm_worker_pids(head)) - earlier
         psutil.Process(victim).kill()
         return [victim]
 
