@@ -1,12 +1,13 @@
 """Every transformers family of ``hf:`` against the library's own pipeline, on a fake hub cache.
 
-Each model is the real architecture with seeded random weights, saved with its processor (and tokenizer) and laid
-out as the hub lays out a download. For each: the pixels are ``AutoImageProcessor``'s exactly, the image vectors
-those of ``AutoModel`` on them (pooled as the family pools), the token ids those of the tokenizer called as the
-family's processor is documented to be called, the text vectors those of ``get_text_features``, and provenance
-names the snapshot revision and the weights' SHA-256. ALIGN is checked against ``AlignProcessor`` and
-``AlignModel`` themselves (pixels, token ids, vectors, logits), and every ``EfficientNetImageProcessor``
-configuration against its own pixels."""
+Each model is the real architecture with seeded random weights, saved with its processor (and tokenizer) and laid out as
+the hub lays out a download. For each: the pixels are ``AutoImageProcessor``'s exactly, the image vectors those of
+``AutoModel`` on them (pooled as the family pools), the token ids those of the tokenizer called as the family's
+processor is documented to be called, the text vectors those of ``get_text_features``, and provenance names the snapshot
+revision and the weights' SHA-256. SigLIP comes twice: SigLIP 1 with its own sentencepiece ``SiglipTokenizer``
+(``spiece.model`` alone, checked against ``SiglipProcessor``), SigLIP 2 with a Gemma one. ALIGN is checked against
+``AlignProcessor`` and ``AlignModel`` themselves (pixels, token ids, vectors, logits), and every
+``EfficientNetImageProcessor`` configuration against its own pixels."""
 
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ import torch
 from hub_cache import ALIGN_TEMPERATURE, TINY_ALIGN_PROCESSOR, add_repo, build_align
 from PIL import Image
 
-from clipaudit.models import ModelSpecError, resolve_model
+from clipaudit.models import ModelSpecError, ModelUnavailableError, resolve_model
 from clipaudit.models.hf_backend import build_clip_tokenizer_from_open_clip
 from clipaudit.models.provenance import provenance
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-TEXTS = ["A Photo of a Dog", "two red squares on the left of a blue circle", "x"]
+TEXTS = ["A Photo of a Dog", "two red squares on the left of a blue circle", "x", "A dog, running!"]
 VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
           "image_size": 32, "patch_size": 8}
 TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -58,6 +59,26 @@ def _gemma_tokenizer() -> Any:
                               unk_token="<unk>")
 
 
+def _siglip_tokenizer(directory: Path) -> Any:
+    """SigLIP 1's own ``SiglipTokenizer`` over a sentencepiece model trained here, offline, on the words of the CLIP
+    BPE vocabulary (2,000 pieces; ``</s>`` is both end and padding, as in google/siglip-*)."""
+    import io
+
+    import sentencepiece
+    from transformers import SiglipTokenizer
+
+    words = [token.removesuffix("</w>") for token in build_clip_tokenizer_from_open_clip().get_vocab()
+             if token.endswith("</w>") and token[:-4].isalpha()]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([" ".join(words[i:i + 8]) for i in range(0, len(words), 8)]), model_writer=model,
+        vocab_size=2000, model_type="unigram", eos_id=1, unk_id=2, bos_id=-1, pad_id=-1, eos_piece="</s>",
+        unk_piece="<unk>", num_threads=1, minloglevel=2)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "spiece.model").write_bytes(model.getvalue())
+    return SiglipTokenizer(str(directory / "spiece.model"))
+
+
 def _save(directory: Path, model: Any, processor: Any, tokenizer: Any = None) -> None:
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
@@ -74,14 +95,24 @@ def build_clip(directory: Path) -> None:
           build_clip_tokenizer_from_open_clip())
 
 
-def build_siglip(directory: Path) -> None:
+def _save_siglip(directory: Path, tokenizer: Any) -> None:
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
 
-    tokenizer = _gemma_tokenizer()
     text = {**TEXT, "vocab_size": len(tokenizer), "max_position_embeddings": 64,
             "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     _save(directory, SiglipModel(SiglipConfig(text_config=text, vision_config=VISION)),
           SiglipImageProcessor(size={"height": 32, "width": 32}), tokenizer)
+
+
+def build_siglip(directory: Path) -> None:
+    """SigLIP 1 as google/siglip-base-patch16-224 is published: ``spiece.model`` and no ``tokenizer.json``."""
+    _save_siglip(directory, _siglip_tokenizer(directory))
+    assert not (directory / "tokenizer.json").exists()
+
+
+def build_siglip2(directory: Path) -> None:
+    """SigLIP 2 at a fixed resolution: ``SiglipModel`` with a Gemma tokenizer."""
+    _save_siglip(directory, _gemma_tokenizer())
 
 
 def build_metaclip_2(directory: Path) -> None:
@@ -157,7 +188,7 @@ IMAGE_ENCODERS: dict[str, tuple[Callable[[Path], None], str, Callable[[Any], tor
 }
 """name -> (builder, the spec's pooling suffix, how the library's output is pooled)."""
 DUAL_ENCODERS: dict[str, Callable[[Path], None]] = {
-    "clip": build_clip, "siglip": build_siglip, "metaclip_2": build_metaclip_2}
+    "clip": build_clip, "siglip": build_siglip, "siglip2": build_siglip2, "metaclip_2": build_metaclip_2}
 """Dual encoders scored by ``exp(logit_scale)``, checked against ``AutoImageProcessor``, the tokenizer and
 ``AutoModel``."""
 ALIGN_REPO = "test-org/align"
@@ -228,10 +259,15 @@ def test_dual_encoders_equal_the_library_on_pixels_tokens_and_vectors(cache, nam
     loaded = resolved.load("cpu")
     library = AutoModel.from_pretrained(snapshot)
     tokenizer = AutoTokenizer.from_pretrained(snapshot)
-    if name == "siglip":
+    if name == "siglip2":
         tokens = tokenizer([t.lower() for t in TEXTS], padding="max_length", max_length=64, truncation=True,
                            return_tensors="pt")
         assert tokens["input_ids"].shape[1] == 64
+    elif name == "siglip":
+        from transformers import SiglipProcessor
+
+        tokens = SiglipProcessor.from_pretrained(snapshot)(text=TEXTS, padding="max_length", return_tensors="pt")
+        assert type(tokenizer).__name__ == "SiglipTokenizer" and tokens["input_ids"].shape[1] == 64
     else:
         tokens = tokenizer(TEXTS, padding=True, truncation=True, return_tensors="pt")
     mine = loaded.tokenize(TEXTS)
@@ -243,9 +279,9 @@ def test_dual_encoders_equal_the_library_on_pixels_tokens_and_vectors(cache, nam
     unit = lambda x: torch.nn.functional.normalize(getattr(x, "pooler_output", x), dim=-1).numpy()  # noqa: E731
     np.testing.assert_allclose(loaded.encode_images(ours), unit(image_ref), atol=1e-6)
     np.testing.assert_allclose(loaded.encode_texts(TEXTS), unit(text_ref), atol=1e-6)
-    assert loaded.logit_scale == pytest.approx(float(library.logit_scale.exp()))
-    if name == "siglip":
-        assert loaded.logit_bias == pytest.approx(float(library.logit_bias))
+    assert loaded.logit_scale == pytest.approx(float(library.logit_scale.detach().exp()))
+    if name.startswith("siglip"):
+        assert loaded.logit_bias == pytest.approx(float(library.logit_bias.detach()))
     else:
         assert np.isnan(loaded.logit_bias)
 
@@ -259,6 +295,23 @@ def test_unknown_vision_models_need_a_stated_pooling_and_dual_encoders_refuse_on
         resolve_model("hf:test-org/clip#cls", "reference", cache_dir=str(cache))
     with pytest.raises(ModelSpecError, match="has no text tower"):
         resolve_model("hf:test-org/dinov3_vit", "clip", cache_dir=str(cache))
+
+
+def test_a_sentencepiece_tokenizer_is_counted_and_a_broken_one_refused(cache, tmp_path):
+    """SigLIP 1 ships ``spiece.model`` alone: its vocabulary is read from it before loading, and a file that is not
+    a sentencepiece model is refused at resolve, naming the directory, instead of failing in the first forward."""
+    import shutil
+
+    from clipaudit.models.hf_backend import tokenizer_vocab_size
+
+    snapshot = _snapshot(cache, "test-org/siglip")
+    assert tokenizer_vocab_size(snapshot) == 2000
+    broken = tmp_path / "siglip"
+    shutil.copytree(snapshot, broken)
+    (broken / "spiece.model").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(ModelUnavailableError, match=rf"the tokenizer in {broken} has only 0 tokens"):
+        resolve_model(f"hf:{broken}", "clip")
+    assert resolve_model(f"hf:{broken}", "reference").dim == 32, "an image-only use needs no tokenizer"
 
 
 def test_siglip2_naflex_is_refused_with_the_way_out(tmp_path):

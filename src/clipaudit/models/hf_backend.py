@@ -56,9 +56,9 @@ logger = logging.getLogger(__name__)
 MIN_VOCAB = 1000
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt")
 SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
-"""Tokenizer files whose vocabulary cannot be counted without the sentencepiece library (checked at load)."""
+"""A sentencepiece model: SigLIP 1's tokenizer (``spiece.model``, no ``tokenizer.json``), T5's, Llama's."""
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", *SENTENCEPIECE_FILES)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 RANDOM_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -137,7 +137,8 @@ def _read_json(path: Path | str | None) -> dict[str, Any] | None:
 
 def tokenizer_vocab_size(directory: Path) -> int | None:
     """The vocabulary size of the tokenizer files in a directory, read from ``tokenizer.json``, a BPE
-    ``vocab.json`` or a WordPiece ``vocab.txt`` (BERT's, ALIGN's: one token a line); None: no tokenizer files."""
+    ``vocab.json``, a WordPiece ``vocab.txt`` (BERT's, ALIGN's: one token a line) or a sentencepiece model
+    (SigLIP 1's ``spiece.model``; 0 when it cannot be read); None: no tokenizer files."""
     data = _read_json(directory / "tokenizer.json")
     if data is not None:
         vocab = data.get("model", {}).get("vocab", {})
@@ -146,16 +147,27 @@ def tokenizer_vocab_size(directory: Path) -> int | None:
     if vocab_json is not None:
         return len(vocab_json)
     vocab_txt = directory / "vocab.txt"
-    if not vocab_txt.is_file():
-        return None
-    return sum(1 for line in vocab_txt.read_text(encoding="utf-8").splitlines() if line.strip())
+    if vocab_txt.is_file():
+        return sum(1 for line in vocab_txt.read_text(encoding="utf-8").splitlines() if line.strip())
+    for name in SENTENCEPIECE_FILES:
+        if (directory / name).is_file():
+            return _sentencepiece_size(directory / name)
+    return None
+
+
+def _sentencepiece_size(path: Path) -> int:
+    """The pieces of a sentencepiece model file; 0 when it is not one (a broken download, a placeholder)."""
+    import sentencepiece
+
+    try:
+        return int(sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size())
+    except (OSError, RuntimeError):
+        return 0
 
 
 def check_tokenizer_dir(spec: str, directory: Path) -> None:
     """ModelUnavailableError unless the directory holds a CLIP tokenizer with a real vocabulary."""
     size = tokenizer_vocab_size(directory)
-    if size is None and any((directory / name).is_file() for name in SENTENCEPIECE_FILES):
-        return
     if size is None:
         raise ModelUnavailableError(spec, f"no tokenizer files ({' or '.join(TOKENIZER_FILES)}) in {directory}",
                                     hint="save the tokenizer next to the weights (tokenizer.save_pretrained(dir))")
@@ -228,8 +240,7 @@ def _resolve_hub(spec: str, repo_id: str, role: str, cache_dir: str | None, pool
     if config_path:
         family_of(spec, _read_json(config_path) or {}, role, pooling)
     complete = snapshot is not None and has_weights(snapshot)
-    if complete and role == "clip" and tokenizer_vocab_size(snapshot) is None \
-            and not any((snapshot / name).is_file() for name in SENTENCEPIECE_FILES):
+    if complete and role == "clip" and tokenizer_vocab_size(snapshot) is None:
         complete = False
     if not complete:
         probe = hub.probe_hub_file(repo_id, "config.json")
@@ -400,7 +411,8 @@ def load(resolved: ResolvedModel, target: HfTarget, device: str) -> HfDualEncode
             tokenizer = _from_pretrained(resolved, target, AutoTokenizer.from_pretrained)
         except (ImportError, ValueError) as exc:
             raise ModelUnavailableError(resolved.spec, f"its tokenizer cannot be built here ({exc})",
-                                        hint="a sentencepiece tokenizer needs `pip install sentencepiece`") from exc
+                                        hint="its tokenizer class needs a library not installed here (the "
+                                             "message names it)") from exc
     if len(tokenizer) < MIN_VOCAB:
         raise ModelUnavailableError(resolved.spec, f"the tokenizer of {target.source} has only {len(tokenizer)} "
                                                    "tokens: its files are missing or broken")

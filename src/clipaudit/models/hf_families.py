@@ -16,11 +16,12 @@ Pooling, the vector of an image (before L2 normalisation):
 - ``cls``: ``last_hidden_state[:, 0]`` (the first token, as it leaves the encoder).
 - ``mean``: the mean of ``last_hidden_state`` over its tokens (I-JEPA's, which has no CLS token).
 
-Texts (dual encoders): CLIP and MetaCLIP 2 pad each batch to its longest text (their pooling takes the EOS token,
-so padding does not change the vector); SigLIP pads to ``max_length`` 64 as it was trained (its pooling takes the
-last position, so the padding is part of the vector), and a Gemma tokenizer (SigLIP 2) gets lower-cased text, as
-SigLIP 2 was trained on. Scores: CLIP and MetaCLIP 2 ``softmax(exp(logit_scale) * cos)`` over captions; SigLIP
-``sigmoid(exp(logit_scale) * cos + logit_bias)`` per caption.
+Texts (dual encoders): CLIP and MetaCLIP 2 pad each batch to its longest text (their pooling takes the EOS token, so
+padding does not change the vector); SigLIP pads to ``max_length`` 64 as it was trained (its pooling takes the last
+position, so the padding is part of the vector); SigLIP 1's ``SiglipTokenizer`` (sentencepiece) lower-cases and strips
+punctuation itself, and a Gemma tokenizer (SigLIP 2) gets lower-cased text, as SigLIP 2 was trained on. Scores: CLIP and
+MetaCLIP 2 ``softmax(exp(logit_scale) * cos)`` over captions; SigLIP ``sigmoid(exp(logit_scale) * cos + logit_bias)``
+per caption.
 
 ALIGN (``AlignModel``, e.g. ``kakaobrain/align-base``), as ``AlignProcessor`` and ``AlignModel`` compute it:
 
