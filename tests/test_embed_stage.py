@@ -53,6 +53,14 @@ def vectors(tables: RunTables, name: str, key: str = "image_id") -> dict[str, np
                                                                 table.column("vector").to_pylist())}
 
 
+def model_vectors(tables: RunTables, name: str, key: str) -> dict[tuple[str, str], np.ndarray]:
+    """The vectors of table ``name`` by (``key``, the model's spec): several models' rows side by side."""
+    table = tables.read(name)
+    spec = "clip_model" if "clip_model" in table.column_names else "reference_model"
+    return {(k, m): np.asarray(v, dtype=np.float32) for k, m, v in zip(
+        table.column(key).to_pylist(), table.column(spec).to_pylist(), table.column("vector").to_pylist())}
+
+
 def rejects(tables: RunTables) -> dict[str, str]:
     table = tables.read(REJECTS, where="stage = 'embed'")
     return dict(zip(table.column("item").to_pylist(), table.column("reason").to_pylist()))
@@ -162,10 +170,12 @@ def test_no_samples_is_an_error(tmp_path, models):
 @pytest.mark.ray
 @pytest.mark.parametrize("pools", ["shared", "per_model"])
 def test_ray_runner_gives_the_same_rows_as_in_process(tmp_path, zoo, models, ray_local, pools):
-    """Both actor layouts of the image pass (one pool whose actors host both models; a pool per model) give the
-    in-process rows."""
+    """Both actor layouts of the image and caption passes (one pool whose actors host every model; a pool per
+    model) give the in-process rows, with two CLIP models of different dimensions."""
+    from clipaudit.models import resolve_model
     from clipaudit.runtime import RayRunner
 
+    models = {**models, "clip_2": resolve_model("probe-clip", "clip")}
     local = make_run(tmp_path, zoo, "local")
     run_embed(local, LocalRunner(), models, EMBED)
     on_ray = make_run(tmp_path, zoo, "ray")
@@ -173,8 +183,10 @@ def test_ray_runner_gives_the_same_rows_as_in_process(tmp_path, zoo, models, ray
     assert stats.notes["device"] == "cpu"
     for name, key in ((IMAGE_EMBEDDINGS["clip"], "image_id"), (IMAGE_EMBEDDINGS["reference"], "image_id"),
                       (CAPTION_EMBEDDINGS, "caption_id")):
-        got, want = vectors(on_ray, name, key), vectors(local, name, key)
+        got, want = model_vectors(on_ray, name, key), model_vectors(local, name, key)
         assert got.keys() == want.keys()
+        assert {spec for _, spec in want} == ({"tiny-dino"} if name == IMAGE_EMBEDDINGS["reference"]
+                                              else {"tiny-clip", "probe-clip"})
         for k in want:
             np.testing.assert_allclose(got[k], want[k], atol=1e-4)
     assert rejects(on_ray) == rejects(local)
@@ -196,11 +208,52 @@ def test_each_distinct_caption_text_is_encoded_once(tmp_path, zoo, models):
         np.testing.assert_array_equal(vector, shared[0])
 
 
+class CountingRunner(LocalRunner):
+    """The in-process runner, counting its caption passes and the texts each model was asked to encode."""
+
+    def __init__(self) -> None:
+        self.text_passes: list[dict[str, int]] = []
+
+    def map_texts(self, texts, models, embed):
+        self.text_passes.append({slot: sum(texts.column(f"need_{slot}").to_pylist()) for slot in models})
+        return super().map_texts(texts, models, embed)
+
+
+def test_one_caption_pass_serves_every_clip_model_each_encoding_what_it_lacks(tmp_path, zoo, models):
+    """Two CLIP models, the second added on a re-run: one text pass per run; on the re-run only the new model
+    encodes, every distinct text once, and its vectors are its own text tower's."""
+    from clipaudit.models import resolve_model
+
+    tables = make_run(tmp_path, zoo)
+    first = CountingRunner()
+    run_embed(tables, first, models, EMBED)
+    texts = {t for captions in tables.read(SAMPLES, ["captions"]).column("captions").to_pylist() for t in captions}
+    assert first.text_passes == [{"clip": len(texts)}]
+    before = model_vectors(tables, CAPTION_EMBEDDINGS, "caption_id")
+
+    both = {**models, "clip_2": resolve_model("probe-clip", "clip")}
+    again = CountingRunner()
+    stats = run_embed(tables, again, both, EMBED)
+    assert again.text_passes == [{"clip_2": len(texts)}]
+    assert stats.counts["captions_todo"] == 2 * len(zoo) and stats.counts["text_encodings"] == len(texts)
+    after = model_vectors(tables, CAPTION_EMBEDDINGS, "caption_id")
+    assert {k: v for k, v in after.items() if k[1] == "tiny-clip"}.keys() == before.keys()
+    text_of = {f"{image_id}#{n}": text for image_id, captions in zip(
+        *tables.read(SAMPLES, ["image_id", "captions"]).to_pydict().values()) for n, text in enumerate(captions)}
+    new = {caption_id: v for (caption_id, spec), v in after.items() if spec == "probe-clip"}
+    assert new.keys() == text_of.keys()
+    loaded = both["clip_2"].load("cpu")
+    ids = sorted(new)
+    np.testing.assert_allclose(np.stack([new[i] for i in ids]), loaded.encode_texts([text_of[i] for i in ids]),
+                               atol=1e-5)
+    assert run_embed(tables, (third := CountingRunner()), both, EMBED) and third.text_passes == []
+
+
 def test_a_shared_actor_gets_the_threads_its_models_would_have_had_apart():
     """On CPU, an actor hosting two models at a 0.5 share runs 2 threads (two actors of their own: 1 each); a set
     ``torch_threads`` is per actor; a GPU actor keeps 1; with pools per model the placement has one pool per model."""
     from clipaudit.placement import Placement
-    from clipaudit.runtime.runners import image_pools, shared_threads
+    from clipaudit.runtime.runners import pass_pools, shared_threads
 
     cpu = Placement("cpu", 0.5, 0.0, threads=1)
     assert shared_threads(cpu, EMBED, 2) == 2
@@ -208,5 +261,5 @@ def test_a_shared_actor_gets_the_threads_its_models_would_have_had_apart():
     set_threads = dataclasses.replace(EMBED, torch_threads=3)  # the placement then has threads=3
     assert shared_threads(Placement("cpu", 0.5, 0.0, threads=3), set_threads, 2) == 3
     assert shared_threads(Placement("cuda", 1.0, 1.0, threads=1), EMBED, 4) == 1
-    assert image_pools(EMBED, 4) == 1
-    assert image_pools(dataclasses.replace(EMBED, actor_pools="per_model"), 4) == 4
+    assert pass_pools(EMBED, 4) == 1
+    assert pass_pools(dataclasses.replace(EMBED, actor_pools="per_model"), 4) == 4

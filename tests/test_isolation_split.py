@@ -113,10 +113,10 @@ def test_image_encoder_rejects_the_rows_that_raise_or_give_nan() -> None:
 
 def test_text_encoder_rejects_the_text_that_breaks_the_tokenizer() -> None:
     texts = np.array(["a dog", "poison", "a cat"], dtype=object)
-    out = TextEncoder(_Resolved())({"text": texts})
+    out = TextEncoder(_Resolved(), "clip")({"text": texts})
     assert out["status"].tolist() == [OK, FORWARD_FAILED, OK]
-    assert out["detail"][1] == "text forward: ValueError: tokenizer cannot read this text"
-    assert out["vector"][0].tolist() == [1.0, 1.0, 1.0] and not out["vector"][1].any()
+    assert out["detail"][1] == "text forward (clip): ValueError: tokenizer cannot read this text"
+    assert out["vector_clip"][0].tolist() == [1.0, 1.0, 1.0] and not out["vector_clip"][1].any()
 
 
 def _rejects(reasons: list[str]) -> list[dict[str, str]]:

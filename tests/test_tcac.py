@@ -324,7 +324,8 @@ def test_flickr8k_pools_match_brute_force(tmp_path):
     tables = RunTables(config.run_dir)
     run_ingest(config, tables)
     model = resolve_model("tiny-clip", "clip")
-    embed_captions(tables, LocalRunner(), model, replace(EMBED, text_batch_size=512), StageStats("embed"))
+    embed_captions(tables, LocalRunner(), {"clip": model}, replace(EMBED, text_batch_size=512),
+                   StageStats("embed"))
     keys, vectors, want = _brute_force_pools(tables, 10)
     built = load_corpus(tables, tables.read(SAMPLES), LocalRunner(), model, EMBED, StageStats("tcac"))
     samples = tables.read(SAMPLES).to_pylist()

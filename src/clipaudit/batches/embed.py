@@ -6,7 +6,9 @@ Batches are dicts of numpy arrays (Ray Data's ``numpy`` batch format):
    RGB, pixel count bounded) and preprocesses it for every model role that still needs it.
 2. :class:`ImageEncoder` runs one model over the ``ok`` rows of its role and adds ``vector_<role>``;
    :class:`ImageEncoders` runs every model of the pass, one after another, in one actor.
-3. :class:`TextEncoder` runs the CLIP text tower over caption texts.
+3. :class:`TextEncoder` runs one CLIP-role model's text tower over the caption texts that need it
+   (``need_<slot>``) and adds ``vector_<slot>``; :class:`TextEncoders` runs every text tower of a caption pass in
+   one actor.
 
 Nothing here raises for one bad row: a row that fails gets ``status`` = a reject reason and ``detail`` = what
 failed, the exception's type and its message, and the rest of the batch goes on. Reading, decoding and
@@ -141,27 +143,54 @@ class ImageEncoders:
 
 
 class TextEncoder:
-    """Embeds caption texts with the CLIP text tower; a callable class for a Ray actor pool."""
+    """Embeds the ``ok`` caption texts that need one CLIP-role model's text tower; the model is loaded once, when
+    the encoder is built."""
 
-    def __init__(self, model: ResolvedModel, device: str = "cpu", threads: int = 0) -> None:
+    def __init__(self, model: ResolvedModel, slot: str, device: str = "cpu", threads: int = 0) -> None:
         if threads > 0:
             import torch
 
             torch.set_num_threads(threads)
+        self.slot = slot
         self.model = model.load(device)
 
     def __call__(self, batch: Batch) -> Batch:
-        """Add ``vector`` for the ``text`` column (zeros where the forward failed), ``status`` (``ok`` or
-        ``forward_failed``), ``detail`` and ``t_infer`` per row."""
+        """Add ``vector_<slot>`` for the ``text`` rows whose ``status`` is ``ok`` (every row where there is no
+        ``status`` yet) and whose ``need_<slot>`` is set (every row where there is no such column), zeros elsewhere,
+        and the per-row seconds ``t_infer_<slot>``; a text whose forward fails gets ``status`` ``forward_failed``
+        (the forward is split down to the texts that fail alone)."""
         start = time.perf_counter()
         texts = [str(t) for t in batch["text"]]
-        found = run_isolated(lambda part: checked_vectors(self.model.encode_texts([texts[i] for i in part]),
-                                                          len(part), self.model.dim), len(texts))
         out: dict[str, Any] = dict(batch)
-        out["vector"] = stack_vectors(found, self.model.dim)
-        out["status"] = np.full(len(texts), OK, dtype=object)
-        out["detail"] = np.full(len(texts), "", dtype=object)
-        for position, exc in found.errors.items():
-            out["status"][position], out["detail"][position] = FORWARD_FAILED, describe(exc, "text forward")
-        out["t_infer"] = np.full(len(texts), (time.perf_counter() - start) / max(len(texts), 1))
+        out["status"] = np.asarray(batch.get("status", np.full(len(texts), OK, dtype=object))).copy()
+        out["detail"] = np.asarray(batch.get("detail", np.full(len(texts), "", dtype=object))).copy()
+        need = np.asarray(batch.get(f"need_{self.slot}", np.ones(len(texts), dtype=bool)), dtype=bool)
+        use = np.flatnonzero((out["status"] == OK) & need)
+        vectors = np.zeros((len(texts), self.model.dim), dtype=np.float32)
+        if len(use):
+            found = run_isolated(lambda part: checked_vectors(self.model.encode_texts([texts[use[i]] for i in part]),
+                                                              len(part), self.model.dim), len(use))
+            vectors[use] = stack_vectors(found, self.model.dim)
+            for position, exc in found.errors.items():
+                out["status"][use[position]] = FORWARD_FAILED
+                out["detail"][use[position]] = describe(exc, f"text forward ({self.slot})")
+        out[f"vector_{self.slot}"] = vectors
+        seconds = np.zeros(len(texts), dtype=np.float64)
+        seconds[use] = (time.perf_counter() - start) / max(len(use), 1)
+        out[f"t_infer_{self.slot}"] = seconds
         return out
+
+
+class TextEncoders:
+    """Every text tower of a caption pass in one actor (``embed.actor_pools: shared``; with ``per_model`` each
+    pool's actors host one), run one after another over each batch: a callable class for a Ray actor pool."""
+
+    def __init__(self, models: dict[str, ResolvedModel], device: str = "cpu", threads: int = 0) -> None:
+        self.encoders = [TextEncoder(model, slot, device, threads) for slot, model in models.items()]
+
+    def __call__(self, batch: Batch) -> Batch:
+        """Add every model's ``vector_<slot>`` and ``t_infer_<slot>``, and ``status`` / ``detail`` (see
+        :class:`TextEncoder`)."""
+        for encoder in self.encoders:
+            batch = encoder(batch)
+        return batch

@@ -186,9 +186,11 @@ def embed_model(runner: Any, model: Any, images: pa.Table, texts: list[str],
                 image_vectors[str(image_id)] = np.asarray(batch["vector_clip"][i], dtype=np.float32)
     text_vectors: dict[str, np.ndarray] = {}
     if texts:
-        for batch in runner.map_texts(pa.table({"text": texts}), model, embed):
-            for text, vector in zip(batch["text"], batch["vector"]):
-                text_vectors[str(text)] = np.asarray(vector, dtype=np.float32)
+        for batch in runner.map_texts(pa.table({"text": texts}), {"clip": model}, embed):
+            for i, text in enumerate(batch["text"]):
+                if batch["status"][i] != OK:
+                    raise BenchmarkError(f"{model.spec}: cannot embed the text {str(text)!r}: {batch['detail'][i]}")
+                text_vectors[str(text)] = np.asarray(batch["vector_clip"][i], dtype=np.float32)
     return image_vectors, text_vectors
 
 

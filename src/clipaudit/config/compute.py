@@ -18,10 +18,10 @@ class EmbedConfig:
     text_batch_size: int = 256
     """Captions per text-tower forward."""
     actor_pools: Literal["shared", "per_model"] = "shared"
-    """How the image pass hosts its models. ``shared``: one actor pool, each actor loads every model of the pass
-    and runs them one after another on each batch (one actor start-up per pass, one hop per batch, all the models
-    on one GPU). ``per_model``: one pool per model, each actor loads one model (models too big to share a GPU or
-    a node's memory)."""
+    """How the image pass and the caption-text pass host their models. ``shared``: one actor pool per pass, each actor
+    loads every model of the pass and runs them one after another on each batch (one actor start-up per pass however
+    many CLIP models, one hop per batch, all the models on one GPU). ``per_model``: one pool per model, each actor loads
+    one model (models too big to share a GPU or a node's memory)."""
     actors_per_model: int = 1
     """Actors per pool (per GPU on a GPU cluster): the shared pool's size, or each model's pool size with
     ``actor_pools: per_model``."""

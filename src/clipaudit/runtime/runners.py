@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from clipaudit.batches.embed import Batch, ImageEncoder, ImageEncoders, TextEncoder, prepare_images
+from clipaudit.batches.embed import Batch, ImageEncoders, TextEncoders, prepare_images
 from clipaudit.batches.isolation import LOST_BEFORE, bisect_stream
 from clipaudit.placement import Placement, PoolRequest
 from clipaudit.runtime.capacity import Capacity
@@ -56,8 +56,9 @@ def model_pools(ray_config: RayConfig, embed: EmbedConfig, pools: int) -> PoolRe
                        torch_threads=embed.torch_threads)
 
 
-def image_pools(embed: EmbedConfig, models: int) -> int:
-    """How many actor pools the image pass of ``models`` models runs at once (one when they share actors)."""
+def pass_pools(embed: EmbedConfig, models: int) -> int:
+    """How many actor pools a pass (the images, the caption texts) of ``models`` models runs at once (one when they
+    share actors)."""
     return 1 if embed.actor_pools == "shared" else models
 
 
@@ -97,11 +98,12 @@ class LocalRunner:
         for batch in _to_numpy_batches(_rows_only(todo), embed.batch_size):
             yield encoders(prepare_images(batch, preprocessors, embed.max_pixels))
 
-    def map_texts(self, texts: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
-        """Embed the ``text`` column with the CLIP text tower."""
-        encoder = TextEncoder(model, "cpu", embed.torch_threads)
+    def map_texts(self, texts: pa.Table, models: dict[str, ResolvedModel], embed: EmbedConfig) -> Iterator[Batch]:
+        """Embed the ``text`` column with the text tower of each model (slot -> model; the rows of
+        ``need_<slot>`` where that column is given), batch by batch."""
+        encoders = TextEncoders(models, "cpu", embed.torch_threads)
         for batch in _to_numpy_batches(texts, embed.text_batch_size):
-            yield encoder(batch)
+            yield encoders(batch)
 
     def map_transformed(self, todo: pa.Table, model: ResolvedModel, tcac: TcacConfig,
                         embed: EmbedConfig) -> Iterator[Batch]:
@@ -173,6 +175,26 @@ class RayRunner:
             args["num_gpus"] = placement.gpus_per_actor
         return args
 
+    def _through_model_pools(self, dataset: Any, encoders: type[ImageEncoders] | type[TextEncoders],
+                             models: dict[str, ResolvedModel], placement: Placement, embed: EmbedConfig,
+                             batch_size: int) -> Any:
+        """``dataset`` through the model actor pools of one pass: one pool whose actors host every model of
+        ``models`` (``embed.actor_pools: shared``; on CPU with the threads of them all, :func:`shared_threads`) or a
+        pool per model, one after another."""
+        if embed.actor_pools == "shared":
+            groups = [(models, shared_threads(placement, embed, len(models)))]
+        else:
+            groups = [({slot: model}, placement.threads) for slot, model in models.items()]
+        for group, threads in groups:
+            dataset = dataset.map_batches(
+                encoders,
+                fn_constructor_kwargs={"models": group, "device": self.device, "threads": threads},
+                batch_size=batch_size,
+                batch_format="numpy",
+                **self._actor_args(placement, embed),
+            )
+        return dataset
+
     def map_images(self, todo: pa.Table, models: dict[str, ResolvedModel], embed: EmbedConfig) -> Iterator[Batch]:
         """Prepare ``todo`` as CPU tasks, embed it in one actor pool whose actors host every model
         (``embed.actor_pools: shared``) or in one pool per model, stream the batches back; rows behind a run that
@@ -182,7 +204,7 @@ class RayRunner:
     def _embed_images(self, todo: pa.Table, models: dict[str, ResolvedModel], embed: EmbedConfig) -> Iterator[Batch]:
         import ray
 
-        placement = self.plan(embed, pools=image_pools(embed, len(models)))
+        placement = self.plan(embed, pools=pass_pools(embed, len(models)))
         preprocessors = {role: model.preprocess for role, model in models.items()}
         dataset = ray.data.from_arrow(_chunks(todo, embed.batch_size)).map_batches(
             prepare_images,
@@ -192,37 +214,21 @@ class RayRunner:
             num_cpus=placement.task_cpus,
             max_retries=self.ray_config.task_retries,
         )
-        if embed.actor_pools == "shared":
-            pools = [(ImageEncoders, {"models": models, "threads": shared_threads(placement, embed, len(models))})]
-        else:
-            pools = [(ImageEncoder, {"model": model, "role": role, "threads": placement.threads})
-                     for role, model in models.items()]
-        for encoder, kwargs in pools:
-            dataset = dataset.map_batches(
-                encoder,
-                fn_constructor_kwargs={**kwargs, "device": self.device},
-                batch_size=embed.batch_size,
-                batch_format="numpy",
-                **self._actor_args(placement, embed),
-            )
+        dataset = self._through_model_pools(dataset, ImageEncoders, models, placement, embed, embed.batch_size)
         yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
 
-    def map_texts(self, texts: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
-        """Embed the ``text`` column in an actor pool of the CLIP model, stream the batches back (rows behind a
-        failed run isolated)."""
-        return self._stream(lambda part: self._embed_texts(part, model, embed), texts, "text")
+    def map_texts(self, texts: pa.Table, models: dict[str, ResolvedModel], embed: EmbedConfig) -> Iterator[Batch]:
+        """Embed the ``text`` column with the text tower of each model (slot -> model; the rows of ``need_<slot>``
+        where that column is given) in one actor pool whose actors host every tower (``embed.actor_pools:
+        shared``) or in a pool each, stream the batches back (rows behind a failed run isolated)."""
+        return self._stream(lambda part: self._embed_texts(part, models, embed), texts, "text")
 
-    def _embed_texts(self, texts: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
+    def _embed_texts(self, texts: pa.Table, models: dict[str, ResolvedModel], embed: EmbedConfig) -> Iterator[Batch]:
         import ray
 
-        placement = self.plan(embed, pools=1)
-        dataset = ray.data.from_arrow(_chunks(texts, embed.text_batch_size)).map_batches(
-            TextEncoder,
-            fn_constructor_kwargs={"model": model, "device": self.device, "threads": placement.threads},
-            batch_size=embed.text_batch_size,
-            batch_format="numpy",
-            **self._actor_args(placement, embed),
-        )
+        placement = self.plan(embed, pools=pass_pools(embed, len(models)))
+        dataset = self._through_model_pools(ray.data.from_arrow(_chunks(texts, embed.text_batch_size)), TextEncoders,
+                                            models, placement, embed, embed.text_batch_size)
         yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
 
     def map_transformed(self, todo: pa.Table, model: ResolvedModel, tcac: TcacConfig,

@@ -78,8 +78,9 @@ class Runner(Protocol):
         """Yield prepared-and-embedded batches for ``todo``."""
         ...
 
-    def map_texts(self, texts: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
-        """Yield batches of text vectors (columns ``text``, ``vector``, ``t_infer``)."""
+    def map_texts(self, texts: pa.Table, models: dict[str, ResolvedModel], embed: EmbedConfig) -> Iterator[Batch]:
+        """Yield batches of text vectors (columns ``text``, ``status``, ``detail`` and, for each model slot,
+        ``vector_<slot>`` and ``t_infer_<slot>``) of the rows whose ``need_<slot>`` is set."""
         ...
 
 
@@ -184,12 +185,13 @@ def _noting_first(batches: Iterator[Batch], stats: StageStats) -> Iterator[Batch
 
 
 class CaptionSink:
-    """Turns the vectors of unique caption texts into rows for every caption with that text (each text is
-    encoded once), and writes them in few large, keyed writes."""
+    """Turns one CLIP-role model's vectors of unique caption texts into rows for every caption with that text (each
+    text is encoded once), and writes them in few large, keyed writes."""
 
-    def __init__(self, tables: RunTables, todo: pa.Table, model: ResolvedModel, write_every: int,
+    def __init__(self, tables: RunTables, todo: pa.Table, model: ResolvedModel, slot: str, write_every: int,
                  stats: StageStats) -> None:
-        self.tables, self.todo, self.model, self.write_every, self.stats = tables, todo, model, write_every, stats
+        self.tables, self.todo, self.model, self.slot = tables, todo, model, slot
+        self.write_every, self.stats = write_every, stats
         self.rows_of: dict[str, list[int]] = {}
         for row, text in enumerate(todo.column("text").to_pylist()):
             self.rows_of.setdefault(text, []).append(row)
@@ -197,38 +199,33 @@ class CaptionSink:
         self.rejects: list[dict[str, str]] = []
         self.buffered = 0
 
-    def unique_texts(self) -> pa.Table:
-        """The texts to encode, each once."""
-        return pa.table({"text": pa.array(list(self.rows_of), pa.string())})
-
-    def add(self, batch: Batch) -> int:
-        """Take one batch of text vectors; returns how many texts it held. A text whose forward failed becomes a
-        ``rejects`` row for each caption with that text."""
+    def add(self, batch: Batch) -> None:
+        """Take one batch of text vectors: the rows of this model's captions whose text is in it. A text whose
+        forward failed (or whose worker was lost) becomes a ``rejects`` row for each caption with that text."""
+        texts = [str(text) for text in batch["text"]]
+        mine = [i for i, text in enumerate(texts) if text in self.rows_of]
         if LOST_FLAG in batch:
-            for i, text in enumerate(batch["text"].tolist()):
-                self._reject(text, str(batch["status"][i]), str(batch["detail"][i]))
-            return len(batch["text"])
-        self.stats.add_time("infer_text", float(np.sum(batch["t_infer"])))
-        vectors = np.asarray(batch["vector"], dtype=np.float32)
-        status = batch.get("status", np.full(len(vectors), OK, dtype=object))
+            for i in mine:
+                self._reject(texts[i], str(batch["status"][i]), str(batch["detail"][i]))
+            return
+        self.stats.add_time("infer_text", float(np.sum(batch[f"t_infer_{self.slot}"])))
+        vectors = np.asarray(batch[f"vector_{self.slot}"], dtype=np.float32)
         rows, sources = [], []
-        for i, text in enumerate(batch["text"].tolist()):
-            if status[i] != OK:
-                self._reject(text, str(status[i]), str(batch["detail"][i]))
+        for i in mine:
+            if batch["status"][i] != OK:
+                self._reject(texts[i], str(batch["status"][i]), str(batch["detail"][i]))
                 continue
-            for row in self.rows_of[text]:
+            for row in self.rows_of[texts[i]]:
                 rows.append(row)
                 sources.append(i)
-        expanded = vectors[sources]
         self.parts.append(self.todo.take(rows).append_column(
             "model", pa.array([self.model.spec] * len(rows), pa.string())).append_column(
-            "vector", vector_array(expanded.reshape(len(rows), vectors.shape[1]))).append_column(
+            "vector", vector_array(vectors[sources].reshape(len(rows), vectors.shape[1]))).append_column(
             CLIP_MODEL, pa.array([self.model.requested_spec] * len(rows), pa.string())))
         self.buffered += len(rows)
-        self.stats.add_count("text_encodings", len(vectors))
+        self.stats.add_count("text_encodings", len(set(sources)))
         if self.buffered >= self.write_every:
             self.flush()
-        return len(vectors)
 
     def _reject(self, text: str, reason: str, detail: str) -> None:
         """A ``rejects`` row for each caption with ``text``."""
@@ -257,16 +254,41 @@ class CaptionSink:
         self.stats.add_time("write", time.perf_counter() - start)
 
 
-def embed_captions(tables: RunTables, runner: Runner, model: ResolvedModel, embed: EmbedConfig,
+def caption_texts(sinks: list[CaptionSink]) -> pa.Table:
+    """The distinct texts the ``sinks`` lack, each once (in the order first needed), with ``need_<slot>`` for each
+    sink's model."""
+    texts = list(dict.fromkeys(text for sink in sinks for text in sink.rows_of))
+    columns = {"text": pa.array(texts, pa.string())}
+    for sink in sinks:
+        columns[f"need_{sink.slot}"] = pa.array([text in sink.rows_of for text in texts], pa.bool_())
+    return pa.table(columns)
+
+
+def embed_captions(tables: RunTables, runner: Runner, models: dict[str, ResolvedModel], embed: EmbedConfig,
                    stats: StageStats) -> None:
-    """Embed every caption that has no vector of ``model`` yet with its text tower, each distinct text once."""
-    todo = plan_captions(tables, model)
-    stats.add_count("captions_todo", todo.num_rows)
-    if todo.num_rows == 0:
+    """Embed every caption that has no vector yet of a CLIP-role model of ``models`` (slot -> model) with that
+    model's text tower: one pass over the distinct texts, in which each model encodes the texts it lacks."""
+    sinks = []
+    for slot, model in models.items():
+        todo = plan_captions(tables, model)
+        stats.add_count("captions_todo", todo.num_rows)
+        if todo.num_rows:
+            sinks.append(CaptionSink(tables, todo, model, slot, embed.write_every, stats))
+    if not sinks:
         return
-    sink = CaptionSink(tables, todo, model, embed.write_every, stats)
-    texts = sink.unique_texts()
-    _consume(runner.map_texts(texts, model, embed), sink.add, sink.flush, texts.num_rows, "caption text")
+
+    def add(batch: Batch) -> int:
+        for sink in sinks:
+            sink.add(batch)
+        return len(batch["text"])
+
+    def flush() -> None:
+        for sink in sinks:
+            sink.flush()
+
+    texts = caption_texts(sinks)
+    _consume(runner.map_texts(texts, {sink.slot: sink.model for sink in sinks}, embed), add, flush, texts.num_rows,
+             "caption text")
 
 
 def account(tables: RunTables, models: Iterable[ResolvedModel]) -> dict[str, int]:
@@ -297,8 +319,8 @@ def check_rejects(tables: RunTables, totals: dict[str, int], limit: float) -> No
 
 def run_embed(tables: RunTables, runner: Runner, models: dict[str, ResolvedModel], embed: EmbedConfig) -> StageStats:
     """Run the embed stage: the vectors of precomputed models read from their index, then images under every other
-    model of ``models`` (slot -> model; one decode per image), then captions under each computed CLIP-role model's
-    text tower."""
+    model of ``models`` (slot -> model; one decode per image), then captions under the text tower of each computed
+    CLIP-role model (one pass over the distinct texts)."""
     stats = StageStats(STAGE)
     started = time.perf_counter()
     lost = reopen_retryable(tables, STAGE)
@@ -309,9 +331,9 @@ def run_embed(tables: RunTables, runner: Runner, models: dict[str, ResolvedModel
             embed_precomputed(tables, slot, model, embed, stats)
     if computed:
         embed_images(tables, runner, computed, embed, stats, lost)
-    for model in computed.values():
-        if model.role == "clip":
-            embed_captions(tables, runner, model, embed, stats)
+    clip_models = {slot: model for slot, model in computed.items() if model.role == "clip"}
+    if clip_models:
+        embed_captions(tables, runner, clip_models, embed, stats)
     totals = account(tables, models.values())
     stats.counts.update({f"total_{k}": v for k, v in totals.items()})
     stats.add_time("wall", time.perf_counter() - started)

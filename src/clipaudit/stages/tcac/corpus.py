@@ -72,11 +72,11 @@ def _encode(runner: Runner, texts: list[str], model: ResolvedModel, embed: Embed
     pool; texts whose forward failed are absent."""
     start = time.perf_counter()
     encoded: dict[str, np.ndarray] = {}
-    for batch in runner.map_texts(pa.table({"text": pa.array(texts, pa.string())}), model, embed):
+    for batch in runner.map_texts(pa.table({"text": pa.array(texts, pa.string())}), {"clip": model}, embed):
         if LOST_FLAG in batch:
             continue
-        statuses = batch.get("status", np.full(len(batch["text"]), OK, dtype=object))
-        for text, vector, status in zip(batch["text"], np.asarray(batch["vector"], dtype=np.float32), statuses):
+        vectors = np.asarray(batch["vector_clip"], dtype=np.float32)
+        for text, vector, status in zip(batch["text"], vectors, batch["status"]):
             if status == OK:
                 encoded[caption_key(str(text))] = vector
     stats.add_time("infer_text", time.perf_counter() - start)

@@ -23,8 +23,8 @@ class Runner(Protocol):
         """Yield embedded (image, transform) batches for ``todo`` (image_id, uri, transforms)."""
         ...
 
-    def map_texts(self, captions: pa.Table, model: ResolvedModel, embed: EmbedConfig) -> Iterator[Batch]:
-        """Yield batches of caption vectors."""
+    def map_texts(self, texts: pa.Table, models: dict[str, ResolvedModel], embed: EmbedConfig) -> Iterator[Batch]:
+        """Yield batches of text vectors: ``vector_<slot>`` for each model slot, and ``status``."""
         ...
 
     def topk(self, neighbours: NeighboursConfig) -> TopkSearch:
