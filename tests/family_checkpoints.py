@@ -34,7 +34,7 @@ def _gemma_tokenizer() -> Any:
                               unk_token="<unk>")
 
 
-def _siglip_tokenizer(directory: Path) -> Any:
+def siglip_tokenizer(directory: Path) -> Any:
     """SigLIP 1's own ``SiglipTokenizer`` over a sentencepiece model trained here, offline, on the words of the CLIP
     BPE vocabulary (2,000 pieces; ``</s>`` is both end and padding, as in google/siglip-*)."""
     import io
@@ -81,7 +81,7 @@ def _save_siglip(directory: Path, tokenizer: Any) -> None:
 
 def build_siglip(directory: Path) -> None:
     """SigLIP 1 as google/siglip-base-patch16-224 is published: ``spiece.model`` and no ``tokenizer.json``."""
-    _save_siglip(directory, _siglip_tokenizer(directory))
+    _save_siglip(directory, siglip_tokenizer(directory))
     assert not (directory / "tokenizer.json").exists()
 
 

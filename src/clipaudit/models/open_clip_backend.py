@@ -231,6 +231,36 @@ def check_tokenizer(spec: str, model_cfg: dict[str, Any], cache_dir: str | None)
                                           f"downloaded ({probe.reason})")
 
 
+def _model_cfg(spec: str, arch: str, cache_dir: str | None) -> dict[str, Any]:
+    """The architecture config of ``arch``: an ``hf-hub:`` repo's ``open_clip_config.json`` (cached), or open_clip's."""
+    import json
+
+    if arch.startswith(HF_HUB):
+        path = hub.cached_hub_file(arch[len(HF_HUB):], HUB_CONFIG, cache_dir)
+        if path is None:
+            return {}
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle).get("model_cfg") or {}
+    return model_config(spec, arch)
+
+
+def get_tokenizer(spec: str, arch: str, cache_dir: str | None) -> Any:
+    """open_clip's own tokenizer of ``arch``. A tokenizer from the Hub (``hf_tokenizer_name``: SigLIP's) whose cached
+    repo has no ``config.json`` (an open_clip repo need not have one) is built with a blank model config: transformers'
+    ``AutoTokenizer`` looks that file up first, and offline the lookup of a file the cache never held fails, where
+    online it is a 404 it passes over."""
+    import open_clip
+
+    name = _model_cfg(spec, arch, cache_dir).get("text_cfg", {}).get("hf_tokenizer_name")
+    kwargs: dict[str, Any] = {}
+    if name and not os.path.isdir(name) and hub.cached_hub_file(name, "tokenizer_config.json", cache_dir) \
+            and not hub.cached_hub_file(name, "config.json", cache_dir):
+        from transformers import PreTrainedConfig
+
+        kwargs["config"] = PreTrainedConfig()
+    return open_clip.get_tokenizer(arch, cache_dir=cache_dir, **kwargs)
+
+
 def build(arch: str, pretrained: str | None, *, cache_dir: str | None = None,
           quick_gelu: bool = False) -> Any:
     """An open_clip model on the CPU in fp32: random init under :func:`tiny.seeded`, then the weights if any."""
@@ -282,9 +312,7 @@ def load(resolved: ResolvedModel, target: OpenClipTarget, device: str) -> OpenCl
         raise
     if target.packaged:
         packaged.load_state(model, packaged.checked_file(target.packaged))
-    import open_clip
-
-    tokenizer = open_clip.get_tokenizer(target.arch, cache_dir=resolved.cache_dir)
+    tokenizer = get_tokenizer(resolved.spec, target.arch, resolved.cache_dir)
     dim = int(resolved.dim) if resolved.dim else int(model_config(resolved.spec, target.arch)["embed_dim"])
     return OpenClipModel(resolved.spec, model, tokenizer, device, resolved.preprocess, dim)
 
