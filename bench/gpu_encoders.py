@@ -10,28 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from gpu_measure import _best_rounds, _peak_memory_mb, _ratio, _reset_peak
+from scenes import random_scenes
 
 if TYPE_CHECKING:
     from gpu import Sizes
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def _random_images(count: int, seed: int = 0):
-    """``count`` generated 500 x 375 RGB scenes (a background and four rectangles)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    images = []
-    for _ in range(count):
-        pixels = np.empty((375, 500, 3), dtype=np.uint8)
-        pixels[:] = rng.integers(0, 256, 3)
-        for _ in range(4):
-            x, y = int(rng.integers(0, 400)), int(rng.integers(0, 300))
-            pixels[y:y + 80, x:x + 100] = rng.integers(0, 256, 3)
-        images.append(Image.fromarray(pixels))
-    return images
 
 
 def _module_of(loaded: Any) -> Any:
@@ -75,7 +60,7 @@ def embed_section(spec: str, role: str, device: str, sizes: Sizes) -> dict[str, 
     dtype = next(module.parameters()).dtype
     forward = _image_forward(module)
 
-    distinct = np.stack([resolved.preprocess(image) for image in _random_images(min(8, sizes.images))])
+    distinct = np.stack([resolved.preprocess(image) for image in random_scenes(min(8, sizes.images))])
     batches = [distinct[np.arange(start, min(start + sizes.batch_size, sizes.images)) % len(distinct)]
                for start in range(0, sizes.images, sizes.batch_size)]
     resident = [torch.from_numpy(b).to(device=device, dtype=dtype) for b in batches]
@@ -154,7 +139,7 @@ def tcac_section(spec: str, device: str, sizes: Sizes, scratch: Path) -> dict[st
     names = list(tcac.transforms)
     per_batch = images_per_task(sizes.tcac_batch, len(names))
     paths = []
-    for i, image in enumerate(_random_images(min(16, sizes.tcac_images), seed=1)):
+    for i, image in enumerate(random_scenes(min(16, sizes.tcac_images), seed=1)):
         path = scratch / f"tcac_{i:02d}.jpg"
         image.save(path, quality=90)
         paths.append(str(path))

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scenes import random_scenes
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,18 +42,10 @@ def load_images(count: int, scratch: Path) -> list[tuple[str, str]]:
         names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:count]
         if len(names) == count:
             return [(name, str(folder / name)) for name in names]
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
     out = []
-    for i in range(count):
-        pixels = np.empty((375, 500, 3), dtype=np.uint8)
-        pixels[:] = rng.integers(0, 256, 3)
-        for _ in range(4):
-            x, y = int(rng.integers(0, 400)), int(rng.integers(0, 300))
-            pixels[y:y + 80, x:x + 100] = rng.integers(0, 256, 3)
+    for i, image in enumerate(random_scenes(count)):
         path = scratch / f"scene_{i:03d}.jpg"
-        Image.fromarray(pixels).save(path, quality=90)
+        image.save(path, quality=90)
         out.append((path.name, str(path)))
     return out
 
