@@ -411,8 +411,8 @@ def load(resolved: ResolvedModel, target: HfTarget, device: str) -> HfDualEncode
             tokenizer = _from_pretrained(resolved, target, AutoTokenizer.from_pretrained)
         except (ImportError, ValueError) as exc:
             raise ModelUnavailableError(resolved.spec, f"its tokenizer cannot be built here ({exc})",
-                                        hint="its tokenizer class needs a library not installed here (the "
-                                             "message names it)") from exc
+                                        hint="the message names what failed: a tokenizer file, or a library "
+                                             "its tokenizer class needs") from exc
     if len(tokenizer) < MIN_VOCAB:
         raise ModelUnavailableError(resolved.spec, f"the tokenizer of {target.source} has only {len(tokenizer)} "
                                                    "tokens: its files are missing or broken")
