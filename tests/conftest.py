@@ -12,6 +12,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the session's local Ray (``ray_local``) is marked ``ray``, as the tests that start their own
+    Ray are, so that ``-m "not ray and not autoscaler"`` leaves every Ray test out."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray instance (2 CPUs, no dashboard) for the tests that need one; stopped at the end."""

@@ -13,6 +13,7 @@ import textwrap
 import pytest
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
 
 SCRIPT = textwrap.dedent(
     """
