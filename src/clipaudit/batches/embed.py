@@ -129,8 +129,8 @@ def checked_vectors(vectors: Any, rows: int, dim: int) -> np.ndarray:
 
 
 class ImageEncoders:
-    """Every model of an image pass in one actor (``embed.actor_pools: shared``): each loaded once, when the
-    encoders are built, and run one after another over each batch."""
+    """Every model of an image pass in one actor (``embed.actor_pools: shared``; with ``per_model`` each pool's
+    actors host one): each loaded once, when the encoders are built, and run one after another over each batch."""
 
     def __init__(self, models: dict[str, ResolvedModel], device: str = "cpu", threads: int = 0) -> None:
         self.encoders = [ImageEncoder(model, role, device, threads) for role, model in models.items()]

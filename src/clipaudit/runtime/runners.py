@@ -2,9 +2,10 @@
 in-process, :class:`LazyRunner` starting the configured one on first use.
 
 :class:`RayRunner` shards the rows into blocks, runs reading/decoding as CPU tasks and model forwards in actor
-pools (GPU actors with fp16 when the cluster has GPUs; the image pass's models share one pool's actors by default:
-``embed.actor_pools``), and streams the results back to the driver, which is the single writer.
-:class:`LocalRunner` runs the same functions in-process, in order: for tests and for debugging without Ray.
+pools (GPU actors with fp16 when the cluster has GPUs; the models of a pass, images or caption texts, share one
+pool's actors by default: ``embed.actor_pools``), and streams the results back to the driver, which is the
+single writer. :class:`LocalRunner` runs the same functions in-process, in order: for tests and for debugging
+without Ray.
 """
 
 from __future__ import annotations
